@@ -1,0 +1,39 @@
+"""The diffusion core: pure torch, no napari or Qt.
+
+Schedules, parameterisations, samplers, classifier-free guidance, the conditional U-Net,
+checkpoints and ``generate()``, the one entry point that the plugin, the command line and the
+benchmarks call. Conventions: ``docs/diffusion-core.md``.
+"""
+
+from .checkpoint import CheckpointError, LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
+from .conditioning import encode_condition, null_condition, validate_mask
+from .device import available_devices, resolve_device
+from .generate import GenerationProgress, generate
+from .samplers import SAMPLERS, SamplingCancelled, get_sampler, sampling_sigmas
+from .schedules import DiscreteSchedule, cosine_schedule, karras_sigmas, linear_schedule
+from .unet import ConditionalUNet, UNetConfig
+
+__all__ = [
+    "SAMPLERS",
+    "CheckpointError",
+    "ConditionalUNet",
+    "DiscreteSchedule",
+    "GenerationProgress",
+    "LoadedModel",
+    "ModelConfig",
+    "SamplingCancelled",
+    "UNetConfig",
+    "available_devices",
+    "cosine_schedule",
+    "encode_condition",
+    "generate",
+    "get_sampler",
+    "karras_sigmas",
+    "linear_schedule",
+    "load_checkpoint",
+    "null_condition",
+    "resolve_device",
+    "sampling_sigmas",
+    "save_checkpoint",
+    "validate_mask",
+]

@@ -1,0 +1,497 @@
+"""Model checkpoints: one ``.safetensors`` file with the network weights and a JSON config in its metadata.
+
+The safetensors metadata (a ``dict[str, str]``) holds one key, ``METADATA_KEY``, whose value is a JSON
+document ``{"format_version": 1, "versions": {...}, "config": ModelConfig.to_dict()}``. Nothing is
+ever unpickled: a checkpoint cannot run code when it is loaded.
+
+``load_checkpoint`` reads the file once, hashes those bytes (the provenance of what was loaded) and
+checks everything before building the network; every failure raises ``CheckpointError`` with a
+message that names the file, says what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .. import __version__
+from .denoiser import DiscreteTimeDenoiser
+from .device import resolve_device
+from .parameterization import PARAMETERIZATIONS
+from .schedules import DiscreteSchedule, schedule_from_config
+from .unet import ConditionalUNet, UNetConfig
+
+FORMAT_VERSION = 1
+METADATA_KEY = "napari_iscat_diffusion"
+STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+_REQUIRED_FIELDS = ("unet", "schedule", "parameterization", "normalization")
+_OPTIONAL_FIELDS = ("pixel_size_nm", "training_size", "default_guidance", "class_names", "training")
+_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+_MAX_TIMESTEPS = 100_000  # guards against a crafted file allocating a huge schedule
+_LISTED = 5  # names shown per kind of problem in an error message
+_RESAVE = "Export the model again with napari_iscat_diffusion.diffusion.checkpoint.save_checkpoint."
+
+
+class CheckpointError(ValueError):
+    """A file could not be loaded as a model checkpoint; the message says why and what to do."""
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_copy(name: str, value: object) -> dict:
+    """A deep copy of a JSON-serialisable dict made of plain JSON types (tuples become lists)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: must be a dict, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: must be JSON-serialisable (str keys, finite numbers): {err}") from err
+
+
+@dataclass
+class ModelConfig:
+    """Everything besides the weights that is needed to use a trained model.
+
+    Attributes:
+        unet: the network architecture.
+        schedule: the training noise schedule, ``DiscreteSchedule.to_config()``.
+        parameterization: what the network predicts, ``"eps"``, ``"v"`` or ``"x0"``.
+        normalization: ``{"mean": [C floats], "std": [C floats]}``; physical image = normalised * std + mean.
+        pixel_size_nm: physical pixel size of the training images in nm, if known.
+        training_size: (H, W) of the crops the model was trained on, in pixels, if known.
+        default_guidance: classifier-free guidance scale used when the caller gives none.
+        class_names: one name per particle class (K names), optional.
+        training: free-form JSON summary of the training run (steps, data, metrics).
+
+    The fields are validated (and tuples or lists normalised) on construction; a bad value raises
+    ValueError naming the field.
+    """
+
+    unet: UNetConfig
+    schedule: dict
+    parameterization: str
+    normalization: dict
+    pixel_size_nm: float | None = None
+    training_size: tuple[int, int] | None = None
+    default_guidance: float = 1.0
+    class_names: list[str] | None = None
+    training: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unet, UNetConfig):
+            raise ValueError(f"unet: must be a UNetConfig, got {type(self.unet).__name__}")
+        self.schedule = _json_copy("schedule", self.schedule)
+        steps = self.schedule.get("num_timesteps", 1000)
+        if type(steps) is not int or not 2 <= steps <= _MAX_TIMESTEPS:
+            raise ValueError(f"schedule: num_timesteps must be an integer from 2 to {_MAX_TIMESTEPS}, got {steps!r}")
+        try:
+            schedule_from_config(self.schedule)
+        except (ValueError, TypeError, ArithmeticError, RuntimeError) as err:
+            raise ValueError(f"schedule: {err}") from err
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization: unknown parameterisation {self.parameterization!r}; "
+                f"expected one of {PARAMETERIZATIONS}"
+            )
+        self.normalization = self._checked_normalization()
+        if self.pixel_size_nm is not None:
+            if not _is_real(self.pixel_size_nm) or self.pixel_size_nm <= 0:
+                raise ValueError(f"pixel_size_nm: must be a positive number or None, got {self.pixel_size_nm!r}")
+            self.pixel_size_nm = float(self.pixel_size_nm)
+        if self.training_size is not None:
+            size = self.training_size
+            if (
+                not isinstance(size, (list, tuple))
+                or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+            ):
+                raise ValueError(f"training_size: must be two positive integers (H, W) or None, got {size!r}")
+            self.training_size = (size[0], size[1])
+        if not _is_real(self.default_guidance) or self.default_guidance < 0:
+            raise ValueError(f"default_guidance: must be a finite number >= 0, got {self.default_guidance!r}")
+        self.default_guidance = float(self.default_guidance)
+        if self.class_names is not None:
+            names = self.class_names
+            if (
+                not isinstance(names, (list, tuple))
+                or len(names) != self.num_classes
+                or not all(isinstance(n, str) and n for n in names)
+            ):
+                raise ValueError(
+                    f"class_names: must be {self.num_classes} non-empty strings (one per class) or None, got {names!r}"
+                )
+            self.class_names = list(names)
+        self.training = _json_copy("training", self.training)
+
+    def _checked_normalization(self) -> dict:
+        norm = self.normalization
+        if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
+            raise ValueError(f"normalization: must be a dict with exactly the keys 'mean' and 'std', got {norm!r}")
+        channels = self.image_channels
+        for key in ("mean", "std"):
+            values = norm[key]
+            if not isinstance(values, (list, tuple)) or len(values) != channels:
+                raise ValueError(
+                    f"normalization: {key} must list {channels} number(s), one per image channel, got {values!r}"
+                )
+            if not all(_is_real(v) for v in values):
+                raise ValueError(f"normalization: {key} must hold finite numbers, got {values!r}")
+        if not all(s > 0 for s in norm["std"]):
+            raise ValueError(f"normalization: every std must be > 0, got {norm['std']!r}")
+        return {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of particle classes K (labels 1..K)."""
+        return self.unet.num_classes
+
+    @property
+    def image_channels(self) -> int:
+        """Number of image channels C."""
+        return self.unet.image_channels
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict from which ``from_dict`` rebuilds an equal config."""
+        return {
+            "unet": self.unet.to_dict(),
+            "schedule": copy.deepcopy(self.schedule),
+            "parameterization": self.parameterization,
+            "normalization": copy.deepcopy(self.normalization),
+            "pixel_size_nm": self.pixel_size_nm,
+            "training_size": None if self.training_size is None else list(self.training_size),
+            "default_guidance": self.default_guidance,
+            "class_names": None if self.class_names is None else list(self.class_names),
+            "training": copy.deepcopy(self.training),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Build a config from ``to_dict`` output; unknown or missing keys and bad values raise ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError(f"model config must be a dict, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_REQUIRED_FIELDS) - set(_OPTIONAL_FIELDS))
+        if unknown:
+            raise ValueError(f"model config: unknown key(s) {unknown}")
+        missing = [key for key in _REQUIRED_FIELDS if key not in data]
+        if missing:
+            raise ValueError(f"model config: missing key(s) {missing}")
+        try:
+            unet = UNetConfig.from_dict(data["unet"])
+        except ValueError as err:
+            raise ValueError(f"unet: {err}") from err
+        return cls(unet=unet, **{key: value for key, value in data.items() if key != "unet"})
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network ready for sampling together with its config and provenance.
+
+    Attributes:
+        net: the network, in eval mode, float32, ``requires_grad`` off, on the requested device.
+        config: the model config stored with the weights.
+        path: the file it was loaded from (None for a model that was never saved).
+        sha256: hex SHA-256 of the file's bytes.
+        versions: ``{"format_version", "package", "torch", "safetensors"}`` as written in the file.
+    """
+
+    net: ConditionalUNet
+    config: ModelConfig
+    path: Path | None
+    sha256: str
+    versions: dict
+
+    @property
+    def schedule(self) -> DiscreteSchedule:
+        """The training noise schedule, rebuilt from the config."""
+        return schedule_from_config(self.config.schedule)
+
+    def denoiser(self) -> DiscreteTimeDenoiser:
+        """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the network."""
+        return DiscreteTimeDenoiser(self.net, self.schedule, self.config.parameterization)
+
+    def summary(self) -> str:
+        """One line of human-readable facts about the model (classes, channels, sizes, checksum)."""
+        config = self.config
+        classes = f"{config.num_classes} class{'es' if config.num_classes != 1 else ''}"
+        if config.class_names:
+            classes += f" ({', '.join(config.class_names)})"
+        channels = f"{config.image_channels} image channel{'s' if config.image_channels != 1 else ''}"
+        size = "training size unknown"
+        if config.training_size is not None:
+            size = f"trained on {config.training_size[0]}x{config.training_size[1]} px"
+        pixel = "pixel size unknown" if config.pixel_size_nm is None else f"{config.pixel_size_nm:g} nm/px"
+        schedule = f"{config.parameterization}-prediction, {config.schedule['name']} schedule"
+        return f"{classes}, {channels}, {size}, {pixel}, {schedule}, sha256 {self.sha256[:12]}"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], net: ConditionalUNet, config: ModelConfig, *, dtype: torch.dtype | None = None
+) -> str:
+    """Write ``net``'s weights and ``config`` to one ``.safetensors`` file, atomically.
+
+    Args:
+        path: the file to write; an existing file is replaced only once the new one is complete.
+        net: the network; its ``config`` must equal ``config.unet``.
+        config: the model config stored in the file's metadata.
+        dtype: storage dtype of the floating-point weights: None (as they are), torch.float32,
+            torch.float16 (half the size, for a bundled model) or torch.bfloat16.
+
+    Returns:
+        the hex SHA-256 of the written file.
+
+    Raises:
+        ValueError: for a bad dtype, a config that does not match the network, or weights that are
+            not finite (in the storage dtype).
+    """
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be None or one of {STORAGE_DTYPES}, got {dtype}")
+    if net.config != config.unet:
+        raise ValueError(f"config.unet {config.unet} differs from the network's config {net.config}")
+    # Round trip through the serialised form, so that a config mutated after construction is checked again.
+    config_dict = ModelConfig.from_dict(config.to_dict()).to_dict()
+    tensors = {}
+    for name, tensor in net.state_dict().items():
+        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        tensors[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
+    bad = _non_finite(tensors)
+    if bad:
+        raise ValueError(
+            f"weights hold NaN or Inf values{' after conversion to ' + str(dtype) if dtype else ''}: {bad}"
+        )
+    document = {
+        "format_version": FORMAT_VERSION,
+        "versions": {"package": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__},
+        "config": config_dict,
+    }
+    data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(document, allow_nan=False)})
+    _write_atomic(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync it and rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # os.open with mode 0o666 honours the umask, unlike tempfile (always 0o600).
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Load and check a checkpoint written by ``save_checkpoint``.
+
+    Args:
+        path: the ``.safetensors`` file.
+        device: where to put the network: "cpu", "cuda", "cuda:N", "mps" or "auto".
+
+    Returns:
+        the network (float32, eval mode, no gradients) with its config, path, SHA-256 and versions.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, truncated, not a safetensors file, not a
+            checkpoint of this package, of an unsupported format version, or its config or weights
+            are invalid.
+        ValueError: the device is not available here.
+    """
+    path = Path(path)
+    torch_device = resolve_device(device)
+    data = _read_bytes(path)
+    sha256 = hashlib.sha256(data).hexdigest()
+    header = _parse_header(path, data)
+    config, versions = _parse_metadata(path, header)
+    try:
+        tensors = safetensors.torch.load(data)
+    except (safetensors.SafetensorError, KeyError) as err:
+        raise _error(path, f"it is a corrupt safetensors file ({err})", _RESAVE) from err
+    net = ConditionalUNet(config.unet)
+    _check_fit(path, net, tensors)
+    bad = _non_finite(tensors)
+    if bad:
+        raise _error(
+            path,
+            f"the weights hold NaN or Inf values: {bad}",
+            "The model diverged in training or the file is corrupt; use another checkpoint.",
+        )
+    net.load_state_dict(tensors)  # copies into the float32 parameters, so fp16 weights become float32
+    net.requires_grad_(False).eval().to(torch_device)
+    return LoadedModel(net=net, config=config, path=path.resolve(), sha256=sha256, versions=versions)
+
+
+def _error(path: Path, problem: str, advice: str) -> CheckpointError:
+    return CheckpointError(f"Cannot load model checkpoint '{path}': {problem}. {advice}")
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.is_dir():
+        raise _error(path, "it is a folder, not a file", "Choose the .safetensors checkpoint file inside it.")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise _error(path, "file not found", "Check the path and choose a .safetensors checkpoint file.") from err
+    except OSError as err:
+        raise _error(path, f"the file cannot be read ({err})", "Check that it exists and is readable.") from err
+    if not data:
+        raise _error(path, "the file is empty (0 bytes)", "It was not written completely; save or download it again.")
+    return data
+
+
+def _parse_header(path: Path, data: bytes) -> dict:
+    """The safetensors JSON header, with clear errors for files that are not safetensors or are cut short."""
+    if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):
+        raise _error(
+            path,
+            "it is a pickle file (such as a PyTorch .pt/.pth/.ckpt from torch.save), not a safetensors file; "
+            "pickle files can run arbitrary code and are never loaded",
+            _RESAVE,
+        )
+    if len(data) < 8:
+        raise _error(
+            path, f"the file is only {len(data)} bytes long: truncated, or not a safetensors file", "Use another file."
+        )
+    header_size = int.from_bytes(data[:8], "little")
+    if data[8:9] != b"{" or header_size > _MAX_HEADER_BYTES:
+        raise _error(
+            path, "it is not a safetensors file", "Choose a .safetensors checkpoint written by napari-iscat-diffusion."
+        )
+    if 8 + header_size > len(data):
+        raise _error(
+            path,
+            f"the file is truncated (its header needs {8 + header_size} bytes, the file has {len(data)})",
+            "It was not written or downloaded completely; save or download it again.",
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+        entries = [entry for key, entry in header.items() if key != "__metadata__"]
+        end = max((int(entry["data_offsets"][1]) for entry in entries), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise _error(path, f"it is not a safetensors file (bad header: {err})", _RESAVE) from err
+    if 8 + header_size + end > len(data):
+        raise _error(
+            path,
+            f"the file is truncated ({len(data)} of {8 + header_size + end} bytes)",
+            "It was not written or downloaded completely; save or download it again.",
+        )
+    return header
+
+
+def _parse_metadata(path: Path, header: dict) -> tuple[ModelConfig, dict]:
+    """The model config and the versions from our metadata key."""
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        raise _error(
+            path,
+            f"it is a safetensors file without a napari-iscat-diffusion model config (no {METADATA_KEY!r} "
+            "metadata), perhaps the weights of another model",
+            "Choose a checkpoint written by napari-iscat-diffusion.",
+        )
+    try:
+        document = json.loads(metadata[METADATA_KEY])
+    except (TypeError, ValueError) as err:
+        raise _error(path, f"its {METADATA_KEY!r} metadata is malformed JSON ({err})", _RESAVE) from err
+    if not isinstance(document, dict) or set(document) != {"format_version", "versions", "config"}:
+        keys = sorted(document) if isinstance(document, dict) else type(document).__name__
+        raise _error(
+            path,
+            f"its {METADATA_KEY!r} metadata is malformed (expected config, format_version and versions; got {keys})",
+            _RESAVE,
+        )
+    version = document["format_version"]
+    versions = document["versions"]
+    writer = versions.get("package", "unknown") if isinstance(versions, dict) else "unknown"
+    if type(version) is int and version > FORMAT_VERSION:
+        raise _error(
+            path,
+            f"it uses checkpoint format {version}, newer than format {FORMAT_VERSION} that napari-iscat-diffusion "
+            f"{__version__} reads; it was written by napari-iscat-diffusion {writer}",
+            f"Upgrade napari-iscat-diffusion to {writer} or newer (pip install -U napari-iscat-diffusion).",
+        )
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise _error(
+            path,
+            f"it has an unknown checkpoint format version {version!r} (this version reads format {FORMAT_VERSION})",
+            _RESAVE,
+        )
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise _error(path, f"its recorded versions are malformed: {versions!r}", _RESAVE)
+    try:
+        config = ModelConfig.from_dict(document["config"])
+    except ValueError as err:
+        raise _error(path, f"its model config is invalid ({err})", _RESAVE) from err
+    return config, {"format_version": version, **versions}
+
+
+def _check_fit(path: Path, net: ConditionalUNet, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError unless the stored tensors match the network's state dict in names, shapes and kinds."""
+    expected = net.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    mismatched = [
+        f"{name} (file {tuple(tensors[name].shape)} {tensors[name].dtype}, network {tuple(want.shape)} {want.dtype})"
+        for name, want in expected.items()
+        if name in tensors
+        and (tensors[name].shape != want.shape or tensors[name].is_floating_point() != want.is_floating_point())
+    ]
+    problems = [
+        f"{len(names)} {kind}: {_listing(names)}"
+        for kind, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("of the wrong shape or type", mismatched),
+        )
+        if names
+    ]
+    if problems:
+        raise _error(
+            path,
+            "the weights do not fit the network described in its config (" + "; ".join(problems) + ")",
+            "The file was edited or written by incompatible code. " + _RESAVE,
+        )
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str:
+    """Names of the floating-point tensors holding NaN or Inf (a few), or "" when all are finite."""
+    names = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return _listing(names) if names else ""

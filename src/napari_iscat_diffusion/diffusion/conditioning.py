@@ -1,0 +1,62 @@
+"""Label masks: validation and the condition tensor fed to the network.
+
+A mask is a label image with 0 = background and 1..K = particle class. The network sees K one-hot
+class channels plus one "mask given" channel. The unconditional (null) condition has every channel
+at zero, so it differs from an empty mask (no particles), whose "mask given" channel is one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def validate_mask(mask: np.ndarray, num_classes: int, *, name: str = "mask") -> np.ndarray:
+    """Check a label mask and return it as int64 labels of shape (N, H, W).
+
+    Takes a mask of shape (H, W) or (N, H, W) with integer labels 0..num_classes (booleans and
+    integer-valued floats are accepted). ``name`` is used in error messages (a file or layer name).
+    Raises ValueError saying what is wrong and what is expected.
+    """
+    expected = f"expected a label image of shape (H, W) or (N, H, W) with integer labels 0..{num_classes}"
+    array = np.asarray(mask)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: data of type {array.dtype} is not a label image; {expected}")
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and min(array.shape[:2]) > 4:
+        raise ValueError(f"{name}: shape {array.shape} looks like an RGB(A) image, not a label image; {expected}")
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{name}: has {array.ndim} dimensions (shape {array.shape}); {expected}")
+    if array.size == 0:
+        raise ValueError(f"{name}: is empty (shape {array.shape}); {expected}")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}: contains NaN or infinite values; {expected}")
+        if not np.array_equal(array, np.round(array)):
+            raise ValueError(f"{name}: contains non-integer values (for example {_first_fraction(array)}); {expected}")
+    low, high = array.min(), array.max()
+    if low < 0:
+        raise ValueError(f"{name}: contains negative labels (minimum {low}); {expected}")
+    if high > num_classes:
+        raise ValueError(
+            f"{name}: contains label {high:g} but the model knows {num_classes} particle classes "
+            f"(labels 1..{num_classes}, 0 = background); relabel the mask or choose a model with more classes"
+        )
+    labels = array.astype(np.int64)
+    return labels[None] if labels.ndim == 2 else labels
+
+
+def _first_fraction(array: np.ndarray) -> float:
+    values = array[array != np.round(array)]
+    return float(values.flat[0])
+
+
+def encode_condition(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Turn int64 labels (N, H, W) into the network condition (N, K+1, H, W): K one-hot class channels, then ones."""
+    one_hot = torch.nn.functional.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2)[:, 1:]
+    given = torch.ones_like(labels).unsqueeze(1)
+    return torch.cat([one_hot, given], dim=1).to(dtype)
+
+
+def null_condition(condition: torch.Tensor) -> torch.Tensor:
+    """The unconditional input matching a condition tensor (N, K+1, H, W): all channels zero."""
+    return torch.zeros_like(condition)

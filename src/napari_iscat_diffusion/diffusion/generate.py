@@ -1,0 +1,175 @@
+"""``generate()``: label masks in, synthetic images out. The plugin, the command line and the benchmarks call this."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel
+from .conditioning import encode_condition, null_condition, validate_mask
+from .device import resolve_device
+from .guidance import guided_denoiser
+from .samplers import get_sampler, sampling_sigmas
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class GenerationProgress:
+    """What ``generate`` reports after each sampler step.
+
+    Attributes:
+        completed: sampler steps done so far over all batches (1 after the first step).
+        total: sampler steps over all batches.
+        step: the step within the current batch (0-based).
+        image_indices: the indices (into the input masks) of the images in the current batch.
+        denoised: the current prediction of the clean images, (B, C, H, W), normalised units, on the device.
+        mean, std: per-channel normalisation statistics, to turn ``denoised`` into physical units.
+    """
+
+    completed: int
+    total: int
+    step: int
+    image_indices: range
+    denoised: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def denoised_images(self) -> np.ndarray:
+        """The predicted clean images of this batch in physical units, float32 numpy (B, C, H, W)."""
+        return _to_physical(self.denoised, self.mean, self.std)
+
+
+ProgressCallback = Callable[[GenerationProgress], "bool | None"]
+
+
+def generate(
+    mask: np.ndarray,
+    model: LoadedModel,
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | Sequence[int] = 0,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    batch_size: int = 4,
+    callback: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Sample synthetic images that follow label masks.
+
+    Args:
+        mask: label image (H, W) or batch (N, H, W); 0 = background, 1..K = particle classes.
+        model: a checkpoint loaded with ``load_checkpoint``.
+        sampler: one of ``samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp_2m", "euler", "heun").
+        steps: sampler steps; None takes the sampler's default.
+        guidance: classifier-free guidance scale w (1 = conditional only, 0 = unconditional);
+            None takes the model's default.
+        seed: an int (image i gets seed + i) or one seed per image. The same seed and mask give
+            the same image whatever the batch size.
+        device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
+        precision: "auto" (bf16 on CUDA, fp32 elsewhere), "fp32", "bf16" or "fp16" (network only;
+            the sampler arithmetic stays in fp32).
+        batch_size: images per forward pass (guidance doubles the pass internally).
+        callback: called after every sampler step with a ``GenerationProgress``; returning True
+            stops generation with ``SamplingCancelled``.
+
+    Returns:
+        float32 images in the physical units of the training data: (H, W) for a single (H, W) mask
+        of a one-channel model, (N, H, W) for a batch; with C > 1 image channels (C, H, W) or
+        (N, C, H, W).
+
+    Raises:
+        ValueError: for a bad mask, sampler, step count, seed list, device, precision or batch size.
+        SamplingCancelled: when the callback asked to stop.
+    """
+    config = model.config
+    labels = validate_mask(mask, config.num_classes)
+    num_images = labels.shape[0]
+    info = get_sampler(sampler)
+    steps = info.default_steps if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    guidance = config.default_guidance if guidance is None else float(guidance)
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    seeds = _seeds_per_image(seed, num_images)
+    torch_device = resolve_device(device)
+    autocast = _autocast(torch_device, precision)
+
+    schedule = model.schedule
+    sigmas = sampling_sigmas(sampler, steps, schedule.sigma_min, schedule.sigma_max, schedule=schedule)
+    model.net.to(torch_device)
+    cond_denoise = model.denoiser()
+    mean = torch.tensor(config.normalization["mean"], dtype=torch.float32, device=torch_device).view(1, -1, 1, 1)
+    std = torch.tensor(config.normalization["std"], dtype=torch.float32, device=torch_device).view(1, -1, 1, 1)
+    channels = config.image_channels
+    height, width = labels.shape[1:]
+    total = steps * math.ceil(num_images / batch_size)
+    outputs = []
+    completed = 0
+    try:
+        with torch.inference_mode(), autocast:
+            for indices in _batches(num_images, batch_size):
+                generators = [torch.Generator().manual_seed(seeds[i]) for i in indices]
+                noise = torch.stack([torch.randn(channels, height, width, generator=g) for g in generators])
+                x = noise.to(torch_device) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+                batch_labels = torch.from_numpy(labels[indices.start : indices.stop]).to(torch_device)
+                cond = encode_condition(batch_labels, config.num_classes)
+                denoise = guided_denoiser(cond_denoise, cond, null_condition(cond), guidance)
+
+                def on_step(step: int, _x: torch.Tensor, denoised: torch.Tensor, indices: range = indices) -> bool:
+                    nonlocal completed
+                    completed += 1
+                    if callback is None:
+                        return False
+                    report = GenerationProgress(completed, total, step, indices, denoised, mean, std)
+                    return bool(callback(report))
+
+                sample = info.function(denoise, x, sigmas, generators=generators, callback=on_step)
+                outputs.append(_to_physical(sample, mean, std))
+    finally:
+        if torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+    images = np.concatenate(outputs)
+    if channels == 1:
+        images = images[:, 0]
+    return images[0] if np.asarray(mask).ndim == 2 else images
+
+
+def _to_physical(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    return (images.float() * std + mean).cpu().numpy().astype(np.float32, copy=False)
+
+
+def _seeds_per_image(seed: int | Sequence[int], num_images: int) -> list[int]:
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(num_images)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != num_images:
+        raise ValueError(f"got {len(seeds)} seeds for {num_images} masks; give one seed per mask or a single int")
+    return seeds
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        raise ValueError(f"precision {precision!r} is not supported on the CPU (it is far slower there); use 'fp32'")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(num_images: int, batch_size: int) -> Iterator[range]:
+    for first in range(0, num_images, batch_size):
+        yield range(first, min(first + batch_size, num_images))

@@ -1,0 +1,418 @@
+"""Checkpoints: bit-exact round trips, atomic saves, and a clear CheckpointError for every kind of bad file."""
+
+import hashlib
+import json
+import math
+import os
+import re
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from napari_iscat_diffusion import __version__
+from napari_iscat_diffusion.diffusion.checkpoint import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    CheckpointError,
+    ModelConfig,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
+from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
+from napari_iscat_diffusion.diffusion.unet import ConditionalUNet, UNetConfig
+
+TINY = UNetConfig(
+    image_channels=1,
+    num_classes=2,
+    base_channels=8,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),
+    num_heads=2,
+    norm_groups=4,
+)
+
+
+def make_config(**overrides) -> ModelConfig:
+    fields = {
+        "unet": TINY,
+        "schedule": cosine_schedule(100).to_config(),
+        "parameterization": "v",
+        "normalization": {"mean": [0.5], "std": [2.0]},
+        "pixel_size_nm": 23.5,
+        "training_size": (64, 48),
+        "default_guidance": 2.0,
+        "class_names": ["spot", "ring"],
+        "training": {"steps": 10, "loss": 0.125, "data": "synthetic"},
+    }
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def make_net(seed: int = 0) -> ConditionalUNet:
+    """The tiny network with every parameter perturbed, so that its (zero-initialised) output is not trivial."""
+    torch.manual_seed(seed)
+    net = ConditionalUNet(TINY)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return net.eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "model.safetensors"
+    net = make_net()
+    save_checkpoint(path, net, make_config())
+    return path, net
+
+
+def rewrite(path, tensors=None, metadata=None):
+    """Write a safetensors file at path with the tensors and metadata of ``saved`` unless replaced."""
+    with safetensors.safe_open(path, "pt") as file:
+        old_metadata = file.metadata()
+    old_tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file(
+        old_tensors if tensors is None else tensors, path, metadata=old_metadata if metadata is None else metadata
+    )
+
+
+def rewrite_document(path, change):
+    """Rewrite the JSON document in our metadata key with change(document)."""
+    with safetensors.safe_open(path, "pt") as file:
+        document = json.loads(file.metadata()[METADATA_KEY])
+    change(document)
+    rewrite(path, metadata={METADATA_KEY: json.dumps(document)})
+
+
+def test_float32_round_trip_is_bit_exact(saved):
+    path, net = saved
+    loaded = load_checkpoint(path)
+    expected = net.state_dict()
+    state = loaded.net.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    assert loaded.config == make_config()
+    assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == file_sha256(path)
+    assert loaded.path == path.resolve()
+    assert loaded.versions == {
+        "format_version": FORMAT_VERSION,
+        "package": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    assert not loaded.net.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in loaded.net.parameters())
+
+
+def test_save_returns_the_file_hash(tmp_path):
+    path = tmp_path / "model.safetensors"
+    digest = save_checkpoint(path, make_net(), make_config())
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_float16_storage_loads_as_float32(tmp_path):
+    net = make_net()
+    path32, path16 = tmp_path / "fp32.safetensors", tmp_path / "fp16.safetensors"
+    save_checkpoint(path32, net, make_config())
+    save_checkpoint(path16, net, make_config(), dtype=torch.float16)
+    assert path16.stat().st_size < 0.6 * path32.stat().st_size
+    assert all(t.dtype == torch.float16 for t in safetensors.torch.load_file(path16).values())
+    state = load_checkpoint(path16).net.state_dict()
+    for name, tensor in net.state_dict().items():
+        assert state[name].dtype == torch.float32
+        assert torch.equal(state[name], tensor.half().float()), name
+
+
+def test_loaded_network_computes_what_the_saved_one_did(saved):
+    path, net = saved
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 16, 16, generator=generator)
+    t = torch.tensor([3.0, 70.0])
+    cond = torch.zeros(2, 3, 16, 16)
+    cond[:, 0, 4:8, 4:8] = 1
+    cond[:, 2] = 1
+    with torch.no_grad():
+        before = net(x, t, cond)
+    after = load_checkpoint(path).net(x, t, cond)
+    assert before.abs().max() > 1e-3
+    assert torch.equal(after, before)
+
+
+def test_schedule_denoiser_and_summary(saved):
+    path, _ = saved
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded.schedule.betas, cosine_schedule(100).betas)
+    denoise = loaded.denoiser()
+    assert denoise.parameterization == "v"
+    x0 = denoise(torch.randn(1, 1, 16, 16), torch.tensor([2.0]), torch.ones(1, 3, 16, 16))
+    assert x0.shape == (1, 1, 16, 16) and bool(torch.isfinite(x0).all())
+    summary = loaded.summary()
+    for part in ("2 classes (spot, ring)", "1 image channel", "64x48 px", "23.5 nm/px", loaded.sha256[:12]):
+        assert part in summary
+    assert loaded.sha256[:13] not in summary
+
+
+def test_saving_over_a_file_replaces_it_without_leftovers(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, make_net(0), make_config())
+    digest = save_checkpoint(path, make_net(1), make_config(default_guidance=3.0))
+    assert list(tmp_path.iterdir()) == [path]
+    assert load_checkpoint(path).sha256 == digest
+    assert load_checkpoint(path).config.default_guidance == 3.0
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch, failing):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, make_net(0), make_config())
+    old = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("simulated failure in the middle of the write")
+
+    monkeypatch.setattr(os, failing, fail)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, make_net(1), make_config(default_guidance=3.0))
+    monkeypatch.undo()
+    assert path.read_bytes() == old
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_save_rejects_bad_arguments(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match="dtype"):
+        save_checkpoint(path, make_net(), make_config(), dtype=torch.int8)
+    other = UNetConfig.from_dict({**TINY.to_dict(), "num_classes": 3})
+    with pytest.raises(ValueError, match="differs from the network"):
+        save_checkpoint(path, make_net(), make_config(unet=other, class_names=None))
+    net = make_net()
+    with torch.no_grad():
+        next(net.parameters())[0] = 1e6  # beyond the float16 range
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        save_checkpoint(path, net, make_config(), dtype=torch.float16)
+    assert not path.exists()
+
+
+def write_pickle(path):
+    torch.save({"weight": torch.ones(3)}, path)
+
+
+def write_other_model(path):
+    safetensors.torch.save_file({"encoder.weight": torch.ones(2, 2)}, path, metadata={"format": "pt"})
+
+
+def write_no_metadata(path):
+    safetensors.torch.save_file({"encoder.weight": torch.ones(2, 2)}, path)
+
+
+BAD_FILES = {
+    "empty": (lambda path: path.write_bytes(b""), "empty"),
+    "tiny": (lambda path: path.write_bytes(b"abc"), "truncated, or not a safetensors"),
+    "pickle": (write_pickle, "not a safetensors file"),
+    "random": (lambda path: path.write_bytes(bytes(range(7, 256)) * 10), "not a safetensors file"),
+    "text": (lambda path: path.write_text("image_channels: 1\nnum_classes: 2\n" * 20), "not a safetensors file"),
+    "other model": (write_other_model, "without a napari-iscat-diffusion model config"),
+    "no metadata": (write_no_metadata, "without a napari-iscat-diffusion model config"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_files_that_are_not_checkpoints(tmp_path, kind):
+    path = tmp_path / f"{kind.replace(' ', '_')}.safetensors"
+    write, phrase = BAD_FILES[kind]
+    write(path)
+    with pytest.raises(CheckpointError, match=re.escape(phrase)) as info:
+        load_checkpoint(path)
+    assert path.name in str(info.value)
+
+
+def test_pickle_file_is_named_as_such(tmp_path):
+    path = tmp_path / "model.pt"
+    write_pickle(path)
+    with pytest.raises(CheckpointError, match="pickle file"):
+        load_checkpoint(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(CheckpointError, match="not found") as info:
+        load_checkpoint(path)
+    assert "absent.safetensors" in str(info.value)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="folder") as info:
+        load_checkpoint(folder)
+    assert "models" in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 20 / 1e9])
+def test_truncated_file(saved, keep):
+    path, _ = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: max(9, int(len(data) * keep))])
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        load_checkpoint(path)
+    assert path.name in str(info.value)
+
+
+def test_trailing_garbage_is_corrupt(saved):
+    path, _ = saved
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="corrupt safetensors") as info:
+        load_checkpoint(path)
+    assert path.name in str(info.value)
+
+
+def test_newer_format_names_the_package_version_needed(saved):
+    path, _ = saved
+
+    def newer(document):
+        document["format_version"] = FORMAT_VERSION + 1
+        document["versions"]["package"] = "7.3.0"
+        document["config"]["new_field"] = 1
+
+    rewrite_document(path, newer)
+    with pytest.raises(CheckpointError, match="newer") as info:
+        load_checkpoint(path)
+    assert "7.3.0 or newer" in str(info.value) and path.name in str(info.value)
+
+
+@pytest.mark.parametrize("version", [0, -1, "1", 1.5, True, None])
+def test_unknown_format_version(saved, version):
+    path, _ = saved
+    rewrite_document(path, lambda document: document.update(format_version=version))
+    with pytest.raises(CheckpointError, match="unknown checkpoint format version") as info:
+        load_checkpoint(path)
+    assert path.name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "phrase"),
+    [
+        ("{not json", "malformed JSON"),
+        ("[1, 2]", "malformed"),
+        (json.dumps({"format_version": 1, "config": {}}), "malformed"),
+    ],
+)
+def test_malformed_metadata(saved, metadata, phrase):
+    path, _ = saved
+    rewrite(path, metadata={METADATA_KEY: metadata})
+    with pytest.raises(CheckpointError, match=re.escape(phrase)) as info:
+        load_checkpoint(path)
+    assert path.name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        (lambda config: config.update(parameterization="score"), "parameterization"),
+        (lambda config: config["normalization"].update(std=[0.0]), "std must be > 0"),
+        (lambda config: config["unet"].update(depth=3), "unet"),
+        (lambda config: config.pop("schedule"), "missing key"),
+    ],
+)
+def test_invalid_config_in_file(saved, change, phrase):
+    path, _ = saved
+    rewrite_document(path, lambda document: change(document["config"]))
+    with pytest.raises(CheckpointError, match="model config is invalid") as info:
+        load_checkpoint(path)
+    assert phrase in str(info.value) and path.name in str(info.value)
+
+
+def test_weights_that_do_not_fit(saved):
+    path, _ = saved
+    tensors = safetensors.torch.load_file(path)
+    names = sorted(tensors)
+    removed, reshaped = names[0], names[1]
+    del tensors[removed]
+    tensors[reshaped] = torch.zeros(3, 5)
+    tensors["extra.weight"] = torch.zeros(2)
+    rewrite(path, tensors=tensors)
+    with pytest.raises(CheckpointError, match="do not fit") as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert path.name in message
+    for part in (f"1 missing: {removed}", "1 unexpected: extra.weight", reshaped, "(3, 5)"):
+        assert part in message
+
+
+def test_weights_of_another_architecture(saved):
+    path, _ = saved
+    bigger = UNetConfig.from_dict({**TINY.to_dict(), "base_channels": 16, "num_res_blocks": 2})
+    rewrite_document(path, lambda document: document["config"].update(unet=bigger.to_dict()))
+    with pytest.raises(CheckpointError, match="do not fit") as info:
+        load_checkpoint(path)
+    assert "and " in str(info.value) and "more" in str(info.value)  # long lists are cut short
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_weights(saved, value):
+    path, _ = saved
+    tensors = safetensors.torch.load_file(path)
+    name = sorted(tensors)[3]
+    tensors[name].view(-1)[0] = value
+    rewrite(path, tensors=tensors)
+    with pytest.raises(CheckpointError, match="NaN or Inf") as info:
+        load_checkpoint(path)
+    assert name in str(info.value) and path.name in str(info.value)
+
+
+def test_config_round_trip():
+    config = make_config(training={"curve": (1, 2), "nested": {"a": [0.5]}})
+    assert config.training == {"curve": [1, 2], "nested": {"a": [0.5]}}
+    data = json.loads(json.dumps(config.to_dict()))
+    assert ModelConfig.from_dict(data) == config
+    assert config.num_classes == 2 and config.image_channels == 1
+    minimal = ModelConfig.from_dict(
+        {key: data[key] for key in ("unet", "schedule", "parameterization", "normalization")}
+    )
+    assert minimal.pixel_size_nm is None and minimal.training_size is None and minimal.default_guidance == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        ({"unet": TINY.to_dict()}, "unet"),
+        ({"parameterization": "score"}, "parameterization"),
+        ({"schedule": {"name": "quadratic"}}, "schedule"),
+        ({"schedule": {"name": "linear", "warmup": 3}}, "schedule"),
+        ({"schedule": {"name": "linear", "num_timesteps": 10**9}}, "num_timesteps"),
+        ({"normalization": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}, "normalization"),
+        ({"normalization": {"mean": [0.0], "std": [0.0]}}, "std must be > 0"),
+        ({"normalization": {"mean": [0.0], "std": [-1.0]}}, "std must be > 0"),
+        ({"normalization": {"mean": [math.nan], "std": [1.0]}}, "finite"),
+        ({"normalization": {"mean": [0.0]}}, "normalization"),
+        ({"pixel_size_nm": 0}, "pixel_size_nm"),
+        ({"pixel_size_nm": math.inf}, "pixel_size_nm"),
+        ({"training_size": (64,)}, "training_size"),
+        ({"training_size": (0, 64)}, "training_size"),
+        ({"training_size": (64.5, 64)}, "training_size"),
+        ({"default_guidance": -1.0}, "default_guidance"),
+        ({"default_guidance": math.nan}, "default_guidance"),
+        ({"class_names": ["spot"]}, "class_names"),
+        ({"class_names": ["spot", ""]}, "class_names"),
+        ({"training": {"loss": math.nan}}, "training"),
+        ({"training": {"data": object()}}, "training"),
+        ({"training": [1, 2]}, "training"),
+    ],
+)
+def test_config_validation(overrides, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        make_config(**overrides)
+
+
+def test_from_dict_rejects_unknown_and_missing_keys():
+    data = make_config().to_dict()
+    with pytest.raises(ValueError, match=r"unknown key.*'seed'"):
+        ModelConfig.from_dict({**data, "seed": 1})
+    with pytest.raises(ValueError, match=r"missing key.*'normalization'"):
+        ModelConfig.from_dict({key: value for key, value in data.items() if key != "normalization"})
+    with pytest.raises(ValueError, match="unet"):
+        ModelConfig.from_dict({**data, "unet": {**data["unet"], "depth": 3}})
+    with pytest.raises(ValueError, match="must be a dict"):
+        ModelConfig.from_dict([])

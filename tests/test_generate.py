@@ -1,0 +1,176 @@
+"""generate(): shapes, physical units, seeds, guidance batching, progress and cancel, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_iscat_diffusion.diffusion import (
+    SAMPLERS,
+    ConditionalUNet,
+    ModelConfig,
+    SamplingCancelled,
+    UNetConfig,
+    generate,
+    load_checkpoint,
+    save_checkpoint,
+)
+from napari_iscat_diffusion.diffusion.schedules import linear_schedule
+
+
+def _tiny_model(tmp_path, *, parameterization="v", channels=1, classes=2, mean=0.0, std=1.0, perturb=True):
+    unet = UNetConfig(
+        image_channels=channels,
+        num_classes=classes,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=2,
+        norm_groups=4,
+    )
+    torch.manual_seed(0)
+    net = ConditionalUNet(unet)
+    if perturb:  # move away from the zero-initialised output so that the network's output depends on its input
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    config = ModelConfig(
+        unet=unet,
+        schedule=linear_schedule(1000).to_config(),
+        parameterization=parameterization,
+        normalization={"mean": [mean] * channels, "std": [std] * channels},
+        pixel_size_nm=50.0,
+        training_size=(32, 32),
+        default_guidance=1.5,
+    )
+    path = tmp_path / f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}.safetensors"
+    save_checkpoint(path, net, config)
+    return load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return _tiny_model(tmp_path_factory.mktemp("model"))
+
+
+def _mask(n=None, size=(16, 20)):
+    rng = np.random.default_rng(0)
+    shape = size if n is None else (n, *size)
+    return rng.integers(0, 3, shape).astype(np.uint8)
+
+
+def test_output_shapes_and_dtype(model, tmp_path):
+    single = generate(_mask(), model, steps=2, seed=1)
+    assert single.shape == (16, 20) and single.dtype == np.float32
+    batch = generate(_mask(3), model, steps=2, seed=1)
+    assert batch.shape == (3, 16, 20)
+    stack_model = _tiny_model(tmp_path, channels=2)
+    assert generate(_mask(), stack_model, steps=2).shape == (2, 16, 20)
+    assert generate(_mask(2), stack_model, steps=2).shape == (2, 2, 16, 20)
+
+
+def test_output_is_in_the_physical_units_of_the_training_data(tmp_path):
+    # An untrained x0-prediction network predicts exactly 0 (normalised) everywhere, so every
+    # sampler returns the training mean, whatever the std.
+    model = _tiny_model(tmp_path, parameterization="x0", mean=0.25, std=3.0, perturb=False)
+    for sampler in SAMPLERS:
+        image = generate(_mask(), model, sampler=sampler, steps=3, seed=0)
+        np.testing.assert_array_equal(image, np.full((16, 20), 0.25, np.float32))
+
+
+def test_std_scales_the_output(tmp_path):
+    narrow = generate(_mask(), _tiny_model(tmp_path, std=1.0, parameterization="eps"), steps=3, seed=4)
+    wide = generate(_mask(), _tiny_model(tmp_path, std=2.0, mean=5.0, parameterization="eps"), steps=3, seed=4)
+    np.testing.assert_allclose(wide, 2.0 * narrow + 5.0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_same_seed_same_image_whatever_the_batch_size(model, sampler):
+    masks = _mask(3)
+    together = generate(masks, model, sampler=sampler, steps=3, seed=[5, 6, 7], batch_size=3)
+    alone = generate(masks[1], model, sampler=sampler, steps=3, seed=6)
+    # float32 convolutions of a batch and of a single image round differently (~1e-5 here);
+    # an image drawn from other noise differs by O(1)
+    np.testing.assert_allclose(together[1], alone, rtol=1e-4, atol=1e-4)
+    assert np.isfinite(together).all()
+    assert not np.allclose(together[0], together[2])
+    in_pairs = generate(masks, model, sampler=sampler, steps=3, seed=5, batch_size=2)
+    np.testing.assert_allclose(in_pairs, together, rtol=1e-4, atol=1e-4)
+
+
+def test_different_seeds_and_masks_give_different_images(model):
+    a = generate(_mask(), model, steps=3, seed=1)
+    b = generate(_mask(), model, steps=3, seed=2)
+    assert np.abs(a - b).mean() > 1e-3
+    c = generate(np.zeros((16, 20), np.uint8), model, steps=3, seed=1)
+    assert np.abs(a - c).mean() > 1e-4
+
+
+def _count_batches(model):
+    sizes = []
+    handle = model.net.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    return sizes, handle
+
+
+@pytest.mark.parametrize(("guidance", "per_call"), [(1.0, 2), (0.0, 2), (2.0, 4)])
+def test_guidance_runs_one_forward_per_step(model, guidance, per_call):
+    sizes, handle = _count_batches(model)
+    try:
+        generate(_mask(2), model, sampler="euler", steps=4, guidance=guidance, batch_size=2)
+    finally:
+        handle.remove()
+    assert sizes == [per_call] * 4
+
+
+def test_guidance_changes_the_image_and_defaults_to_the_model_value(model):
+    default = generate(_mask(), model, steps=3, seed=1)
+    assert np.array_equal(default, generate(_mask(), model, steps=3, seed=1, guidance=1.5))
+    assert not np.allclose(default, generate(_mask(), model, steps=3, seed=1, guidance=1.0))
+
+
+def test_progress_callback_counts_steps_over_batches(model):
+    events = []
+    generate(_mask(3), model, sampler="heun", steps=3, batch_size=2, callback=events.append)
+    assert [e.completed for e in events] == [1, 2, 3, 4, 5, 6]
+    assert {e.total for e in events} == {6}
+    assert [e.step for e in events] == [0, 1, 2, 0, 1, 2]
+    assert [list(e.image_indices) for e in events[::3]] == [[0, 1], [2]]
+    preview = events[-1].denoised_images()
+    assert preview.shape == (1, 1, 16, 20) and preview.dtype == np.float32
+
+
+def test_callback_can_cancel(model):
+    calls = []
+
+    def stop_at_second_step(event):
+        calls.append(event.completed)
+        return event.completed == 2
+
+    with pytest.raises(SamplingCancelled):
+        generate(_mask(2), model, steps=10, batch_size=1, callback=stop_at_second_step)
+    assert calls == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"sampler": "plms"}, "unknown sampler"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"seed": [1, 2]}, "got 2 seeds for 1 masks"),
+        ({"device": "cuda:7"}, "not available"),
+        ({"precision": "bf16"}, "not supported on the CPU"),
+        ({"precision": "fp8"}, "unknown precision"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"guidance": float("nan")}, "guidance"),
+    ],
+)
+def test_bad_arguments_are_rejected(model, kwargs, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        generate(_mask(), model, **kwargs)
+
+
+def test_bad_masks_are_rejected(model):
+    with pytest.raises(ValueError, match="contains label 3 but the model knows 2"):
+        generate(np.full((8, 8), 3, np.uint8), model)
+    with pytest.raises(ValueError, match="RGB"):
+        generate(np.zeros((8, 8, 3), np.uint8), model)

@@ -1,0 +1,69 @@
+"""The denoising training loss, matched to the sampler side through one schedule and one parameterisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from napari_iscat_diffusion.diffusion.conditioning import null_condition
+from napari_iscat_diffusion.diffusion.parameterization import Parameterization, target_from_x0_eps
+from napari_iscat_diffusion.diffusion.schedules import DiscreteSchedule
+
+
+def diffusion_loss(
+    net: nn.Module,
+    schedule: DiscreteSchedule,
+    parameterization: Parameterization,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    cond_drop_prob: float = 0.1,
+    min_snr_gamma: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean denoising loss of ``net`` on a batch of clean images.
+
+    Args:
+        net: the network, called as ``net(x_t, t, cond)``.
+        schedule: the discrete schedule the network is trained on.
+        parameterization: what the network predicts ("eps", "v" or "x0").
+        x0: clean normalised images (N, C, H, W).
+        cond: conditions (N, K+1, H, W) from ``encode_condition``; rows that are all zero are
+            already unconditional (images without masks).
+        cond_drop_prob: probability of replacing an image's condition by the null condition, which
+            trains the unconditional branch for classifier-free guidance.
+        min_snr_gamma: if given, weight each image's loss by min(SNR, gamma) / SNR expressed for the
+            chosen target (Hang et al. 2023); None gives the plain mean squared error of the target.
+        generator: random generator for timesteps, noise and condition dropout (on x0's device).
+
+    Returns:
+        a scalar float32 loss. Noise, targets and the loss are computed in float32 whatever the
+        network's autocast precision.
+    """
+    n = x0.shape[0]
+    device = x0.device
+    x0 = x0.float()
+    t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=generator)
+    alpha_bar = schedule.alphas_cumprod.to(device)[t].float().view(-1, 1, 1, 1)
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    eps = torch.randn(x0.shape, device=device, generator=generator)
+    x_t = alpha * x0 + sigma * eps
+    drop = torch.rand(n, device=device, generator=generator) < cond_drop_prob
+    cond = torch.where(drop.view(-1, 1, 1, 1), null_condition(cond), cond)
+    prediction = net(x_t, t.float(), cond).float()
+    target = target_from_x0_eps(x0, eps, alpha, sigma, parameterization)
+    per_image = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma is not None:
+        per_image = per_image * _min_snr_weight(alpha_bar.view(-1), min_snr_gamma, parameterization)
+    return per_image.mean()
+
+
+def _min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: Parameterization) -> torch.Tensor:
+    # min(SNR, gamma) is the weight of the x0 loss; eps and v losses are that x0 loss scaled by SNR and SNR + 1.
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    if parameterization == "eps":
+        return clipped / snr
+    if parameterization == "v":
+        return clipped / (snr + 1)
+    return clipped
