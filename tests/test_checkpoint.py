@@ -10,6 +10,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from tests.tiny_models import tiny_unet_config
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion.diffusion.checkpoint import (
@@ -24,16 +25,7 @@ from napari_iscat_diffusion.diffusion.checkpoint import (
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet, UNetConfig
 
-TINY = UNetConfig(
-    image_channels=1,
-    num_classes=2,
-    base_channels=8,
-    channel_mults=(1, 2),
-    num_res_blocks=1,
-    attention_levels=(1,),
-    num_heads=2,
-    norm_groups=4,
-)
+TINY = tiny_unet_config()
 
 
 def make_config(**overrides) -> ModelConfig:

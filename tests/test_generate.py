@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from tests.tiny_models import tiny_unet_config
 
 from napari_iscat_diffusion.diffusion import (
     SAMPLERS,
     ConditionalUNet,
     ModelConfig,
     SamplingCancelled,
-    UNetConfig,
     generate,
     load_checkpoint,
     save_checkpoint,
@@ -18,16 +18,7 @@ from napari_iscat_diffusion.diffusion.schedules import linear_schedule
 
 
 def _tiny_model(tmp_path, *, parameterization="v", channels=1, classes=2, mean=0.0, std=1.0, perturb=True):
-    unet = UNetConfig(
-        image_channels=channels,
-        num_classes=classes,
-        base_channels=8,
-        channel_mults=(1, 2),
-        num_res_blocks=1,
-        attention_levels=(1,),
-        num_heads=2,
-        norm_groups=4,
-    )
+    unet = tiny_unet_config(image_channels=channels, num_classes=classes)
     torch.manual_seed(0)
     net = ConditionalUNet(unet)
     if perturb:  # move away from the zero-initialised output so that the network's output depends on its input

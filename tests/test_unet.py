@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from tests.tiny_models import tiny_unet_config
 
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet, Downsample, SelfAttention, UNetConfig
 
-TINY = {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1, "norm_groups": 4, "attention_levels": (1,)}
-
 
 def tiny_config(**overrides) -> UNetConfig:
-    return UNetConfig(**{**TINY, **overrides})
+    return tiny_unet_config(**{"num_classes": 3, **overrides})
 
 
 def make_inputs(config: UNetConfig, n: int, height: int, width: int, seed: int = 0):
