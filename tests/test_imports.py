@@ -23,3 +23,13 @@ def test_diffusion_core_and_training_import_no_napari_or_qt():
     assert "torch" in modules
     gui = sorted(m for m in modules if m.split(".")[0] in {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6"})
     assert gui == []
+
+
+def test_simulator_io_and_command_line_need_no_torch():
+    statement = (
+        "import napari_iscat_diffusion.iscat.simulate, napari_iscat_diffusion.io.dataset_check, "
+        "napari_iscat_diffusion.cli as c; c._build_parser()"
+    )
+    modules = _modules_after(statement)
+    assert "torch" not in modules
+    assert not any(m.split(".")[0] in {"napari", "qtpy"} for m in modules)

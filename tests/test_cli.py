@@ -1,0 +1,82 @@
+"""The iscat-diffusion command line: simulate, dataset check, info."""
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from tests.tiny_models import tiny_unet_config
+
+from napari_iscat_diffusion import __version__
+from napari_iscat_diffusion.cli import main
+from napari_iscat_diffusion.diffusion import ConditionalUNet, ModelConfig, linear_schedule, save_checkpoint
+from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
+
+
+def test_simulate_writes_pairs_and_the_particle_table(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--n", "2", "--out", str(out), "--size", "48", "64", "--seed", "5"]) == 0
+    images = sorted((out / "images").glob("*.tif"))
+    masks = sorted((out / "masks").glob("*.tif"))
+    assert [p.name for p in images] == ["sim_00000.tif", "sim_00001.tif"] == [p.name for p in masks]
+    image, mask = tifffile.imread(images[1]), tifffile.imread(masks[1])
+    assert image.shape == mask.shape == (48, 64)
+    assert image.dtype == np.float32 and mask.dtype == np.uint8
+    assert read_pixel_size_nm(images[0]) == pytest.approx(60.0)
+    with open(out / "particles.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {row["image"] for row in rows} <= {"sim_00000", "sim_00001"}
+    for row in rows:  # every particle inside the image sits on a blob of its own label
+        y, x = round(float(row["y_px"])), round(float(row["x_px"]))
+        if 0 <= y < 48 and 0 <= x < 64 and row["image"] == "sim_00001":
+            assert mask[y, x] == int(row["label"])
+    assert "wrote 2 image/mask pairs" in capsys.readouterr().out
+
+
+def test_simulate_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--n", "1", "--out", str(out), "--size", "32", "32"]) == 0
+    before = (out / "images" / "sim_00000.tif").read_bytes()
+    assert main(["simulate", "--n", "1", "--out", str(out), "--size", "32", "32", "--seed", "9"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "images" / "sim_00000.tif").read_bytes() == before
+
+
+def test_dataset_check_exit_status(tmp_path, capsys):
+    out = tmp_path / "sim"
+    main(["simulate", "--n", "2", "--out", str(out), "--size", "32", "32", "--particles", "3", "3", "--seed", "1"])
+    capsys.readouterr()
+    assert main(["dataset", "check", str(out), "--classes", "3"]) == 0
+    assert "OK" in capsys.readouterr().out
+    (out / "images" / "broken.tif").write_bytes(b"not a tiff at all")
+    assert main(["dataset", "check", str(out), "--classes", "3"]) == 1
+    assert "broken.tif" in capsys.readouterr().out
+    assert main(["dataset", "check", str(tmp_path / "missing")]) == 2
+
+
+def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
+    unet = tiny_unet_config()
+    config = ModelConfig(
+        unet=unet,
+        schedule=linear_schedule(1000).to_config(),
+        parameterization="v",
+        normalization={"mean": [0.0], "std": [0.01]},
+        pixel_size_nm=60.0,
+    )
+    torch.manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    sha = save_checkpoint(path, ConditionalUNet(unet), config)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes" in out and sha in out and "60 nm/px" in out
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
+    assert main(["info", str(tmp_path / "model.pt")]) == 2
+    assert "pickle" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert __version__ in capsys.readouterr().out
