@@ -20,6 +20,7 @@ def diffusion_loss(
     cond_drop_prob: float = 0.1,
     min_snr_gamma: float | None = None,
     generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean denoising loss of ``net`` on a batch of clean images.
 
@@ -35,6 +36,7 @@ def diffusion_loss(
         min_snr_gamma: if given, weight each image's loss by min(SNR, gamma) / SNR expressed for the
             chosen target (Hang et al. 2023); None gives the plain mean squared error of the target.
         generator: random generator for timesteps, noise and condition dropout (on x0's device).
+        timesteps: int64 timesteps (N,) to use instead of random ones (a fixed grid for validation).
 
     Returns:
         a scalar float32 loss. Noise, targets and the loss are computed in float32 whatever the
@@ -43,7 +45,10 @@ def diffusion_loss(
     n = x0.shape[0]
     device = x0.device
     x0 = x0.float()
-    t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=generator)
+    if timesteps is None:
+        t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=generator)
+    else:
+        t = timesteps.to(device=device, dtype=torch.long)
     alpha_bar = schedule.alphas_cumprod.to(device)[t].float().view(-1, 1, 1, 1)
     alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     eps = torch.randn(x0.shape, device=device, generator=generator)

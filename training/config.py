@@ -1,0 +1,296 @@
+"""The training configuration: typed dataclasses, loaded from YAML, with ``key=value`` overrides.
+
+Every section is a dataclass with defaults, so a YAML file lists only what differs. Overrides use
+dotted keys (``optim.lr=1e-4 model.base_channels=32``); their values are parsed as YAML. Every value,
+from the file or the command line, is checked against the field's type: an unknown key or a value of
+the wrong type raises ``ConfigError`` naming the key, before any data is read or any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from napari_iscat_diffusion.diffusion.unet import UNetConfig
+
+
+class ConfigError(ValueError):
+    """A bad training configuration; the message names the key and says what is expected."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are cut.
+
+    ``source``: "simulator", "tiff" (a folder of image/mask pairs; a pre-split tree's val/ is used for
+    validation) or "hdf5" (``image_patches`` / ``mask_patches``). ``path``: the folder or file (not for
+    the simulator); ``val_path``: a separate validation folder or file, else ``val_fraction`` of the
+    items (the last ones) is held out. Sizes in pixels.
+    """
+
+    source: Literal["simulator", "tiff", "hdf5"] = "simulator"
+    path: str | None = None
+    val_path: str | None = None
+    val_fraction: float = 0.05
+    crop_size: tuple[int, int] | None = (64, 64)
+    frames_per_channel: int | None = None
+    simulator: dict = field(default_factory=dict)
+    simulator_train_items: int = 20000
+    simulator_val_items: int = 64
+    augment: dict = field(default_factory=dict)
+    normalization_images: int = 200
+    pixel_size_nm: float | None = None
+    class_names: list[str] | None = None
+    num_workers: int = 2
+    validate: bool = False
+
+
+# The architecture fields are UNetConfig's own (one list of them); the model section adds the diffusion setup.
+_UNET_FIELDS = [
+    (f.name, typing.get_type_hints(UNetConfig)[f.name], field(default=f.default))
+    for f in dataclasses.fields(UNetConfig)
+]
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [
+        *_UNET_FIELDS,
+        ("parameterization", Literal["eps", "v", "x0"], field(default="v")),
+        ("schedule", dict, field(default_factory=lambda: {"name": "cosine", "num_timesteps": 1000})),
+    ],
+)
+ModelSection.__doc__ = "The U-Net architecture (UNetConfig's fields), the parameterisation and the noise schedule."
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule: linear warm-up over ``warmup_steps``, then cosine decay to
+    ``lr * min_lr_ratio`` at the last step (or constant). ``grad_clip``: max global gradient norm, 0 = off."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    """The loop. ``batch_size`` is per process and micro-step: one optimiser step sees
+    ``batch_size * grad_accum * world_size`` images. ``precision``: "auto" is bf16 autocast on CUDA, fp32 on CPU."""
+
+    steps: int = 5000
+    batch_size: int = 16
+    grad_accum: int = 1
+    cond_drop_prob: float = 0.1
+    min_snr_gamma: float | None = 5.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_nonfinite: int = 10
+    early_stopping_patience: int | None = None
+
+
+@dataclass
+class EmaConfig:
+    """EMA of the weights with a half-life in images (independent of batch size and world size) and a
+    ramp-up: the half-life in use is ``min(half_life_images, images_seen * rampup_ratio)``."""
+
+    half_life_images: float = 50_000.0
+    rampup_ratio: float | None = 0.05
+
+
+@dataclass
+class LogConfig:
+    """What rank 0 reports, every so many optimiser steps (0 = never)."""
+
+    every: int = 50
+    val_every: int = 500
+    val_timesteps: int = 8
+    sample_every: int = 1000
+    num_samples: int = 8
+    sampler: str = "dpmpp_2m"
+    sample_steps: int = 20
+    guidance: float = 1.0
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training state every ``every`` steps; the newest ``keep_last`` and the best by
+    validation loss are kept. ``resume``: "auto" (newest valid one in run_dir, if any), "none" or a file."""
+
+    every: int = 500
+    keep_last: int = 3
+    resume: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    """The model file for the plugin (EMA weights), written at the end; ``path`` None is run_dir/model.safetensors."""
+
+    path: str | None = None
+    fp16: bool = False
+    default_guidance: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration; ``run_dir`` holds checkpoints, logs, samples and the exported model."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def unet_config(self) -> UNetConfig:
+        """The model section's architecture as a ``UNetConfig`` (raises ConfigError for a bad one)."""
+        values = {name: getattr(self.model, name) for name, _, _ in _UNET_FIELDS}
+        try:
+            return UNetConfig(**values)
+        except ValueError as err:
+            raise ConfigError(f"model.{err}") from err
+
+    def to_dict(self) -> dict:
+        """A JSON/YAML-ready dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (None: all defaults) and apply ``key=value`` overrides; returns a checked TrainConfig.
+
+    Raises ConfigError for an unreadable file, an unknown key or a value of the wrong type.
+    """
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read the config file {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected key=value with a dotted key, e.g. optim.lr=1e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse the value {text!r}: {err}") from err
+        _set_dotted(data, key.split("."), value, key)
+    config = _build(TrainConfig, data, "")
+    config.unet_config()  # architecture errors (say norm_groups vs base_channels) surface here, not mid-run
+    return config
+
+
+def _set_dotted(data: dict, parts: list[str], value: Any, key: str) -> None:
+    for part in parts[:-1]:
+        child = data.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+        data = child
+    data[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """A dataclass instance from a dict, every value checked against the field's type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}"
+            + (f" (and {', '.join(prefix + u for u in unknown[1:])})" if len(unknown) > 1 else "")
+            + f"; known keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
+        )
+    values = {name: _coerce(hints[name], data[name], prefix + name) for name in names if name in data}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """``value`` converted to the type ``hint``, or ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: must be a list of {len(args)} values, got {value!r}")
+            return tuple(
+                _coerce(arg, item, f"{key}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True))
+            )
+        items = [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        return value
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: type, value: Any, key: str) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        # YAML 1.1 reads "1e-4" (no dot) as a string: accept any text that Python reads as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint}")  # a programming error in this module
