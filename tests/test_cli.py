@@ -55,7 +55,7 @@ def test_dataset_check_exit_status(tmp_path, capsys):
     assert main(["dataset", "check", str(tmp_path / "missing")]) == 2
 
 
-def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
+def _tiny_checkpoint(tmp_path):
     unet = tiny_unet_config()
     config = ModelConfig(
         unet=unet,
@@ -66,7 +66,11 @@ def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
     )
     torch.manual_seed(0)
     path = tmp_path / "model.safetensors"
-    sha = save_checkpoint(path, ConditionalUNet(unet), config)
+    return path, save_checkpoint(path, ConditionalUNet(unet), config)
+
+
+def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
+    path, sha = _tiny_checkpoint(tmp_path)
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "2 classes" in out and sha in out and "60 nm/px" in out
@@ -80,3 +84,36 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert __version__ in capsys.readouterr().out
+
+
+def test_generate_writes_one_image_per_mask_and_sample(tmp_path, capsys):
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    masks = np.zeros((2, 24, 40), np.uint8)
+    masks[:, 5:9, 10:14] = 1
+    tifffile.imwrite(tmp_path / "masks.tif", masks)
+    out = tmp_path / "synthetic.tif"
+    args = ["generate", "--mask", str(tmp_path / "masks.tif"), "--out", str(out), "--checkpoint", str(checkpoint)]
+    assert main([*args, "--n", "2", "--steps", "2", "--seed", "3"]) == 0
+    images = tifffile.imread(out)
+    assert images.shape == (4, 24, 40) and images.dtype == np.float32
+    assert read_pixel_size_nm(out) == pytest.approx(60.0)
+    assert "wrote 4 image(s)" in capsys.readouterr().out
+    before = out.read_bytes()
+    assert main([*args, "--steps", "2"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_generate_uses_the_bundled_default_or_says_there_is_none(tmp_path, monkeypatch, capsys):
+    import napari_iscat_diffusion.models as models
+
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    tifffile.imwrite(tmp_path / "mask.tif", np.zeros((16, 16), np.uint8))
+    args = ["generate", "--mask", str(tmp_path / "mask.tif"), "--steps", "1"]
+    monkeypatch.setattr(models, "bundled_checkpoints", lambda: {})
+    assert main([*args, "--out", str(tmp_path / "a.tif")]) == 2
+    assert "no bundled model" in capsys.readouterr().err
+    monkeypatch.setattr(models, "bundled_checkpoints", lambda: {"tiny": checkpoint})
+    assert main([*args, "--out", str(tmp_path / "b.tif")]) == 0
+    assert tifffile.imread(tmp_path / "b.tif").shape == (16, 16)
+    assert main([*args, "--out", str(tmp_path / "c.tif"), "--checkpoint", "tiny"]) == 0

@@ -1,4 +1,4 @@
-"""The ``iscat-diffusion`` command line: simulate, dataset check, info.
+"""The ``iscat-diffusion`` command line: generate, simulate, dataset check, info.
 
 Each command imports what it needs when it runs, so ``iscat-diffusion --help`` answers at once.
 Errors in the user's input end the command with a one-line message and exit status 2; nothing
@@ -39,6 +39,27 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    generate = commands.add_parser(
+        "generate",
+        help="synthetic iSCAT image(s) that follow a mask TIFF",
+        description="Sample synthetic iSCAT images for a label mask (H, W) or a stack of masks (N, H, W) and write "
+        "them as one float32 TIFF in the physical units of the model's training data.",
+    )
+    generate.add_argument("--mask", type=Path, required=True, help="label mask TIFF: 0 background, 1..K classes")
+    generate.add_argument("--out", type=Path, required=True, help="output TIFF (never overwritten)")
+    generate.add_argument(
+        "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
+    )
+    generate.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler or heun [dpmpp_2m]")
+    generate.add_argument("--steps", type=int, default=None, help="sampler steps [the sampler's default]")
+    generate.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
+    generate.add_argument("--n", type=int, default=1, help="samples per mask [1]")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [auto]")
+    generate.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 [auto]")
+    generate.add_argument("--batch-size", type=int, default=4, help="images per forward pass [4]")
+    generate.set_defaults(run=_run_generate)
+
     simulate = commands.add_parser(
         "simulate",
         help="write simulated iSCAT image/mask TIFF pairs and their particle table",
@@ -70,6 +91,59 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .diffusion.checkpoint import load_checkpoint
+    from .diffusion.generate import GenerationProgress, generate
+    from .io.tiff_pairs import read_mask, write_tiff
+
+    if args.out.exists():
+        raise FileExistsError(f"{args.out} already exists; choose another --out")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    masks = read_mask(args.mask, allow_stack=True)
+    masks = masks[None] if masks.ndim == 2 else masks
+    model = load_checkpoint(_checkpoint_path(args.checkpoint))
+    repeated = np.repeat(masks, args.n, axis=0)
+
+    def report(progress: GenerationProgress) -> None:
+        _show_progress("generate", progress.completed, progress.total)
+
+    images = generate(
+        repeated,
+        model,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        callback=report,
+    )
+    print(file=sys.stderr)
+    write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
+    print(f"wrote {len(images)} image(s) of {masks.shape[-2]}x{masks.shape[-1]} px to {args.out} ({model.summary()})")
+    return 0
+
+
+def _checkpoint_path(choice: str | None) -> Path:
+    """The checkpoint file for --checkpoint: a bundled model's name, a path, or None for the bundled default."""
+    from .models import bundled_checkpoints
+
+    bundled = bundled_checkpoints()
+    if choice is None:
+        if not bundled:
+            raise ValueError("no bundled model ships with this version; pass --checkpoint FILE.safetensors")
+        return next(iter(bundled.values()))
+    return bundled.get(choice, Path(choice))
+
+
+def _show_progress(label: str, done: int, total: int) -> None:
+    print(f"\r{label}: {done}/{total}", end="", file=sys.stderr, flush=True)
+
+
 def _run_simulate(args: argparse.Namespace) -> int:
     from .io.tiff_pairs import write_tiff
     from .iscat.simulate import parameters_from_cli, simulate
@@ -97,7 +171,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         rows.extend(
             {"image": name, **{field: particle[field].item() for field in fields}} for particle in result.particles
         )
-        print(f"\rsimulate: {i + 1}/{args.n}", end="", file=sys.stderr, flush=True)
+        _show_progress("simulate", i + 1, args.n)
     print(file=sys.stderr)
     _write_csv(table_path, rows, ["image", *fields])
     print(f"wrote {args.n} image/mask pairs and {len(rows)} particles to {out}")

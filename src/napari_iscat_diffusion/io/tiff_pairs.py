@@ -181,17 +181,19 @@ def as_image(array: np.ndarray, source: Path | str) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def as_labels(array: np.ndarray, source: Path | str) -> np.ndarray:
-    """Check a label mask and return it as a 2-D integer array (0 background, 1..K classes).
+def as_labels(array: np.ndarray, source: Path | str, *, allow_stack: bool = False) -> np.ndarray:
+    """Check a label mask and return it as an integer array (0 background, 1..K classes): (H, W), or
+    (N, H, W) when ``allow_stack`` is true.
 
     Booleans become uint8; floats are accepted when every value is a non-negative integer and become the
     smallest unsigned integer dtype that holds them. ``source`` names the mask in errors.
     """
     array = np.asarray(array)
-    if array.ndim != 2:
+    if array.ndim != 2 and not (allow_stack and array.ndim == 3):
+        expected = "a 2-D label image (H, W) or a stack (N, H, W)" if allow_stack else "a 2-D label image (H, W)"
         raise DataError(
             source,
-            f"expected a 2-D label image (H, W), got shape {array.shape}; "
+            f"expected {expected}, got shape {array.shape}; "
             "RGB or multi-channel files are not label masks (save one channel with integer labels)",
         )
     if array.dtype == bool:
@@ -214,9 +216,10 @@ def read_image(path: Path) -> np.ndarray:
     return as_image(read_tiff(path), path)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Read a TIFF label mask as a 2-D integer array (see :func:`as_labels`). Raises :class:`DataError`."""
-    return as_labels(read_tiff(path), path)
+def read_mask(path: Path, *, allow_stack: bool = False) -> np.ndarray:
+    """Read a TIFF label mask as an integer array (H, W), or (N, H, W) with ``allow_stack`` (see
+    :func:`as_labels`). Raises :class:`DataError`."""
+    return as_labels(read_tiff(path), path, allow_stack=allow_stack)
 
 
 def _storable(array: np.ndarray, path: Path) -> np.ndarray:

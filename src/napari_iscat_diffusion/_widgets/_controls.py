@@ -1,0 +1,178 @@
+"""Form controls shared by the dock widgets: a layer picker, the checkpoint chooser and the sampler settings."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import napari
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from ..diffusion import SAMPLERS, CheckpointError, LoadedModel, available_devices, load_checkpoint
+from ..diffusion.generate import PRECISIONS
+from ..models import bundled_checkpoints
+from ..synthetic import SamplerSettings
+
+BROWSE = "Browse..."
+MAX_SEED = 2**31 - 1
+
+
+class LayerPicker(QComboBox):
+    """Labels layers of the viewer (then Image layers, so a mask opened as an image gets a clear message)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self._viewer = viewer
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
+            event.connect(self.refresh)
+        viewer.layers.events.inserted.connect(lambda event: event.value.events.name.connect(self.refresh))
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, _event: object = None) -> None:
+        """Rebuild the list from the viewer's layers, keeping the current choice when it still exists."""
+        current = self.currentText()
+        layers = [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Labels)]
+        layers += [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Image)]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems([layer.name for layer in layers])
+        self.blockSignals(False)
+        if current in [layer.name for layer in layers]:
+            self.setCurrentText(current)
+
+    def layer(self) -> napari.layers.Layer | None:
+        """The chosen layer, or None when there is none."""
+        name = self.currentText()
+        return next((layer for layer in self._viewer.layers if layer.name == name), None)
+
+
+class CheckpointChooser(QWidget):
+    """Bundled checkpoints by name plus Browse...; loads the chosen one once and keeps it until the choice changes."""
+
+    changed = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._paths: dict[str, Path] = dict(bundled_checkpoints())
+        self._model: LoadedModel | None = None
+        self._loaded_from: Path | None = None
+        self.combo = QComboBox()
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        layout = QFormLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addRow("Checkpoint", self.combo)
+        layout.addRow(self.summary)
+        self._fill()
+        self.combo.activated.connect(self._chosen)
+        self._load_current()
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The loaded model, or None when no usable checkpoint is chosen."""
+        return self._model
+
+    def set_path(self, path: str | Path) -> None:
+        """Choose a checkpoint file (what Browse... does after its dialog)."""
+        path = Path(path)
+        self._paths[path.name] = path
+        self._fill()
+        self.combo.setCurrentText(path.name)
+        self._load_current()
+
+    def _fill(self) -> None:
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        self.combo.addItems([*self._paths, BROWSE])
+        self.combo.blockSignals(False)
+
+    def _chosen(self, _index: int) -> None:
+        if self.combo.currentText() != BROWSE:
+            self._load_current()
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a model checkpoint", "", "Checkpoints (*.safetensors)")
+        if path:
+            self.set_path(path)
+        else:  # dialog cancelled: go back to the model in use
+            self.combo.setCurrentText(self._loaded_from.name if self._loaded_from else BROWSE)
+
+    def _load_current(self) -> None:
+        path = self._paths.get(self.combo.currentText())
+        if path is None:
+            self._model, self._loaded_from = None, None
+            self.summary.setText("No bundled model; choose Browse... to load a .safetensors checkpoint.")
+        elif path != self._loaded_from:
+            try:
+                self._model, self._loaded_from = load_checkpoint(path), path
+                self.summary.setText(self._model.summary())
+            except CheckpointError as error:
+                self._model, self._loaded_from = None, None
+                self.summary.setText("No model loaded.")
+                show_error(str(error))
+        self.changed.emit()
+
+
+class SamplerControls(QWidget):
+    """Sampler with its default steps, guidance, seed with a random button, device and precision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sampler = QComboBox()
+        for name, info in SAMPLERS.items():
+            self.sampler.addItem(info.label, name)
+        self.sampler.setCurrentIndex(list(SAMPLERS).index("dpmpp_2m"))
+        self.steps = QSpinBox(minimum=1, maximum=1000)
+        self.guidance = QDoubleSpinBox(minimum=0.0, maximum=20.0, singleStep=0.25, decimals=2, value=1.0)
+        self.seed = QSpinBox(minimum=0, maximum=MAX_SEED)
+        self.random_seed = QPushButton("random")
+        self.random_seed.clicked.connect(lambda: self.seed.setValue(random.randint(0, MAX_SEED)))
+        self.device = QComboBox()
+        self.device.addItems(available_devices())
+        self.precision = QComboBox()
+        self.precision.addItems(PRECISIONS)
+        seed_row = QHBoxLayout()
+        seed_row.addWidget(self.seed, 1)
+        seed_row.addWidget(self.random_seed)
+        layout = QFormLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addRow("Sampler", self.sampler)
+        layout.addRow("Steps", self.steps)
+        layout.addRow("Guidance", self.guidance)
+        layout.addRow("Seed", seed_row)
+        layout.addRow("Device", self.device)
+        layout.addRow("Precision", self.precision)
+        self.sampler.currentIndexChanged.connect(self._default_steps)
+        self._default_steps()
+
+    def _default_steps(self, _index: int = 0) -> None:
+        self.steps.setValue(SAMPLERS[self.sampler.currentData()].default_steps)
+
+    def use_model_defaults(self, model: LoadedModel | None) -> None:
+        """Show the model's default guidance."""
+        if model is not None:
+            self.guidance.setValue(model.config.default_guidance)
+
+    def settings(self) -> SamplerSettings:
+        """The chosen settings."""
+        return SamplerSettings(
+            sampler=self.sampler.currentData(),
+            steps=self.steps.value(),
+            guidance=self.guidance.value(),
+            seed=self.seed.value(),
+            device=self.device.currentText(),
+            precision=self.precision.currentText(),
+        )

@@ -1,0 +1,101 @@
+"""Long work in a napari thread worker, with per-step progress, Cancel and no escaping exception."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from qtpy.QtCore import QObject, Signal
+
+# report(completed, total, text) -> True when the work should stop
+Report = Callable[[int, int, str], bool]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: its value, or the exception it raised (``cancelled`` for a requested stop)."""
+
+    value: Any = None
+    error: BaseException | None = None
+    cancelled: bool = False
+
+
+class _Relay(QObject):
+    """Lives on the main thread; signals emitted from the worker thread are queued to it."""
+
+    reported = Signal(int, int, str)
+
+
+class Job:
+    """Run ``work(report)`` in a napari function worker.
+
+    ``work`` calls ``report(completed, total, text)`` after each step; the widget's ``on_step`` and napari's
+    activity dock see it on the main thread. ``report`` returns True once ``cancel()`` was called (or the
+    worker was asked to quit from napari's status bar), and ``work`` then stops by raising
+    ``cancel_exception``. ``on_done(Outcome)`` runs on the main thread when the worker has finished; any
+    exception is handed to it instead of escaping into napari.
+
+    A function worker with a queued signal is used rather than a generator worker: ``generate()`` reports
+    from inside its sampler loop through a callback, which cannot ``yield``.
+    """
+
+    def __init__(
+        self,
+        work: Callable[[Report], Any],
+        *,
+        description: str,
+        cancel_exception: type[BaseException],
+        on_step: Callable[[int, int, str], None],
+        on_done: Callable[[Outcome], None],
+    ) -> None:
+        self._cancel = threading.Event()
+        self._cancel_exception = cancel_exception
+        self._on_step = on_step
+        self._on_done = on_done
+        self._outcome = Outcome(cancelled=True)
+        self._relay = _Relay()
+        self._relay.reported.connect(self._step)
+        self.progress = progress(total=0, desc=description)
+        self.worker = create_worker(self._run, work, _start_thread=False)
+        self.worker.returned.connect(self._store)
+        self.worker.finished.connect(self._finish)
+        self.worker.start()
+
+    def cancel(self) -> None:
+        """Ask the work to stop after the current step."""
+        self._cancel.set()
+
+    @property
+    def running(self) -> bool:
+        """True until the worker has finished."""
+        return self.worker.is_running
+
+    def _run(self, work: Callable[[Report], Any]) -> Outcome:
+        try:
+            return Outcome(value=work(self._report))
+        except self._cancel_exception:
+            return Outcome(cancelled=True)
+        except Exception as error:  # reported by on_done as a notification; never escapes into napari
+            return Outcome(error=error)
+
+    def _report(self, completed: int, total: int, text: str) -> bool:
+        self._relay.reported.emit(completed, total, text)
+        return self._cancel.is_set() or self.worker.abort_requested
+
+    def _step(self, completed: int, total: int, text: str) -> None:
+        if self.progress.total != total:
+            self.progress.total = total
+        self.progress.update(completed - self.progress.n)
+        self.progress.set_description(text)
+        self._on_step(completed, total, text)
+
+    def _store(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+
+    def _finish(self) -> None:
+        self.progress.close()
+        self._on_done(self._outcome)

@@ -1,0 +1,265 @@
+"""The Generate dock widget: a synthetic iSCAT image for the chosen mask layer."""
+
+from __future__ import annotations
+
+import napari
+import numpy as np
+import torch
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..diffusion import GenerationProgress, LoadedModel, SamplingCancelled, validate_mask
+from ..iscat.masks import random_mask
+from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance, synthesize
+from ._controls import CheckpointChooser, LayerPicker, SamplerControls
+from ._job import Job, Outcome
+
+OUT_OF_MEMORY = (
+    "The GPU ran out of memory. Generate fewer samples at once, use a smaller mask, choose precision bf16 or fp16, "
+    "or choose the cpu device."
+)
+
+
+class GenerateWidget(QWidget):
+    """Mask layer, checkpoint and sampler settings in; a ``synthetic (mask name)`` Image layer out."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.job: Job | None = None
+        self.mask_layer = LayerPicker(napari_viewer)
+        self.new_mask = QPushButton("New mask")
+        self.new_mask.setToolTip("Add an empty Labels layer of the size below to paint particles into")
+        self.mask_height = QSpinBox(minimum=8, maximum=8192, value=256)
+        self.mask_width = QSpinBox(minimum=8, maximum=8192, value=256)
+        self.random_particles = QPushButton("Random particles")
+        self.random_particles.setToolTip("Fill the chosen Labels layer with random particles")
+        self.particle_count = QSpinBox(minimum=1, maximum=10000, value=30)
+        self.proportions = QLineEdit("1")
+        self.proportions.setToolTip("Relative frequency of classes 1..K, for example 0.5, 0.3, 0.2")
+        self.checkpoint = CheckpointChooser()
+        self.sampler = SamplerControls()
+        self.samples = QSpinBox(minimum=1, maximum=64, value=1)
+        self.show_steps = QCheckBox("show denoising steps")
+        self.generate_button = QPushButton("Generate")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self._layout()
+        self.new_mask.clicked.connect(self.add_new_mask)
+        self.random_particles.clicked.connect(self.fill_random_particles)
+        self.checkpoint.changed.connect(lambda: self.sampler.use_model_defaults(self.checkpoint.model))
+        self.sampler.use_model_defaults(self.checkpoint.model)
+        self.generate_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._controls = [
+            self.mask_layer,
+            self.new_mask,
+            self.random_particles,
+            self.checkpoint,
+            self.sampler,
+            self.samples,
+            self.show_steps,
+            self.generate_button,
+        ]
+
+    def _layout(self) -> None:
+        size = QHBoxLayout()
+        for widget in (self.mask_height, QLabel("x"), self.mask_width, self.new_mask):
+            size.addWidget(widget)
+        particles = QHBoxLayout()
+        for widget in (self.particle_count, self.proportions, self.random_particles):
+            particles.addWidget(widget)
+        form = QFormLayout()
+        form.addRow("Mask", self.mask_layer)
+        form.addRow("Size (H x W)", size)
+        form.addRow("Particles, classes", particles)
+        form.addRow(self.checkpoint)
+        form.addRow(self.sampler)
+        form.addRow("Samples", self.samples)
+        form.addRow(self.show_steps)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.generate_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addStretch()
+
+    # --- masks ---------------------------------------------------------------------------------------------
+
+    def add_new_mask(self) -> None:
+        """Add an empty Labels layer of the chosen size and pick it."""
+        shape = (self.mask_height.value(), self.mask_width.value())
+        layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name="mask")
+        self.mask_layer.setCurrentText(layer.name)
+
+    def fill_random_particles(self) -> None:
+        """Fill the chosen Labels layer (its current plane for a stack) with random particles."""
+        layer = self.mask_layer.layer()
+        if not isinstance(layer, napari.layers.Labels):
+            show_warning("Choose a Labels layer first, or click 'New mask' to add one.")
+            return
+        try:
+            proportions = [float(p) for p in self.proportions.text().replace(",", " ").split()]
+            radius = 3.0
+            rng = np.random.default_rng(self.sampler.seed.value())
+            plane_shape = layer.data.shape[-2:]
+            drawn = random_mask(
+                plane_shape,
+                self.particle_count.value(),
+                min_distance=2 * radius + 2,
+                class_proportions=proportions,
+                radius=radius,
+                rng=rng,
+            ).mask
+        except ValueError as error:
+            show_error(f"Random particles: {error}. Class proportions are numbers such as '0.5, 0.3, 0.2'.")
+            return
+        data = np.array(layer.data)
+        data[(*self.viewer.dims.current_step[: data.ndim - 2], ...)] = drawn
+        layer.data = data
+
+    def _mask_data(self) -> tuple[napari.layers.Labels, np.ndarray] | None:
+        """The chosen mask layer and its data, or None after telling the user what is wrong."""
+        layer = self.mask_layer.layer()
+        model = self.checkpoint.model
+        if layer is None:
+            show_warning("No mask: click 'New mask' (then paint or add random particles) or open a Labels layer.")
+        elif isinstance(layer, napari.layers.Image):
+            show_error(
+                f"'{layer.name}' is an Image layer, not a mask. Convert it (right-click > Convert to Labels) "
+                "or choose a Labels layer."
+            )
+        elif not isinstance(layer, napari.layers.Labels):
+            show_error(f"'{layer.name}' is not a Labels layer; choose a mask.")
+        elif layer.data.ndim not in (2, 3):
+            show_error(
+                f"'{layer.name}' has {layer.data.ndim} dimensions; masks must be 2-D (H, W) or 3-D (Z or T, H, W). "
+                "Take a 2-D or 3-D slice of it first."
+            )
+        elif model is None:
+            show_error("No model loaded: choose a checkpoint (Browse... for a .safetensors file).")
+        else:
+            data = np.asarray(layer.data)
+            try:
+                validate_mask(data, model.config.num_classes, name=f"'{layer.name}'")
+            except ValueError as error:
+                show_error(str(error))
+                return None
+            return layer, data
+        return None
+
+    # --- generation ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the inputs and start generating in a thread worker."""
+        if self.job is not None and self.job.running:
+            return
+        chosen = self._mask_data()
+        if chosen is None:
+            return
+        layer, mask = chosen
+        model = self.checkpoint.model
+        settings = self.sampler.settings()
+        samples, keep_steps = self.samples.value(), self.show_steps.isChecked()
+        planes = 1 if mask.ndim == 2 else len(mask)
+
+        def work(report) -> Synthesis:
+            def callback(progress: GenerationProgress) -> bool:
+                first = progress.image_indices.start
+                text = f"image {first + 1} of {planes * samples}" if planes * samples > 1 else "generating"
+                return report(progress.completed, progress.total, text)
+
+            return synthesize(
+                mask, model, settings, samples=samples, keep_steps=keep_steps, callback=callback, name=layer.name
+            )
+
+        self._set_running(True)
+        self.status.setText("Generating...")
+        self.job = Job(
+            work,
+            description=f"synthetic ({layer.name})",
+            cancel_exception=SamplingCancelled,
+            on_step=self._step,
+            on_done=lambda outcome: self._done(outcome, layer, model, settings),
+        )
+
+    def cancel(self) -> None:
+        """Stop after the current sampler step; no layer is added."""
+        if self.job is not None:
+            self.job.cancel()
+            self.status.setText("Cancelling...")
+
+    def _step(self, completed: int, total: int, text: str) -> None:
+        self.progress_bar.setMaximum(total)
+        self.progress_bar.setValue(completed)
+        self.status.setText(f"{text}: step {completed} of {total}")
+
+    def _set_running(self, running: bool) -> None:
+        for widget in self._controls:
+            widget.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress_bar.setValue(0)
+
+    def _done(self, outcome: Outcome, layer: napari.layers.Labels, model: LoadedModel, settings: SamplerSettings):
+        self._set_running(False)
+        if torch.cuda.is_available():  # generate() frees its cache too; this also covers errors raised before it
+            torch.cuda.empty_cache()
+        if outcome.cancelled:
+            self.status.setText("Cancelled; no layer added.")
+            self.progress_bar.setValue(0)
+        elif outcome.error is not None:
+            self.status.setText("Failed.")
+            error = outcome.error
+            show_error(OUT_OF_MEMORY if isinstance(error, torch.OutOfMemoryError) else f"Generation failed: {error}")
+        else:
+            self._add_layers(outcome.value, layer, model, settings)
+            self.status.setText("Done.")
+
+    def _add_layers(
+        self, result: Synthesis, layer: napari.layers.Labels, model: LoadedModel, settings: SamplerSettings
+    ) -> None:
+        images = result.images
+        extra = images.ndim - layer.data.ndim  # leading samples axis and channel axis
+        scale = (1.0,) * extra + tuple(layer.scale)
+        translate = (0.0,) * extra + tuple(layer.translate)
+        metadata = provenance(model, settings, seed=settings.seed, source=layer.name)
+        metadata["samples"] = self.samples.value()  # sample s of plane p has seed + s * planes + p
+        self.viewer.add_image(
+            images,
+            name=f"synthetic ({layer.name})",
+            scale=scale,
+            translate=translate,
+            contrast_limits=contrast_limits(images),
+            colormap="gray",
+            metadata=metadata,
+        )
+        if result.denoising_steps is not None:
+            steps = result.denoising_steps
+            pad = steps.ndim - 2
+            self.viewer.add_image(
+                steps,
+                name=f"denoising steps ({layer.name})",
+                scale=(1.0,) * pad + tuple(layer.scale[-2:]),
+                translate=(0.0,) * pad + tuple(layer.translate[-2:]),
+                contrast_limits=contrast_limits(steps[-1]),
+                colormap="gray",
+                metadata=metadata,
+            )
