@@ -117,3 +117,14 @@ def test_generate_uses_the_bundled_default_or_says_there_is_none(tmp_path, monke
     assert main([*args, "--out", str(tmp_path / "b.tif")]) == 0
     assert tifffile.imread(tmp_path / "b.tif").shape == (16, 16)
     assert main([*args, "--out", str(tmp_path / "c.tif"), "--checkpoint", "tiny"]) == 0
+
+
+def test_info_without_a_checkpoint_lists_versions_devices_and_bundled_models(tmp_path, monkeypatch, capsys):
+    import napari_iscat_diffusion.models as models
+
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    monkeypatch.setattr(models, "bundled_checkpoints", lambda: {"tiny": checkpoint})
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and "devices: cpu" in out
+    assert "bundled models: 1" in out and "tiny: 2 classes" in out

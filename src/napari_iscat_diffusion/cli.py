@@ -85,8 +85,13 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--classes", type=int, default=None, help="number of particle classes K (labels 1..K)")
     check.set_defaults(run=_run_dataset_check)
 
-    info = commands.add_parser("info", help="describe a model checkpoint (.safetensors)")
-    info.add_argument("checkpoint", type=Path)
+    info = commands.add_parser(
+        "info",
+        help="versions, devices and bundled models, or what a checkpoint holds",
+        description="Without a checkpoint: package, Python and torch versions, the devices torch finds and the "
+        "bundled models. With one: what the checkpoint (.safetensors) holds, and its sha256.",
+    )
+    info.add_argument("checkpoint", type=Path, nargs="?", help="a .safetensors checkpoint to describe")
     info.set_defaults(run=_run_info)
     return parser
 
@@ -198,10 +203,35 @@ def _run_dataset_check(args: argparse.Namespace) -> int:
 def _run_info(args: argparse.Namespace) -> int:
     from .diffusion.checkpoint import load_checkpoint
 
+    if args.checkpoint is None:
+        return _print_environment()
     model = load_checkpoint(args.checkpoint)
     print(f"{args.checkpoint}: {model.summary()}")
     print(f"sha256 {model.sha256}")
     print(f"written by napari-iscat-diffusion {model.versions.get('package', 'unknown')}")
+    return 0
+
+
+def _print_environment() -> int:
+    import platform
+
+    import numpy as np
+    import torch
+
+    from .diffusion.checkpoint import load_checkpoint
+    from .models import bundled_checkpoints
+
+    print(f"napari-iscat-diffusion {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+    devices = ["cpu"]
+    devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    print(f"devices: {', '.join(devices)}")
+    bundled = bundled_checkpoints()
+    print(f"bundled models: {len(bundled) or 'none'}")
+    for name, path in bundled.items():
+        print(f"  {name}: {load_checkpoint(path).summary()}")
     return 0
 
 
