@@ -9,12 +9,15 @@ the wrong type raises ``ConfigError`` naming the key, before any data is read or
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from napari_iscat_diffusion.diffusion.samplers import get_sampler
+from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 from napari_iscat_diffusion.diffusion.unet import UNetConfig
 
 
@@ -201,7 +204,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_dotted(data, key.split("."), value, key)
     config = _build(TrainConfig, data, "")
     config.unet_config()  # architecture errors (say norm_groups vs base_channels) surface here, not mid-run
+    _check_values(config)
     return config
+
+
+# (key, test, what a good value is): values of the right type that would fail only later, mid-run.
+_RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    ("data.crop_size", lambda v: v is None or min(v) >= 1, "positive pixels (h, w) or null"),
+    ("data.frames_per_channel", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("data.simulator_val_items", lambda v: v >= 1, ">= 1"),
+    ("data.normalization_images", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: 0 < v < math.inf, "a positive number"),
+    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.steps", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.grad_accum", lambda v: v >= 1, ">= 1"),
+    ("train.cond_drop_prob", lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
+    ("train.min_snr_gamma", lambda v: v is None or v > 0, "a positive number or null"),
+    ("train.max_nonfinite", lambda v: v >= 1, ">= 1"),
+    ("train.early_stopping_patience", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("ema.half_life_images", lambda v: v > 0, "a positive number of images"),
+    ("ema.rampup_ratio", lambda v: v is None or v > 0, "a positive number or null"),
+    ("log.every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("log.val_every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("log.val_timesteps", lambda v: v >= 1, ">= 1"),
+    ("log.sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("log.num_samples", lambda v: v >= 1, ">= 1"),
+    ("log.sample_steps", lambda v: v >= 1, ">= 1"),
+    ("checkpoint.every", lambda v: v >= 0, ">= 0 (0 = only at the end and at a new best)"),
+    ("checkpoint.keep_last", lambda v: v >= 1, ">= 1 (the newest state is what a restart resumes from)"),
+]
+
+
+def _check_values(config: TrainConfig) -> None:
+    """Raise ConfigError for a value of the right type that is out of range, an unknown sampler or schedule."""
+    for key, test, expected in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not test(value):
+            raise ConfigError(f"{key}: must be {expected}, got {value!r}")
+    for key, check, value in (
+        ("log.sampler", get_sampler, config.log.sampler),
+        ("model.schedule", schedule_from_config, config.model.schedule),
+    ):
+        try:
+            check(value)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from err
 
 
 def _set_dotted(data: dict, parts: list[str], value: Any, key: str) -> None:

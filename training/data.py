@@ -167,10 +167,18 @@ def build_data(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Data:
     if config.data.validate:
         train.validate()
         val.validate()
-    normalization = compute_normalization(train, max_images=config.data.normalization_images, seed=config.seed)
+    try:
+        normalization = compute_normalization(train, max_images=config.data.normalization_images, seed=config.seed)
+    except ValueError as err:
+        raise DataError(train_source.location, f"no normalisation statistics: {err}") from err
     train.normalization = val.normalization = normalization
-    _ = val[0]  # a crop larger than the validation images fails here, not at the first validation
+    # The first item of each part is read now, so that a mask label above model.num_classes or a crop
+    # larger than the images fails here and not mid-run (data.validate=true reads every item).
+    _ = train[0], val[0]
     workers = config.data.num_workers
+    # Each loader gets its own generator: iterating a loader draws a worker base seed, which would
+    # otherwise come from the global torch RNG and make a resumed run's dropout differ from an
+    # uninterrupted one (the items themselves are seeded per (seed, epoch, index)).
     train_loader = DataLoader(
         train,
         batch_size=config.train.batch_size,
@@ -178,8 +186,14 @@ def build_data(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Data:
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(config.seed),
     )
-    val_loader = DataLoader(val, batch_size=config.train.batch_size, sampler=ShardSampler(len(val), rank, world_size))
+    val_loader = DataLoader(
+        val,
+        batch_size=config.train.batch_size,
+        sampler=ShardSampler(len(val), rank, world_size),
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     class_names = config.data.class_names if config.data.class_names is not None else names
     if class_names is not None and len(class_names) != unet.num_classes:
         if config.data.class_names is not None:

@@ -45,18 +45,19 @@ def list_states(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and bytes of ``tensors`` (in name order), on any device."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
     """Write tensors and a JSON-serialisable ``info`` dict to ``path`` atomically."""
     cpu = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
-    document = {"version": STATE_VERSION, "checksum": _checksum(cpu), "info": info}
+    document = {"version": STATE_VERSION, "checksum": checksum(cpu), "info": info}
     data = safetensors.torch.save(cpu, metadata={STATE_KEY: json.dumps(document)})
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, data)
@@ -74,7 +75,7 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise StateError(f"{path}: not a readable training state ({type(err).__name__}: {err})") from err
     if document.get("version") != STATE_VERSION:
         raise StateError(f"{path}: training-state version {document.get('version')!r}, expected {STATE_VERSION}")
-    if document.get("checksum") != _checksum(tensors):
+    if document.get("checksum") != checksum(tensors):
         raise StateError(f"{path}: the tensor data does not match its checksum (the file is damaged)")
     return tensors, document["info"]
 

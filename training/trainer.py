@@ -36,6 +36,7 @@ from .losses import diffusion_loss
 from .normalization import denormalize
 from .state import (
     StateError,
+    checksum,
     flatten_optimizer,
     list_states,
     load_newest,
@@ -266,6 +267,7 @@ class Trainer:
             self.nonfinite_in_row += 1
             if self.is_main:
                 log.warning("step %d: non-finite loss or gradient, step skipped", self.step + 1)
+                self._record({"step": self.step + 1, "skipped": "non-finite loss or gradient"})
             if self.nonfinite_in_row >= train.max_nonfinite:
                 raise NonFiniteLossError(
                     f"the loss or the gradients were NaN or infinite in {self.nonfinite_in_row} steps in a row "
@@ -435,21 +437,37 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
+    def _weights_digest(self) -> str:
+        """SHA-256 of this rank's model and EMA weights."""
+        return checksum({**prefixed("model.", self.net.state_dict()), **prefixed("ema.", self.ema.state_dict())})
+
     def save(self) -> Path | None:
-        """Write the resumable state (rank 0; every rank must call it: RNG states are gathered); returns the file."""
-        rng_states = [self._rng_state()]
+        """Write the resumable state (rank 0; every rank must call it: RNG states are gathered); returns the file.
+
+        Every rank's weight digest is gathered too and stored in the state: ranks whose model or EMA
+        weights differ mean that DDP lost sync, and the run stops with RuntimeError rather than train on.
+        """
+        mine = {"rng": {k: v.cpu() for k, v in self._rng_state().items()}, "weights": self._weights_digest()}
+        gathered = [mine]
         if self.world_size > 1:
-            rng_states = [None] * self.world_size
-            dist.all_gather_object(rng_states, {k: v.cpu() for k, v in self._rng_state().items()})
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, mine)
+        digests = [entry["weights"] for entry in gathered]
+        if len(set(digests)) > 1:
+            raise RuntimeError(
+                f"step {self.step}: the {self.world_size} processes hold different weights (SHA-256 per rank: "
+                f"{', '.join(d[:12] for d in digests)}); distributed training lost sync, please report this"
+            )
         if not self.is_main:
             return None
         optim_tensors, optim_info = flatten_optimizer(self.optimizer.state_dict())
         tensors = {**prefixed("model.", self.net.state_dict()), **prefixed("ema.", self.ema.state_dict())}
         tensors.update(optim_tensors)
-        for rank, state in enumerate(rng_states):
-            tensors.update(prefixed(f"rng.{rank}.", state))
+        for rank, entry in enumerate(gathered):
+            tensors.update(prefixed(f"rng.{rank}.", entry["rng"]))
         info = {
             "step": self.step,
+            "weight_digests": digests,
             "images_seen": self.ema.images_seen,
             "micro_batches": self.micro_batches,
             "world_size": self.world_size,
@@ -470,22 +488,35 @@ class Trainer:
 
     def resume(self, spec: str = "auto") -> Path | None:
         """Load a saved state: "auto" (the newest usable one in run_dir, else start fresh), "none", or a
-        file. Returns the file loaded, or None. A damaged file is skipped with a warning under "auto"."""
-        if spec == "none":
+        file. Returns the file loaded, or None. A damaged file is skipped with a warning under "auto".
+
+        Rank 0 chooses the file and every rank loads that one. Starting fresh ("none") or from a given
+        file in a run_dir whose checkpoints go further raises ConfigError: the newer states would be
+        taken for this run's by a restart and pruned in place of its own.
+        """
+        found = load_newest(self.checkpoint_dir) if spec == "auto" and self.is_main else None
+        if found is not None:
+            chosen: Path | None = found[0]
+        elif spec in ("auto", "none"):
+            chosen = None
+        else:
+            chosen = Path(spec)
+        chosen = self._from_main(chosen)
+        if chosen is None:
+            if spec == "auto" and self.is_main and list_states(self.checkpoint_dir):
+                log.warning("no usable training checkpoint in %s: starting from scratch", self.checkpoint_dir)
+            self._refuse_newer_states(spec, 0)
             return None
-        if spec == "auto":
-            found = load_newest(self.checkpoint_dir)
-            if found is None:
-                if list_states(self.checkpoint_dir):
-                    log.warning("no usable training checkpoint in %s: starting from scratch", self.checkpoint_dir)
-                return None
+        if found is not None:
             path, tensors, info = found
         else:
-            path = Path(spec)
+            path = chosen
             try:
                 tensors, info = load_state(path)
             except StateError as err:
                 raise ConfigError(f"checkpoint.resume: {err}") from err
+        if spec != "auto":
+            self._refuse_newer_states(spec, info["step"])
         saved_unet = info["config"]["model"]
         current = self.config.to_dict()["model"]
         if {k: v for k, v in saved_unet.items() if k != "dropout"} != {
@@ -518,6 +549,22 @@ class Trainer:
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
         return path
+
+    def _from_main(self, value: Path | None) -> Path | None:
+        """Rank 0's ``value`` on every rank."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _refuse_newer_states(self, spec: str, step: int) -> None:
+        newer = [found for found, _ in list_states(self.checkpoint_dir) if found > step]
+        if newer:
+            raise ConfigError(
+                f"checkpoint.resume={spec}: {self.checkpoint_dir} holds training states up to step {max(newer)} "
+                f"beyond this run's start at step {step}; use a new run_dir, delete those states, or resume=auto"
+            )
 
     # ------------------------------------------------------------------------------------------ export
 

@@ -1,0 +1,71 @@
+"""Tiny, fast training runs for the training tests: simulator data at 40 px, 32 px crops, a tiny U-Net."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tests.tiny_models import TINY_UNET
+from training.config import TrainConfig, load_config
+from training.data import build_data
+from training.trainer import Trainer
+
+from napari_iscat_diffusion.diffusion.unet import ConditionalUNet
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Attention is left out (attention_levels=[]): it triples the step time of this tiny network on a CPU.
+TINY_OVERRIDES = [
+    "data.simulator={image_size: [40, 40], particles_per_image: [1, 4]}",
+    "data.crop_size=[32, 32]",
+    "data.simulator_train_items=64",
+    "data.simulator_val_items=8",
+    "data.normalization_images=16",
+    "data.num_workers=0",
+    "model.num_classes=3",
+    *(f"model.{key}={list(value) if isinstance(value, tuple) else value}" for key, value in TINY_UNET.items()),
+    "model.attention_levels=[]",
+    "train.batch_size=4",
+    "train.steps=8",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=2",
+    "ema.half_life_images=64",
+    "log.every=2",
+    "log.val_every=0",
+    "log.val_timesteps=4",
+    "log.sample_every=0",
+    "log.num_samples=2",
+    "log.sample_steps=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "checkpoint.every=4",
+]
+
+
+def tiny_overrides(run_dir: str | os.PathLike, *extra: str) -> list[str]:
+    """Command-line overrides for a tiny run writing to ``run_dir``; ``extra`` overrides come last and win."""
+    return [f"run_dir={run_dir}", *TINY_OVERRIDES, *extra]
+
+
+def tiny_config(run_dir: str | os.PathLike, *extra: str) -> TrainConfig:
+    """The checked config of a tiny run (see ``tiny_overrides``)."""
+    return load_config(None, tiny_overrides(run_dir, *extra))
+
+
+def tiny_trainer(config: TrainConfig) -> Trainer:
+    """A single-process Trainer for ``config``, built as training/train.py builds it."""
+    data = build_data(config)
+    torch.manual_seed(config.seed)
+    model = ConditionalUNet(config.unet_config())
+    return Trainer(model, config, data.train_loader, data.val_loader, pixel_size_nm=data.pixel_size_nm)
+
+
+def run_python(args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` from the repository root with one thread per process; returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
