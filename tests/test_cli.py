@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from tests.tiny_models import tiny_unet_config
+from tests.tiny_models import save_tiny_checkpoint
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion.cli import main
-from napari_iscat_diffusion.diffusion import ConditionalUNet, ModelConfig, linear_schedule, save_checkpoint
 from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
 
 
@@ -56,17 +55,8 @@ def test_dataset_check_exit_status(tmp_path, capsys):
 
 
 def _tiny_checkpoint(tmp_path):
-    unet = tiny_unet_config()
-    config = ModelConfig(
-        unet=unet,
-        schedule=linear_schedule(1000).to_config(),
-        parameterization="v",
-        normalization={"mean": [0.0], "std": [0.01]},
-        pixel_size_nm=60.0,
-    )
-    torch.manual_seed(0)
     path = tmp_path / "model.safetensors"
-    return path, save_checkpoint(path, ConditionalUNet(unet), config)
+    return path, save_tiny_checkpoint(path)
 
 
 def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):

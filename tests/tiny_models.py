@@ -1,5 +1,8 @@
 """Tiny networks for fast tests on the CPU."""
 
+import torch
+
+from napari_iscat_diffusion.diffusion import ConditionalUNet, ModelConfig, linear_schedule, save_checkpoint
 from napari_iscat_diffusion.diffusion.unet import UNetConfig
 
 TINY_UNET = {
@@ -15,3 +18,17 @@ TINY_UNET = {
 def tiny_unet_config(**overrides) -> UNetConfig:
     """A two-level U-Net config with 8 base channels (about 30k parameters); keyword arguments override fields."""
     return UNetConfig(**{"num_classes": 2, **TINY_UNET, **overrides})
+
+
+def save_tiny_checkpoint(path, **unet_overrides) -> str:
+    """Save an untrained tiny model (v-prediction, 60 nm/px, std 0.01) at ``path``; returns its sha256."""
+    unet = tiny_unet_config(**unet_overrides)
+    config = ModelConfig(
+        unet=unet,
+        schedule=linear_schedule(1000).to_config(),
+        parameterization="v",
+        normalization={"mean": [0.0], "std": [0.01]},
+        pixel_size_nm=60.0,
+    )
+    torch.manual_seed(0)
+    return save_checkpoint(path, ConditionalUNet(unet), config)

@@ -23,12 +23,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from napari_iscat_diffusion import png
 from napari_iscat_diffusion.diffusion.checkpoint import LoadedModel
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition, null_condition
 from napari_iscat_diffusion.diffusion.generate import generate
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 
-from . import png
 from .config import ConfigError, TrainConfig
 from .ema import Ema, unwrap
 from .export import build_model_config, export_model

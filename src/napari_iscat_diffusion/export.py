@@ -2,8 +2,12 @@
 
 Pure numpy and the diffusion core (no napari or Qt), so the Batch export widget and the command line
 drive the same code. Each TIFF is written atomically (``write_tiff``); a pair counts as finished when
-both files exist and ``manifest.csv`` holds its row, which is appended (and synced) after the files.
-An interrupted export therefore resumes by skipping finished pairs, and nothing is ever overwritten.
+both files exist and a manifest holds its row, which is appended (and synced) after the files. An
+interrupted export therefore resumes by skipping finished pairs, and nothing is ever overwritten.
+
+Several processes (``torchrun``) share one export: pair ``i`` belongs to rank ``i % world_size``, and each
+rank appends to its own ``manifest.rank{r}.csv``, so no two processes write one file. After all ranks have
+finished, one process calls :func:`merge_manifests` to fold them into ``manifest.csv``.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from .diffusion import GenerationProgress, LoadedModel, SamplingCancelled, generate, validate_mask
-from .io.tiff_pairs import TIFF_SUFFIXES, read_mask, write_tiff
+from .io.tiff_pairs import TIFF_SUFFIXES, read_image, read_mask, read_tiff, write_tiff
 from .iscat.masks import random_mask
-from .synthetic import SamplerSettings, provenance
+from .png import grid, to_uint8, write_png
+from .synthetic import SamplerSettings, contrast_limits, provenance
 
 MANIFEST = "manifest.csv"
+_RANK_MANIFEST = "manifest.rank{}.csv"
 MANIFEST_FIELDS = (
     "name",
+    "pair",
     "image",
     "mask",
     "sample",
@@ -68,7 +75,7 @@ class ExportProgress:
 
 @dataclass(frozen=True)
 class ExportSummary:
-    """What an export did: pairs written, pairs skipped as already finished, whether it was cancelled."""
+    """What an export (or one rank of it) did: pairs written, pairs skipped as finished, whether it was cancelled."""
 
     folder: Path
     written: int
@@ -136,18 +143,56 @@ def random_masks(
     ]
 
 
-def _finished_rows(manifest: Path) -> dict[str, dict]:
-    """Complete manifest rows by pair name (a row cut short by a crash is ignored)."""
-    if not manifest.exists():
-        return {}
-    with open(manifest, newline="") as file:
-        rows = list(csv.DictReader(file))
-    return {row["name"]: row for row in rows if all(row.get(f) not in (None, "") for f in ("name", "image", "mask"))}
+def _manifest_files(folder: Path) -> list[Path]:
+    """``manifest.csv`` and the per-rank manifests of an unmerged multi-process export, those that exist."""
+    return [path for path in [folder / MANIFEST, *sorted(folder.glob(_RANK_MANIFEST.format("*")))] if path.is_file()]
 
 
-def _check_same_settings(folder: Path, rows: Mapping[str, dict], expected: dict) -> None:
+def finished_pairs(folder: Path) -> dict[str, dict]:
+    """The complete manifest rows of an export folder by pair name, from ``manifest.csv`` and any rank manifests.
+
+    A row cut short by a crash is ignored; a pair listed twice (a merge interrupted before it removed the rank
+    files) counts once.
+    """
+    rows: dict[str, dict] = {}
+    for manifest in _manifest_files(Path(folder)):
+        with open(manifest, newline="") as file:
+            for row in csv.DictReader(file):
+                if all(row.get(field) not in (None, "") for field in MANIFEST_FIELDS if field != "checkpoint"):
+                    rows[row["name"]] = row
+    return rows
+
+
+def merge_manifests(folder: Path) -> Path:
+    """Fold the per-rank manifests into ``manifest.csv`` (rows in pair order) and remove them; returns its path.
+
+    Run it once, in one process, after every rank has finished. ``manifest.csv`` is replaced atomically and
+    the rank files are removed only afterwards, so an interruption loses no row.
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    ranks = [path for path in _manifest_files(folder) if path != manifest]
+    if not ranks:
+        return manifest
+    rows = sorted(finished_pairs(folder).values(), key=lambda row: int(row["pair"]))
+    temporary = manifest.with_name(f".{MANIFEST}.tmp")
+    with open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, manifest)
+    for path in ranks:
+        path.unlink()
+    return manifest
+
+
+def _check_same_settings(folder: Path, rows: Mapping[str, dict], expected: dict, first_seed: int) -> None:
     for row in rows.values():
         different = [f for f in _SETTINGS_FIELDS if str(row.get(f)) != str(expected[f])]
+        if int(row["seed"]) - int(row["pair"]) != first_seed:
+            different.append("seed")
         if different:
             raise ExportError(
                 f"{folder} already holds an export made with other settings ({', '.join(different)} differ, "
@@ -171,6 +216,21 @@ def _append_row(manifest: Path, row: dict) -> None:
         os.fsync(file.fileno())
 
 
+def _write_new(path: Path, array: np.ndarray, pixel_size_nm: float | None) -> None:
+    """Write ``array`` to ``path`` unless the file is already there with exactly this content.
+
+    A file without a manifest row is left by a run killed between writing a pair and recording it; it is
+    kept when it holds what this pair is (the seeds make pairs reproducible), and never replaced otherwise.
+    """
+    if not path.exists():
+        write_tiff(path, array, pixel_size_nm=pixel_size_nm)
+    elif not np.array_equal(read_tiff(path), array):
+        raise ExportError(
+            f"{path} exists, has no row in the manifest and differs from the pair this export makes (left by another "
+            "program or other settings); delete it or choose a new output folder"
+        )
+
+
 def export_pairs(
     masks: Sequence[MaskItem],
     model: LoadedModel,
@@ -179,6 +239,8 @@ def export_pairs(
     *,
     samples_per_mask: int = 1,
     callback: Callable[[ExportProgress], bool | None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ExportSummary:
     """Generate and write ``samples_per_mask`` pairs per mask into ``folder``; resume where an earlier run stopped.
 
@@ -187,12 +249,18 @@ def export_pairs(
     gets an ``ExportProgress`` after every sampler step; returning True cancels within that step
     (no partial pair is written).
 
+    With ``world_size`` > 1 this process makes only the pairs ``i`` with ``i % world_size == rank`` and
+    records them in ``manifest.rank{rank}.csv``; together the ranks make exactly the pairs of one process.
+    Call :func:`merge_manifests` once all ranks have returned. With one process the manifest is merged here.
+
     Raises:
-        ExportError: the folder holds pairs made with other settings, or a pair's file exists without its manifest row.
-        ValueError: a bad mask or bad settings.
+        ExportError: the folder holds pairs made with other settings, or a file in the way differs from its pair.
+        ValueError: a bad mask, bad settings or a bad rank.
     """
     if samples_per_mask < 1:
         raise ValueError(f"samples_per_mask must be at least 1, got {samples_per_mask}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of world_size {world_size}")
     for item in masks:  # fail before writing anything, naming the bad mask
         if np.ndim(item.mask) != 2:
             raise ValueError(f"{item.source}: expected a 2-D mask (H, W), got shape {np.shape(item.mask)}")
@@ -200,35 +268,33 @@ def export_pairs(
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
-    manifest = folder / MANIFEST
-    finished = _finished_rows(manifest)
+    manifest = folder / (MANIFEST if world_size == 1 else _RANK_MANIFEST.format(rank))
+    finished = finished_pairs(folder)
     settings = settings.resolved(model)
-    _check_same_settings(folder, finished, provenance(model, settings, seed=0, source=""))
+    _check_same_settings(folder, finished, provenance(model, settings, seed=0, source=""), settings.seed)
     pixel_size = model.config.pixel_size_nm
-    total = len(masks) * samples_per_mask
+    total = len(range(rank, len(masks) * samples_per_mask, world_size))
     done = written = skipped = 0
     for index, item in enumerate(masks):
-        names = [f"{item.name}_s{s:03d}" for s in range(samples_per_mask)]
-        todo = [s for s, name in enumerate(names) if not _is_finished(folder, name, finished)]
-        skipped += samples_per_mask - len(todo)
-        done += samples_per_mask - len(todo)
+        todo = []
+        for s in range(samples_per_mask):
+            pair = index * samples_per_mask + s
+            if pair % world_size != rank:
+                continue
+            name = f"{item.name}_s{s:03d}"
+            if _is_finished(folder, name, pair, finished):
+                skipped += 1
+                done += 1
+            else:
+                todo.append((pair, s, name))
         if not todo:
             continue
-        for s in todo:
-            for kind in ("images", "masks"):
-                path = folder / kind / f"{names[s]}.tif"
-                if path.exists():
-                    raise ExportError(
-                        f"{path} exists but {MANIFEST} has no row for it (left by another program or an interrupted "
-                        "run); delete it or choose a new output folder"
-                    )
-        seeds = [settings.seed + index * samples_per_mask + s for s in todo]
+        seeds = [settings.seed + pair for pair, _, _ in todo]
 
         def on_step(progress: GenerationProgress, done: int = done, name: str = item.name) -> bool:
             if callback is None:
                 return False
-            report = ExportProgress(done, total, name, progress.completed, progress.total)
-            return bool(callback(report))
+            return bool(callback(ExportProgress(done, total, name, progress.completed, progress.total)))
 
         try:
             images = generate(
@@ -245,17 +311,48 @@ def export_pairs(
             )
         except SamplingCancelled:
             return ExportSummary(folder, written, skipped, cancelled=True)
-        for s, seed, image in zip(todo, seeds, images, strict=True):
-            name = names[s]
-            write_tiff(folder / "masks" / f"{name}.tif", item.mask, pixel_size_nm=pixel_size)
-            write_tiff(folder / "images" / f"{name}.tif", image, pixel_size_nm=pixel_size)
+        for (pair, s, name), seed, image in zip(todo, seeds, images, strict=True):
+            _write_new(folder / "masks" / f"{name}.tif", item.mask, pixel_size)
+            _write_new(folder / "images" / f"{name}.tif", image, pixel_size)
             row = provenance(model, settings, seed=seed, source=item.source)
-            files = {"name": name, "image": f"images/{name}.tif", "mask": f"masks/{name}.tif", "sample": s}
-            _append_row(manifest, {**row, **files})
+            files = {"name": name, "pair": pair, "image": f"images/{name}.tif", "mask": f"masks/{name}.tif"}
+            _append_row(manifest, {**row, **files, "sample": s})
             written += 1
             done += 1
+    if world_size == 1:
+        merge_manifests(folder)
     return ExportSummary(folder, written, skipped, cancelled=False)
 
 
-def _is_finished(folder: Path, name: str, rows: Mapping[str, dict]) -> bool:
-    return name in rows and (folder / "images" / f"{name}.tif").exists() and (folder / "masks" / f"{name}.tif").exists()
+def _is_finished(folder: Path, name: str, pair: int, rows: Mapping[str, dict]) -> bool:
+    """True when the pair's row and both files exist; a row with another pair number means the masks changed."""
+    if name not in rows:
+        return False
+    if int(rows[name]["pair"]) != pair:
+        raise ExportError(
+            f"{folder}: pair {name!r} was number {rows[name]['pair']} in the earlier export and is number {pair} now "
+            "(other masks or another number of samples per mask); choose a new output folder or the same masks"
+        )
+    return (folder / "images" / f"{name}.tif").exists() and (folder / "masks" / f"{name}.tif").exists()
+
+
+def write_preview(folder: Path, path: Path, count: int = 4) -> Path:
+    """Write a PNG of the first ``count`` pairs of an export: one row per pair, mask left and image right.
+
+    Images are shown symmetric around their median (``contrast_limits``), masks from 0 to their largest label.
+    Pairs of another size than the first are left out, so that the tiles form a grid.
+    """
+    folder = Path(folder)
+    rows = sorted(finished_pairs(folder).values(), key=lambda row: int(row["pair"]))
+    if not rows:
+        raise ExportError(f"{folder}: holds no finished pairs to preview")
+    tiles: list[list[np.ndarray]] = []
+    for row in rows[:count]:
+        mask = read_mask(folder / row["mask"])
+        image = read_image(folder / row["image"])
+        image = image[0] if image.ndim == 3 else image  # the first channel of a multi-channel model
+        if tiles and mask.shape != tiles[0][0].shape:
+            continue
+        tiles.append([to_uint8(mask, 0, max(int(mask.max()), 1)), to_uint8(image, *contrast_limits(image))])
+    write_png(path, grid(tiles))
+    return Path(path)

@@ -1,8 +1,8 @@
 """Tiny PNG output without image libraries: a grayscale writer, image grids and line plots.
 
-Training runs on clusters where pillow or matplotlib may be missing; zlib and struct are enough for
-8-bit grayscale PNGs. Plots are bare curves in a frame (no text): the numbers are in metrics.jsonl and
-TensorBoard.
+Training runs on clusters where pillow or matplotlib may be missing, and the plugin needs no image
+library either; zlib and struct are enough for 8-bit grayscale PNGs. Plots are bare curves in a frame
+(no text): the numbers are in metrics.jsonl and TensorBoard.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write a uint8 (H, W) array as an 8-bit grayscale PNG."""
+    """Write a uint8 (H, W) array as an 8-bit grayscale PNG, atomically (a temporary file, then a rename)."""
     array = np.ascontiguousarray(image, dtype=np.uint8)
     if array.ndim != 2:
         raise ValueError(f"write_png: expected a (H, W) uint8 image, got shape {array.shape}")
@@ -29,8 +29,10 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    with open(path, "wb") as file:
+    temporary = f"{os.fspath(path)}.tmp"
+    with open(temporary, "wb") as file:
         file.write(data)
+    os.replace(temporary, path)
 
 
 def to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:

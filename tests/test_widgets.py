@@ -1,0 +1,304 @@
+"""The Generate dock widget in a real napari viewer (Qt under Xvfb) with a tiny untrained model."""
+
+import time
+
+import napari
+import numpy as np
+import pytest
+from napari.utils.notifications import ErrorNotification, NotificationSeverity, notification_manager
+from qtpy.QtCore import QTimer
+
+from napari_iscat_diffusion import __version__
+from napari_iscat_diffusion._widgets import _controls
+from napari_iscat_diffusion.diffusion import generate, load_checkpoint
+
+PLUGIN = "napari-iscat-diffusion"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture
+def bundled_tiny(monkeypatch, tiny_checkpoint):
+    """The tiny model stands in for the bundled default the widgets offer first."""
+    monkeypatch.setattr(_controls, "bundled_checkpoints", lambda: {"tiny": tiny_checkpoint})
+    return tiny_checkpoint
+
+
+@pytest.fixture
+def viewer_and_widget(make_napari_viewer, bundled_tiny):
+    """A viewer with the Generate widget docked, set to 2 steps on the CPU."""
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Generate synthetic iSCAT")
+    widget.sampler.steps.setValue(2)
+    widget.sampler.device.setCurrentText("cpu")
+    return viewer, widget
+
+
+@pytest.fixture
+def notifications():
+    """Notifications dispatched during the test (napari keeps them all in ``notification_manager.records``)."""
+    start = len(notification_manager.records)
+
+    class New:
+        def __call__(self):
+            return notification_manager.records[start:]
+
+    return New()
+
+
+def _mask(shape=(16, 24)) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[..., 4:8, 5:9] = 1
+    mask[..., 10:13, 14:17] = 2
+    return mask
+
+
+def _pick(widget, layer) -> None:
+    widget.mask_layer.setCurrentText(layer.name)
+    assert widget.mask_layer.layer() is layer
+
+
+def _run(qtbot, widget) -> None:
+    """Click Generate and wait until the worker has finished and the widget has handled the outcome."""
+    widget.generate_button.click()
+    assert widget.job is not None and not widget.generate_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.job.running and widget.generate_button.isEnabled(), timeout=TIMEOUT_MS)
+
+
+def test_both_widgets_dock_by_plugin_name_and_offer_the_bundled_model(make_napari_viewer, bundled_tiny):
+    viewer = make_napari_viewer()
+    _, generate_widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Generate synthetic iSCAT")
+    _, export_widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Batch export")
+    assert type(generate_widget).__name__ == "GenerateWidget"
+    assert type(export_widget).__name__ == "BatchExportWidget"
+    for widget in (generate_widget, export_widget):
+        assert widget.checkpoint.combo.currentText() == "tiny"
+        assert widget.checkpoint.model is not None and widget.checkpoint.model.path == bundled_tiny
+        assert "2 classes" in widget.checkpoint.summary.text()
+
+
+def test_layer_picker_follows_the_layer_list(viewer_and_widget):
+    viewer, widget = viewer_and_widget
+    picker = widget.mask_layer
+    image = viewer.add_image(np.zeros((8, 8)), name="img")
+    labels = viewer.add_labels(np.zeros((8, 8), np.uint8), name="lab")
+    assert [picker.itemText(i) for i in range(picker.count())] == ["lab", "img"]  # Labels layers first
+    labels.name = "renamed"
+    assert picker.findText("renamed") >= 0 and picker.findText("lab") < 0
+    viewer.layers.remove(image)
+    assert [picker.itemText(i) for i in range(picker.count())] == ["renamed"]
+
+
+def test_generate_adds_a_layer_with_the_masks_geometry_and_provenance(viewer_and_widget, qtbot, bundled_tiny):
+    viewer, widget = viewer_and_widget
+    labels = viewer.add_labels(_mask(), name="cells", scale=(0.06, 0.05), translate=(3.0, -2.0))
+    _pick(widget, labels)
+    widget.sampler.seed.setValue(11)
+    widget.sampler.guidance.setValue(1.5)
+    _run(qtbot, widget)
+    layer = viewer.layers["synthetic (cells)"]
+    assert isinstance(layer, napari.layers.Image)
+    assert layer.data.shape == (16, 24) and layer.data.dtype == np.float32
+    np.testing.assert_allclose(layer.scale, (0.06, 0.05))
+    np.testing.assert_allclose(layer.translate, (3.0, -2.0))
+    model = load_checkpoint(bundled_tiny)
+    assert layer.metadata["seed"] == 11
+    assert layer.metadata["checkpoint_sha256"] == model.sha256
+    assert layer.metadata["sampler"] == "dpmpp_2m" and layer.metadata["steps"] == 2
+    assert layer.metadata["guidance"] == 1.5
+    assert layer.metadata["package_version"] == __version__
+    assert layer.metadata["source_mask"] == "cells"
+    low, high = layer.contrast_limits
+    assert low < np.median(layer.data) < high  # centred on the background, not on min/max
+    expected = generate(_mask(), model, sampler="dpmpp_2m", steps=2, guidance=1.5, seed=11, device="cpu")
+    np.testing.assert_array_equal(layer.data, expected)
+    assert widget.progress_bar.value() == widget.progress_bar.maximum() == 2
+
+
+def test_the_same_seed_gives_the_same_image(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask(), name="m"))
+    images = []
+    for seed in (5, 5, 6):
+        widget.sampler.seed.setValue(seed)
+        _run(qtbot, widget)
+        images.append(np.array(viewer.layers[-1].data))
+    np.testing.assert_array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
+
+
+def test_random_seed_button_and_sampler_default_steps(viewer_and_widget):
+    _, widget = viewer_and_widget
+    seeds = set()
+    for _ in range(3):
+        widget.sampler.random_seed.click()
+        seeds.add(widget.sampler.seed.value())
+    assert len(seeds) > 1
+    widget.sampler.sampler.setCurrentIndex(widget.sampler.sampler.findData("ddpm"))
+    ddpm_steps = widget.sampler.steps.value()
+    widget.sampler.sampler.setCurrentIndex(widget.sampler.sampler.findData("heun"))
+    assert widget.sampler.steps.value() < ddpm_steps
+
+
+def test_several_samples_become_one_stack_layer(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask(), name="m", scale=(2.0, 3.0)))
+    widget.samples.setValue(2)
+    _run(qtbot, widget)
+    layer = viewer.layers["synthetic (m)"]
+    assert layer.data.shape == (2, 16, 24)
+    np.testing.assert_allclose(layer.scale, (1.0, 2.0, 3.0))
+    assert not np.array_equal(layer.data[0], layer.data[1])
+
+
+def test_a_3d_labels_layer_gives_one_image_per_plane(viewer_and_widget, qtbot, bundled_tiny):
+    viewer, widget = viewer_and_widget
+    masks = np.stack([_mask(), np.zeros((16, 24), np.uint8), _mask()[::-1]])
+    _pick(widget, viewer.add_labels(masks, name="stack", scale=(1.0, 0.5, 0.5)))
+    widget.sampler.seed.setValue(3)
+    _run(qtbot, widget)
+    layer = viewer.layers["synthetic (stack)"]
+    assert layer.data.shape == (3, 16, 24)
+    np.testing.assert_allclose(layer.scale, (1.0, 0.5, 0.5))
+    model = load_checkpoint(bundled_tiny)
+    for plane in range(3):  # plane p has seed + p, exactly as a direct call makes it
+        expected = generate(masks[plane], model, steps=2, seed=3 + plane, device="cpu")
+        np.testing.assert_array_equal(layer.data[plane], expected)
+    assert widget.progress_bar.maximum() == 2  # one batch of 3 planes (batch size 4), 2 steps
+
+
+def test_show_denoising_steps_adds_a_stack_of_the_predictions(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask(), name="m"))
+    widget.sampler.steps.setValue(3)
+    widget.show_steps.setChecked(True)
+    _run(qtbot, widget)
+    steps = viewer.layers["denoising steps (m)"]
+    assert steps.data.shape == (3, 16, 24)
+    np.testing.assert_allclose(steps.data[-1], viewer.layers["synthetic (m)"].data, atol=1e-6)
+
+
+def test_new_mask_and_random_particles_start_without_data(viewer_and_widget):
+    _, widget = viewer_and_widget
+    widget.mask_height.setValue(32)
+    widget.mask_width.setValue(40)
+    widget.new_mask.click()
+    layer = widget.mask_layer.layer()
+    assert isinstance(layer, napari.layers.Labels) and layer.data.shape == (32, 40) and not layer.data.any()
+    widget.particle_count.setValue(5)
+    widget.proportions.setText("0.5, 0.5")
+    widget.random_particles.click()
+    assert set(np.unique(layer.data)) - {0} <= {1, 2} and layer.data.any()
+
+
+def test_cancel_stops_the_worker_adds_no_layer_and_gives_the_controls_back(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask(), name="m"))
+    widget.sampler.steps.setValue(1000)
+    widget.generate_button.click()
+    assert not widget.sampler.isEnabled() and widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=TIMEOUT_MS)
+    clicked = time.perf_counter()
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.job.running and widget.generate_button.isEnabled(), timeout=TIMEOUT_MS)
+    assert time.perf_counter() - clicked < 2.0  # 1000 steps take over 5 s; Cancel stops within a step
+    assert widget.job.worker.is_running is False
+    assert [layer.name for layer in viewer.layers] == ["m"]
+    assert all(control.isEnabled() for control in widget._controls)
+    assert not widget.cancel_button.isEnabled()
+    assert "Cancelled" in widget.status.text()
+    widget.sampler.steps.setValue(2)
+    _run(qtbot, widget)  # still usable: the next run completes
+    assert "synthetic (m)" in viewer.layers
+
+
+def _assert_refused(viewer, widget, notifications, qtbot, words: tuple[str, ...]) -> None:
+    """Generate was refused with one error notification naming the problem; no worker, no layer, no exception."""
+    layers = len(viewer.layers)
+    widget.generate_button.click()
+    new = notifications()
+    assert len(new) == 1, [n.message for n in new]
+    assert new[0].severity == NotificationSeverity.ERROR and not isinstance(new[0], ErrorNotification)
+    for word in words:
+        assert word in new[0].message
+    assert widget.job is None and len(viewer.layers) == layers and widget.generate_button.isEnabled()
+
+
+def test_an_image_layer_as_mask_is_refused_with_a_notification(viewer_and_widget, notifications, qtbot):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_image(_mask().astype(np.float32), name="picture"))
+    _assert_refused(viewer, widget, notifications, qtbot, ("'picture'", "Image layer", "Labels"))
+
+
+def test_4d_data_is_refused_with_a_notification(viewer_and_widget, notifications, qtbot):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(np.zeros((2, 2, 16, 16), np.uint8), name="movie"))
+    _assert_refused(viewer, widget, notifications, qtbot, ("'movie'", "4 dimensions"))
+
+
+def test_labels_above_the_models_classes_are_refused_with_a_notification(viewer_and_widget, notifications, qtbot):
+    viewer, widget = viewer_and_widget
+    mask = _mask()
+    mask[0, 0] = 7
+    _pick(widget, viewer.add_labels(mask, name="too many"))
+    _assert_refused(viewer, widget, notifications, qtbot, ("'too many'", "7"))
+
+
+def test_a_bad_checkpoint_gives_a_notification_and_the_viewer_keeps_working(
+    viewer_and_widget, notifications, qtbot, tmp_path, bundled_tiny
+):
+    viewer, widget = viewer_and_widget
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"this is not a checkpoint")
+    widget.checkpoint.set_path(bad)
+    [note] = notifications()
+    assert note.severity == NotificationSeverity.ERROR and not isinstance(note, ErrorNotification)
+    assert "broken.safetensors" in note.message and "not a safetensors file" in note.message
+    assert widget.checkpoint.model is None
+    _pick(widget, viewer.add_labels(_mask(), name="m"))
+    widget.generate_button.click()
+    assert "No model loaded" in notifications()[-1].message and widget.job is None
+    widget.checkpoint.set_path(bundled_tiny)  # choosing a good file again makes it work
+    _run(qtbot, widget)
+    assert "synthetic (m)" in viewer.layers
+
+
+def test_an_error_inside_the_worker_becomes_a_notification(viewer_and_widget, notifications, qtbot, monkeypatch):
+    import napari_iscat_diffusion._widgets.generate as generate_module
+
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask(), name="m"))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("something broke in the sampler")
+
+    monkeypatch.setattr(generate_module, "synthesize", fail)
+    _run(qtbot, widget)
+    [note] = notifications()
+    assert "something broke in the sampler" in note.message and not isinstance(note, ErrorNotification)
+    assert [layer.name for layer in viewer.layers] == ["m"] and widget.status.text() == "Failed."
+
+
+def test_the_viewer_stays_responsive_during_generation(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask((32, 32)), name="m"))
+    widget.sampler.steps.setValue(150)
+    gaps: list[float] = []
+    last = [0.0]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        if widget.job is not None and widget.job.running:  # only the time the worker computes counts
+            gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(tick)
+    timer.start()
+    widget.generate_button.click()
+    last[0] = time.perf_counter()
+    qtbot.waitUntil(lambda: not widget.job.running and widget.generate_button.isEnabled(), timeout=TIMEOUT_MS)
+    timer.stop()
+    assert "synthetic (m)" in viewer.layers
+    assert len(gaps) >= 30, f"only {len(gaps)} timer ticks while generating: the work blocked the main thread"
+    assert max(gaps) < 0.1, f"the main thread stalled for {max(gaps) * 1000:.0f} ms"
