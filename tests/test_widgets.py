@@ -302,3 +302,13 @@ def test_the_viewer_stays_responsive_during_generation(viewer_and_widget, qtbot)
     assert "synthetic (m)" in viewer.layers
     assert len(gaps) >= 30, f"only {len(gaps)} timer ticks while generating: the work blocked the main thread"
     assert max(gaps) < 0.1, f"the main thread stalled for {max(gaps) * 1000:.0f} ms"
+
+
+def test_bad_class_proportions_give_a_notification(viewer_and_widget, notifications):
+    _, widget = viewer_and_widget
+    widget.new_mask.click()
+    widget.proportions.setText("half, half")
+    widget.random_particles.click()
+    [note] = notifications()
+    assert "class proportions must be numbers" in note.message and "'half, half'" in note.message
+    assert not widget.mask_layer.layer().data.any()

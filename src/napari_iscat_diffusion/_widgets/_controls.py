@@ -29,6 +29,17 @@ BROWSE = "Browse..."
 MAX_SEED = 2**31 - 1
 
 
+def parse_proportions(text: str) -> list[float]:
+    """Class proportions typed as numbers separated by commas or spaces; ValueError with an example otherwise."""
+    try:
+        proportions = [float(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        proportions = []
+    if not proportions:
+        raise ValueError(f"class proportions must be numbers such as '0.5, 0.3, 0.2' (classes 1, 2, 3), got {text!r}")
+    return proportions
+
+
 class LayerPicker(QComboBox):
     """Labels layers of the viewer (then Image layers, so a mask opened as an image gets a clear message)."""
 

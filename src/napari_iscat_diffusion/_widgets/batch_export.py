@@ -30,7 +30,7 @@ from ..export import (
     masks_from_folder,
     random_masks,
 )
-from ._controls import CheckpointChooser, LayerPicker, SamplerControls
+from ._controls import CheckpointChooser, LayerPicker, SamplerControls, parse_proportions
 from ._job import Job, Outcome
 
 SOURCES = ("Labels layer", "Folder of mask TIFFs", "Random masks")
@@ -130,7 +130,7 @@ class BatchExportWidget(QWidget):
             if not self.mask_folder.text():
                 raise ValueError("choose the folder of mask TIFFs")
             return masks_from_folder(Path(self.mask_folder.text()))
-        proportions = [float(p) for p in self.random_proportions.text().replace(",", " ").split()]
+        proportions = parse_proportions(self.random_proportions.text())
         return random_masks(
             self.random_count.value(),
             (self.random_height.value(), self.random_width.value()),

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 from ..diffusion import GenerationProgress, LoadedModel, SamplingCancelled, validate_mask
 from ..iscat.masks import random_mask
 from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance, synthesize
-from ._controls import CheckpointChooser, LayerPicker, SamplerControls
+from ._controls import CheckpointChooser, LayerPicker, SamplerControls, parse_proportions
 from ._job import Job, Outcome
 
 OUT_OF_MEMORY = (
@@ -116,7 +116,7 @@ class GenerateWidget(QWidget):
             show_warning("Choose a Labels layer first, or click 'New mask' to add one.")
             return
         try:
-            proportions = [float(p) for p in self.proportions.text().replace(",", " ").split()]
+            proportions = parse_proportions(self.proportions.text())
             radius = 3.0
             rng = np.random.default_rng(self.sampler.seed.value())
             plane_shape = layer.data.shape[-2:]
@@ -129,7 +129,7 @@ class GenerateWidget(QWidget):
                 rng=rng,
             ).mask
         except ValueError as error:
-            show_error(f"Random particles: {error}. Class proportions are numbers such as '0.5, 0.3, 0.2'.")
+            show_error(f"Random particles: {error}")
             return
         data = np.array(layer.data)
         data[(*self.viewer.dims.current_step[: data.ndim - 2], ...)] = drawn
