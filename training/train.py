@@ -42,6 +42,21 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _init_process_group(backend: str) -> None:
+    """Join the process group that torchrun's environment describes, in a store namespace of this attempt.
+
+    torchrun's agent keeps its key-value store across elastic restarts (``--max-restarts``), and the
+    process group's keys would be the same in every attempt: the restarted workers then read the
+    addresses of the killed ones and fail with "Gloo connectFullMesh failed ... Connection refused"
+    (seen with torch 2.13). A prefix per restart keeps the attempts apart.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank, world_size=world_size
+    )
+
+
 def run(config: TrainConfig) -> Path | None:
     """Train (and export on rank 0) in this process, which torchrun's environment places in a group.
 
@@ -52,7 +67,7 @@ def run(config: TrainConfig) -> Path | None:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = _device(config, local_rank)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         data = build_data(config, rank, world_size)
         torch.manual_seed(config.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
