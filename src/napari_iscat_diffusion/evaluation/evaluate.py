@@ -1,0 +1,416 @@
+"""``evaluate_model``: all quality metrics of a checkpoint on held-out simulator data, and curves of them.
+
+The reference set is simulated with the parameters the model was trained on (from the checkpoint's
+training summary when it was trained on the simulator, else the simulator defaults), from seeds far
+above the training seeds (0, 1, ...) and validation seeds (1e9, ...) of ``training/data.py``. The model
+generates one image per reference mask; every metric compares the two sets (see docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..iscat.simulate import SimulationParameters, simulate
+from .c2st import classifier_two_sample_test
+from .detector import DetectorSettings, detect_particles
+from .diversity import sample_diversity
+from .edits import edit_mask, edit_scores
+from .matching import MaskParticles, fidelity_scores, mask_particles, match_image
+from .statistics import (
+    background_noise,
+    distribution_distance,
+    peak_contrasts,
+    radial_power_spectrum,
+    spectrum_distance,
+)
+
+HELD_OUT_SEED = 3_000_000_000
+# Separate seed ranges (offsets from the generation seed) for the main, diversity and edited-mask samples.
+_DIVERSITY_SEED_STRIDE = 1_000_000
+_EDIT_SEED_OFFSET = 500_000
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images with the masks they follow.
+
+    Attributes:
+        images: (N, H, W) float32 contrast images.
+        masks: (N, H, W) label masks.
+        particles: the blobs of each mask.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    particles: list[MaskParticles]
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, masks: np.ndarray) -> ImageSet:
+        """Pair images (N, H, W) with their masks (N, H, W)."""
+        images, masks = np.asarray(images, np.float32), np.asarray(masks)
+        if images.ndim != 3 or images.shape != masks.shape:
+            raise ValueError(f"images and masks must both be (N, H, W), got {images.shape} and {masks.shape}")
+        return cls(images, masks, [mask_particles(m) for m in masks])
+
+
+def simulated_set(params: SimulationParameters, n: int, seed: int = HELD_OUT_SEED) -> ImageSet:
+    """``n`` simulator images with masks, image i from seed ``seed + i``."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if len(params.focal_planes_nm) != 1:
+        raise ValueError("the evaluation handles single-plane images; give one focal plane")
+    results = [simulate(params, seed + i) for i in range(n)]
+    return ImageSet.from_arrays(np.stack([r.image for r in results]), np.stack([r.mask for r in results]))
+
+
+def detector_settings(params: SimulationParameters) -> DetectorSettings:
+    """Detector settings for images simulated with ``params``."""
+    return DetectorSettings.for_pixel_size(params.optics.airy_radius_nm, params.pixel_size_nm)
+
+
+def fidelity(images: ImageSet, settings: DetectorSettings, tolerance_px: float) -> dict[str, Any]:
+    """Detect particles in each image and match them to its mask's blobs; per-class precision, recall, F1."""
+    per_image = [
+        match_image(detect_particles(image, settings).positions, blobs.positions, blobs.labels, tolerance_px)
+        for image, blobs in zip(images.images, images.particles, strict=True)
+    ]
+    return fidelity_scores(per_image)
+
+
+def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: float) -> dict[str, Any]:
+    """Peak contrast per class (Wasserstein distance), background noise and radial power spectrum distance."""
+
+    def contrasts(images: ImageSet) -> dict[int, np.ndarray]:
+        values: dict[int, list[np.ndarray]] = {}
+        for image, blobs in zip(images.images, images.particles, strict=True):
+            measured = peak_contrasts(image, blobs.positions, psf_radius_px)
+            for k in np.unique(blobs.labels):
+                values.setdefault(int(k), []).append(measured[blobs.labels == k])
+        return {k: np.concatenate(v) for k, v in values.items()}
+
+    def noise(images: ImageSet) -> float:
+        return float(
+            np.median(
+                [
+                    background_noise(i, b.positions, psf_radius_px)
+                    for i, b in zip(images.images, images.particles, strict=True)
+                ]
+            )
+        )
+
+    gen_contrast, ref_contrast = contrasts(generated), contrasts(reference)
+    classes = sorted(set(gen_contrast) | set(ref_contrast))
+    empty = np.zeros(0)
+    gen_noise, ref_noise = noise(generated), noise(reference)
+    frequencies, gen_power = radial_power_spectrum(generated.images)
+    _, ref_power = radial_power_spectrum(reference.images)
+    return {
+        "peak_contrast": {
+            str(k): distribution_distance(gen_contrast.get(k, empty), ref_contrast.get(k, empty)) for k in classes
+        },
+        "background_noise": {"generated": gen_noise, "reference": ref_noise, "ratio": gen_noise / ref_noise},
+        "power_spectrum": {
+            "distance_decades": spectrum_distance(gen_power, ref_power),
+            "frequency_cycles_per_px": frequencies.tolist(),
+            "generated": gen_power.tolist(),
+            "reference": ref_power.tolist(),
+        },
+    }
+
+
+def compare_image_sets(
+    generated: ImageSet,
+    reference: ImageSet,
+    params: SimulationParameters,
+    *,
+    seed: int = 0,
+    c2st: bool = True,
+) -> dict[str, Any]:
+    """Mask fidelity of both sets (the reference's is the detector's ceiling), physics statistics and C2ST."""
+    settings = detector_settings(params)
+    tolerance = settings.psf_radius_px
+    out: dict[str, Any] = {
+        "detector": {**settings.__dict__, "tolerance_px": tolerance},
+        "fidelity": fidelity(generated, settings, tolerance),
+        "reference_fidelity": fidelity(reference, settings, tolerance),
+        "physics": physics_statistics(generated, reference, settings.psf_radius_px),
+    }
+    if c2st:
+        out["c2st"] = classifier_two_sample_test(generated.images, reference.images, seed=seed).to_dict()
+    return out
+
+
+def simulation_parameters_for(model: Any, size: int | tuple[int, int] | None = None) -> SimulationParameters:
+    """The simulator parameters a model was trained on (defaults when it was not trained on the simulator),
+    with ``image_size`` replaced by ``size`` (px) when given; the classes must match the model's."""
+    data = model.config.training.get("config", {}).get("data", {})
+    values = dict(data.get("simulator") or {}) if data.get("source") == "simulator" else {}
+    if size is not None:
+        values["image_size"] = (size, size) if isinstance(size, int) else tuple(size)
+    if "pixel_size_nm" not in values and model.config.pixel_size_nm is not None:
+        values["pixel_size_nm"] = model.config.pixel_size_nm
+    params = SimulationParameters.from_dict(values)
+    if params.num_labels != model.config.num_classes:
+        raise ValueError(
+            f"the model has {model.config.num_classes} mask classes but the simulator parameters give "
+            f"{params.num_labels}; evaluate a model trained on simulator-like classes"
+        )
+    return params
+
+
+def _generate(model: Any, masks: np.ndarray, seeds: list[int], options: dict, stage: str, progress: Progress | None):
+    from ..diffusion.generate import generate
+
+    def report(update: Any) -> None:
+        if progress is not None:
+            progress(stage, update.completed, update.total)
+
+    images = generate(masks, model, seed=seeds, callback=report, **options)
+    if images.ndim != 3:
+        raise ValueError(f"the evaluation handles one-channel models; this one gives images of shape {images.shape}")
+    return images
+
+
+def evaluate_model(
+    model: Any,
+    *,
+    n: int = 64,
+    size: int | tuple[int, int] = 128,
+    sampler: str = "dpmpp_2m",
+    steps: int | None = 20,
+    guidance: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 8,
+    diversity_masks: int = 8,
+    diversity_seeds: int = 4,
+    edited_masks: int = 16,
+    c2st: bool = True,
+    params: SimulationParameters | None = None,
+    reference: ImageSet | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Generate images for ``n`` held-out simulator masks and return every metric as a JSON-ready dict.
+
+    Args:
+        model: a checkpoint loaded with ``load_checkpoint``.
+        n: masks (and reference images).
+        size: image side or (H, W) in px.
+        sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
+        steps: sampler steps (None: the sampler's default).
+        guidance: guidance scale (None: the model's default).
+        device: "auto", "cpu", "cuda", ...
+        batch_size: images per forward pass.
+        seed: generation seed (image i gets ``seed + i``; diversity and edits use separate ranges).
+        diversity_masks: masks for the diversity metric (0 skips it).
+        diversity_seeds: seeds per mask for the diversity metric (at least 2).
+        edited_masks: masks to edit (2 blobs moved, 2 added) and generate again (0 skips it).
+        c2st: run the classifier two-sample test.
+        params: simulator parameters; None takes :func:`simulation_parameters_for`.
+        reference: a precomputed reference set for ``params`` (curves reuse one).
+        progress: called with (stage, done, total) during generation.
+    """
+    params = params or simulation_parameters_for(model, size)
+    reference = reference or simulated_set(params, n)
+    n = len(reference.images)
+    options = {"sampler": sampler, "steps": steps, "guidance": guidance, "device": device, "batch_size": batch_size}
+    images = _generate(model, reference.masks, [seed + i for i in range(n)], options, "generate", progress)
+    generated = ImageSet(images, reference.masks, reference.particles)
+    result = {
+        "settings": {
+            "n": n,
+            "image_size": list(reference.images.shape[1:]),
+            "sampler": sampler,
+            "steps": steps,
+            "guidance": model.config.default_guidance if guidance is None else guidance,
+            "seed": seed,
+            "reference_seeds": f"{HELD_OUT_SEED}..{HELD_OUT_SEED + n - 1}",
+            "simulation": params.to_dict(),
+        },
+        **compare_image_sets(generated, reference, params, seed=seed, c2st=c2st),
+    }
+    count = min(diversity_masks, n)
+    if count > 0 and diversity_seeds >= 2:
+        extra = [seed + s * _DIVERSITY_SEED_STRIDE + i for s in range(1, diversity_seeds) for i in range(count)]
+        masks = np.concatenate([reference.masks[:count]] * (diversity_seeds - 1))
+        more = _generate(model, masks, extra, options, "diversity", progress)
+        samples = np.concatenate([images[None, :count], more.reshape(diversity_seeds - 1, count, *images.shape[1:])])
+        result["diversity"] = sample_diversity(samples.transpose(1, 0, 2, 3), float(np.std(reference.images)))
+    count = min(edited_masks, n)
+    if count > 0:
+        result["edited_masks"] = _edited_mask_metrics(model, reference, params, count, seed, options, progress)
+    return result
+
+
+def _edited_mask_metrics(
+    model: Any,
+    reference: ImageSet,
+    params: SimulationParameters,
+    count: int,
+    seed: int,
+    options: dict,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    edits = [
+        edit_mask(m, rng, min_distance_px=2 * params.min_distance, num_classes=params.num_labels)
+        for m in reference.masks[:count]
+    ]
+    masks = np.stack([e.mask for e in edits])
+    images = _generate(model, masks, [seed + _EDIT_SEED_OFFSET + i for i in range(count)], options, "edits", progress)
+    settings = detector_settings(params)
+    detections = [detect_particles(image, settings).positions for image in images]
+    edited = ImageSet.from_arrays(images, masks)
+    return {
+        **edit_scores(detections, edits, settings.psf_radius_px),
+        "fidelity": fidelity(edited, settings, settings.psf_radius_px),
+    }
+
+
+CURVE_METRICS: tuple[str, ...] = ("f1_all", "c2st_accuracy", "noise_ratio", "spectrum_distance_decades")
+
+
+def _curve_point(result: dict[str, Any]) -> dict[str, Any]:
+    physics = result["physics"]
+    point = {
+        "f1_all": result["fidelity"]["all"]["f1"],
+        "c2st_accuracy": result.get("c2st", {}).get("accuracy"),
+        "noise_ratio": physics["background_noise"]["ratio"],
+        "spectrum_distance_decades": physics["power_spectrum"]["distance_decades"],
+    }
+    for k, scores in result["fidelity"]["per_class"].items():
+        point[f"f1_class_{k}"] = scores["f1"]
+    for k, distance in physics["peak_contrast"].items():
+        point[f"contrast_w_rel_class_{k}"] = distance["relative_to_spread"]
+    return point
+
+
+def metric_curves(
+    model: Any,
+    *,
+    samplers: Sequence[str] | None = None,
+    steps: Sequence[int] = (5, 10, 20, 50),
+    guidances: Sequence[float] = (0.0, 1.0, 1.5, 2.0, 3.0),
+    guidance_sampler: str = "dpmpp_2m",
+    guidance_steps: int = 20,
+    n: int = 16,
+    size: int | tuple[int, int] = 64,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 8,
+    c2st: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Metrics against steps for each sampler and against guidance scale, on one shared reference set."""
+    from ..diffusion.samplers import SAMPLERS
+
+    params = simulation_parameters_for(model, size)
+    reference = simulated_set(params, n)
+    common = {
+        "n": n,
+        "seed": seed,
+        "device": device,
+        "batch_size": batch_size,
+        "diversity_masks": 0,
+        "edited_masks": 0,
+        "c2st": c2st,
+        "params": params,
+        "reference": reference,
+        "progress": progress,
+    }
+    by_steps = {
+        name: [{"steps": s, **_curve_point(evaluate_model(model, sampler=name, steps=s, **common))} for s in steps]
+        for name in (samplers or list(SAMPLERS))
+    }
+    by_guidance = [
+        {
+            "guidance": g,
+            **_curve_point(evaluate_model(model, sampler=guidance_sampler, steps=guidance_steps, guidance=g, **common)),
+        }
+        for g in guidances
+    ]
+    return {
+        "settings": {"n": n, "image_size": list(reference.images.shape[1:]), "seed": seed},
+        "steps": by_steps,
+        "guidance": {"sampler": guidance_sampler, "steps": guidance_steps, "points": by_guidance},
+    }
+
+
+def write_curves(curves: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``curves.json``, a markdown table ``curves.md`` and one bare PNG line plot per sampler and
+    metric (``steps_<sampler>_<metric>.png``, ``guidance_<metric>.png``); returns the files written."""
+    from ..png import line_plot, write_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "curves.json"]
+    written[0].write_text(_to_json(curves))
+    series = {f"steps_{name}": ("steps", points) for name, points in curves["steps"].items()}
+    series["guidance"] = ("guidance", curves["guidance"]["points"])
+    lines = ["# Metrics against sampler steps and guidance", ""]
+    for title, (axis, points) in series.items():
+        metrics = [key for key in points[0] if key != axis]
+        lines += [f"## {title}", "", "| " + " | ".join([axis, *metrics]) + " |", "|" + "---|" * (len(metrics) + 1)]
+        lines += ["| " + " | ".join(_cell(p[key]) for key in [axis, *metrics]) + " |" for p in points]
+        lines.append("")
+        for metric in metrics:
+            values = [np.nan if p[metric] is None else p[metric] for p in points]
+            path = out / f"{title}_{metric}.png"
+            write_png(path, line_plot([p[axis] for p in points], values))
+            written.append(path)
+    (out / "curves.md").write_text("\n".join(lines))
+    written.append(out / "curves.md")
+    return written
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _to_json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def run_metadata() -> dict[str, Any]:
+    """Commit (``git describe``, None outside a git checkout), package version and machine description."""
+    import torch
+
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        described = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "commit": described,
+        "package_version": __version__,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "gpus": gpus,
+        },
+    }

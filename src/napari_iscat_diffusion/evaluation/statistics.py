@@ -1,0 +1,104 @@
+"""Physics statistics of a set of iSCAT contrast images, and distances between two sets.
+
+- peak contrast of each particle: the largest magnitude of the background-subtracted image within one
+  PSF radius of its centre (contrast units; the sign of an iSCAT particle depends on its phase, so the
+  magnitude is what encodes its size);
+- background noise: robust standard deviation of the background-subtracted image away from particles;
+- radial power spectrum: the azimuthally averaged ``|FFT|^2`` of the Hann-windowed images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import wasserstein_distance
+
+from .detector import robust_std, subtract_background
+
+# Pixels closer than this many PSF radii to a particle centre count as particle, not background: the first
+# two rings of an in-focus PSF lie within 2.2 Airy radii.
+_BACKGROUND_EXCLUSION = 3.0
+
+
+def _distance_to_nearest(shape: tuple[int, int], positions: np.ndarray) -> np.ndarray:
+    """(H, W) distance in px from each pixel centre to the nearest position (inf without positions)."""
+    yy, xx = np.indices(shape, dtype=np.float64)
+    nearest = np.full(shape, np.inf)
+    for y, x in np.asarray(positions, dtype=np.float64).reshape(-1, 2):
+        np.minimum(nearest, np.hypot(yy - y, xx - x), out=nearest)
+    return nearest
+
+
+def peak_contrasts(image: np.ndarray, positions: np.ndarray, psf_radius_px: float) -> np.ndarray:
+    """Peak contrast magnitude (image units) of each particle at ``positions`` (n, 2) (y, x px): the largest
+    ``|image - smooth background|`` within one PSF radius of the centre."""
+    flat = np.abs(subtract_background(image, psf_radius_px))
+    yy, xx = np.indices(flat.shape, dtype=np.float64)
+    out = np.empty(len(positions))
+    for i, (y, x) in enumerate(np.asarray(positions, dtype=np.float64).reshape(-1, 2)):
+        near = np.hypot(yy - y, xx - x) <= psf_radius_px
+        out[i] = flat[near].max() if near.any() else np.nan
+    return out
+
+
+def background_noise(image: np.ndarray, positions: np.ndarray, psf_radius_px: float) -> float:
+    """Robust std (image units) of the background-subtracted image more than 3 PSF radii from every particle."""
+    flat = subtract_background(image, psf_radius_px)
+    away = _distance_to_nearest(flat.shape, positions) > _BACKGROUND_EXCLUSION * psf_radius_px
+    if away.sum() < 16:
+        raise ValueError("background_noise: fewer than 16 pixels are away from the particles; use larger images")
+    return robust_std(flat[away])
+
+
+def radial_power_spectrum(images: np.ndarray, num_bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Mean radial power spectrum of images (N, H, W).
+
+    Returns:
+        (frequencies in cycles per pixel, bin centres from 0 to 0.5; power in image units^2 per frequency
+        bin, mean over images and over each annulus).
+    """
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 3 or images.shape[0] == 0:
+        raise ValueError(f"radial_power_spectrum: expected images (N, H, W), got shape {images.shape}")
+    height, width = images.shape[1:]
+    window = np.outer(np.hanning(height), np.hanning(width))
+    centred = images - images.mean(axis=(1, 2), keepdims=True)
+    power = np.mean(np.abs(np.fft.fft2(centred * window)) ** 2, axis=0) / window.sum() ** 2 * (height * width)
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(height), np.fft.fftfreq(width), indexing="ij"))
+    edges = np.linspace(0.0, 0.5, num_bins + 1)
+    which = np.digitize(radius.ravel(), edges) - 1
+    inside = (which >= 0) & (which < num_bins)
+    sums = np.bincount(which[inside], weights=power.ravel()[inside], minlength=num_bins)
+    counts = np.bincount(which[inside], minlength=num_bins)
+    return (edges[:-1] + edges[1:]) / 2, sums / np.maximum(counts, 1)
+
+
+def spectrum_distance(power: np.ndarray, reference_power: np.ndarray) -> float:
+    """RMS of ``log10(power / reference_power)`` over the frequency bins, in decades (0 = same spectrum)."""
+    power, reference_power = np.asarray(power, np.float64), np.asarray(reference_power, np.float64)
+    if power.shape != reference_power.shape:
+        raise ValueError(f"spectra differ in shape: {power.shape} and {reference_power.shape}")
+    usable = (power > 0) & (reference_power > 0)
+    if not usable.any():
+        raise ValueError("spectrum_distance: no frequency bin has power in both spectra")
+    return float(np.sqrt(np.mean(np.log10(power[usable] / reference_power[usable]) ** 2)))
+
+
+def distribution_distance(values: np.ndarray, reference: np.ndarray) -> dict[str, float | int | None]:
+    """Wasserstein-1 distance between two samples (same units as the values), relative to the reference's
+    spread (std) and median, with both medians; None where a sample is empty."""
+    values = np.asarray(values, np.float64)
+    reference = np.asarray(reference, np.float64)
+    values, reference = values[np.isfinite(values)], reference[np.isfinite(reference)]
+    out: dict[str, float | int | None] = {"count": int(values.size), "reference_count": int(reference.size)}
+    if values.size == 0 or reference.size == 0:
+        return {**out, "wasserstein": None, "relative_to_spread": None, "relative_to_median": None}
+    distance = float(wasserstein_distance(values, reference))
+    spread, median = float(np.std(reference)), float(np.median(reference))
+    return {
+        **out,
+        "wasserstein": distance,
+        "relative_to_spread": distance / spread if spread > 0 else None,
+        "relative_to_median": distance / abs(median) if median != 0 else None,
+        "median": float(np.median(values)),
+        "reference_median": median,
+    }
