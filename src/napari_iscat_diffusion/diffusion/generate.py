@@ -15,8 +15,13 @@ from .conditioning import encode_condition, null_condition, validate_mask
 from .device import resolve_device
 from .guidance import guided_denoiser
 from .samplers import get_sampler, sampling_sigmas
+from .tiling import check_tiling, needs_tiling, tiled_denoiser
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+# Chosen from measurements (docs/performance.md): on the CPU a 256-pixel tile of the default model costs
+# about as much per pixel as a whole 256x256 image, while a 512-pixel one costs 2.5x more per pixel
+# because self-attention at the lowest resolution grows with the square of the token count.
+DEFAULT_TILE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ def generate(
     precision: str = "auto",
     batch_size: int = 4,
     callback: ProgressCallback | None = None,
+    tile_size: int | None = DEFAULT_TILE_SIZE,
+    tile_overlap: int | None = None,
 ) -> np.ndarray:
     """Sample synthetic images that follow label masks.
 
@@ -78,6 +85,11 @@ def generate(
         batch_size: images per forward pass (guidance doubles the pass internally).
         callback: called after every sampler step with a ``GenerationProgress``; returning True
             stops generation with ``SamplingCancelled``.
+        tile_size: masks larger than this (in H or W) are denoised in overlapping tiles of this
+            side, blended smoothly inside every denoiser call, so memory stays bounded at any mask
+            size (see ``tiling.py``); None or 0 runs the whole image through the network at once.
+        tile_overlap: pixels shared by neighbouring tiles, at most ``tile_size / 2``; None takes
+            ``tile_size // 4``.
 
     Returns:
         float32 images in the physical units of the training data: (H, W) for a single (H, W) mask
@@ -100,6 +112,9 @@ def generate(
         raise ValueError(f"guidance must be a finite number, got {guidance}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if tile_overlap is None:
+        tile_overlap = (tile_size or 0) // 4
+    check_tiling(tile_size, tile_overlap)
     seeds = _seeds_per_image(seed, num_images)
     torch_device = resolve_device(device)
     autocast = _autocast(torch_device, precision)
@@ -108,10 +123,13 @@ def generate(
     sigmas = sampling_sigmas(sampler, steps, schedule.sigma_min, schedule.sigma_max, schedule=schedule)
     model.net.to(torch_device)
     cond_denoise = model.denoiser()
+    height, width = labels.shape[1:]
+    if needs_tiling(height, width, tile_size):
+        align = 2 ** (len(config.unet.channel_mults) - 1)
+        cond_denoise = tiled_denoiser(cond_denoise, tile_size, tile_overlap, align)
     mean = torch.tensor(config.normalization["mean"], dtype=torch.float32, device=torch_device).view(1, -1, 1, 1)
     std = torch.tensor(config.normalization["std"], dtype=torch.float32, device=torch_device).view(1, -1, 1, 1)
     channels = config.image_channels
-    height, width = labels.shape[1:]
     total = steps * math.ceil(num_images / batch_size)
     outputs = []
     completed = 0
