@@ -192,6 +192,7 @@ def evaluate_model(
     guidance: float | None = None,
     seed: int = 0,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 8,
     diversity_masks: int = 8,
     diversity_seeds: int = 4,
@@ -211,6 +212,7 @@ def evaluate_model(
         steps: sampler steps (None: the sampler's default).
         guidance: guidance scale (None: the model's default).
         device: "auto", "cpu", "cuda", ...
+        precision: "auto", "fp32", "bf16" or "fp16" (the network's arithmetic).
         batch_size: images per forward pass.
         seed: generation seed (image i gets ``seed + i``; diversity and edits use separate ranges).
         diversity_masks: masks for the diversity metric (0 skips it).
@@ -224,7 +226,14 @@ def evaluate_model(
     params = params or simulation_parameters_for(model, size)
     reference = reference or simulated_set(params, n)
     n = len(reference.images)
-    options = {"sampler": sampler, "steps": steps, "guidance": guidance, "device": device, "batch_size": batch_size}
+    options = {
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "device": device,
+        "precision": precision,
+        "batch_size": batch_size,
+    }
     images = _generate(model, reference.masks, [seed + i for i in range(n)], options, "generate", progress)
     generated = ImageSet(images, reference.masks, reference.particles)
     result = {
@@ -308,6 +317,7 @@ def metric_curves(
     size: int | tuple[int, int] = 64,
     seed: int = 0,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 8,
     c2st: bool = True,
     progress: Progress | None = None,
@@ -321,6 +331,7 @@ def metric_curves(
         "n": n,
         "seed": seed,
         "device": device,
+        "precision": precision,
         "batch_size": batch_size,
         "diversity_masks": 0,
         "edited_masks": 0,
