@@ -1,4 +1,4 @@
-"""The ``iscat-diffusion`` command line: generate, simulate, dataset check, info.
+"""The ``iscat-diffusion`` command line: generate, export, simulate, dataset check, info.
 
 Each command imports what it needs when it runs, so ``iscat-diffusion --help`` answers at once.
 Errors in the user's input end the command with a one-line message and exit status 2; nothing
@@ -8,9 +8,10 @@ is left half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -47,17 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--mask", type=Path, required=True, help="label mask TIFF: 0 background, 1..K classes")
     generate.add_argument("--out", type=Path, required=True, help="output TIFF (never overwritten)")
-    generate.add_argument(
-        "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
-    )
-    generate.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler or heun [dpmpp_2m]")
-    generate.add_argument("--steps", type=int, default=None, help="sampler steps [the sampler's default]")
-    generate.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
     generate.add_argument("--n", type=int, default=1, help="samples per mask [1]")
-    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [auto]")
-    generate.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 [auto]")
-    generate.add_argument("--batch-size", type=int, default=4, help="images per forward pass [4]")
+    _add_sampler_arguments(generate)
     generate.set_defaults(run=_run_generate)
 
     simulate = commands.add_parser(
@@ -93,6 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("checkpoint", type=Path, nargs="?", help="a .safetensors checkpoint to describe")
     info.set_defaults(run=_run_info)
+    _add_export_parser(commands)
     return parser
 
 
@@ -145,8 +138,150 @@ def _checkpoint_path(choice: str | None) -> Path:
     return bundled.get(choice, Path(choice))
 
 
-def _show_progress(label: str, done: int, total: int) -> None:
-    print(f"\r{label}: {done}/{total}", end="", file=sys.stderr, flush=True)
+def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and sampler options that generate and export share."""
+    parser.add_argument(
+        "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
+    )
+    parser.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler or heun [dpmpp_2m]")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps [the sampler's default]")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [auto]")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 [auto]")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass [4]")
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="batch-export synthetic image/mask TIFF pairs for random masks or a folder of masks",
+        description="Write synthetic iSCAT image/mask pairs as OUT/images/NAME.tif, OUT/masks/NAME.tif and "
+        "OUT/manifest.csv (provenance per pair). Exporting again into OUT resumes and never overwrites. Under "
+        "torchrun (RANK, WORLD_SIZE) the processes share the pairs and make the same files as one process.",
+    )
+    export.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    # --count because torchrun's own parser takes a bare --n as an abbreviation of its --nnodes
+    export.add_argument(
+        "--n", "--count", dest="n", type=int, default=None, help="number of random masks (or give --masks)"
+    )
+    export.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX", help="random masks: H [W] [256]")
+    export.add_argument("--masks", type=Path, default=None, help="a folder of mask TIFFs instead of random masks")
+    export.add_argument("--particles", type=int, default=20, help="random masks: particles per mask [20]")
+    export.add_argument(
+        "--class-proportions",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="P",
+        help="random masks: relative frequency of classes 1..K [equal for the model's classes]",
+    )
+    export.add_argument("--samples-per-mask", type=int, default=1, help="images per mask [1]")
+    export.add_argument("--preview", type=Path, default=None, help="also write a PNG of the first pairs (mask | image)")
+    _add_sampler_arguments(export)
+    export.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import os
+
+    from .diffusion.checkpoint import load_checkpoint
+    from .export import ExportProgress, export_pairs, masks_from_folder, merge_manifests, random_masks, write_preview
+    from .synthetic import SamplerSettings
+
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if (args.n is None) == (args.masks is None):
+        raise ValueError("give either --n (random masks) or --masks FOLDER")
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if len(args.size) > 2:
+        raise ValueError(f"--size takes H or H W, got {len(args.size)} numbers")
+    model = load_checkpoint(_checkpoint_path(args.checkpoint))
+    if args.masks is not None:
+        masks = masks_from_folder(args.masks)
+    else:
+        proportions = args.class_proportions or [1.0] * model.config.num_classes
+        size = (args.size[0], args.size[-1])
+        masks = random_masks(args.n, size, particles=args.particles, class_proportions=proportions, seed=args.seed)
+    device = args.device
+    if device == "auto" and world_size > 1:
+        device = _rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+    settings = SamplerSettings(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        device=device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
+
+    label = "export" if world_size == 1 else f"export (rank 0 of {world_size})"
+
+    def report(progress: ExportProgress) -> None:
+        if rank == 0:
+            step = f", step {progress.step}/{progress.steps}"
+            _show_progress(label, progress.pairs_done, progress.pairs_total, f" pairs{step}")
+
+    with _process_group(world_size) as all_sum:
+        summary = export_pairs(
+            masks,
+            model,
+            args.out,
+            settings,
+            samples_per_mask=args.samples_per_mask,
+            callback=report,
+            rank=rank,
+            world_size=world_size,
+        )
+        # every rank reaches this sum only after its pairs are written: rank 0 then merges what all of them made
+        written, skipped = all_sum([summary.written, summary.skipped])
+    if rank != 0:
+        return 0
+    pairs = summary.written + summary.skipped
+    _show_progress(label, pairs, pairs, " pairs" + " " * 16)  # spaces wipe the step count of the last line
+    print(file=sys.stderr)
+    manifest = merge_manifests(args.out)
+    if args.preview is not None:
+        write_preview(args.out, args.preview)
+    print(f"wrote {written} pair(s), skipped {skipped} finished; {manifest} lists {written + skipped} pair(s)")
+    return 0
+
+
+def _rank_device(local_rank: int) -> str:
+    """One GPU per process under torchrun; the automatic choice otherwise."""
+    import torch
+
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "auto"
+
+
+@contextlib.contextmanager
+def _process_group(world_size: int) -> Iterator[Callable[[list[int]], list[int]]]:
+    """Yield a function that sums integers over all processes (gloo under torchrun; the identity for one process)."""
+    if world_size == 1:
+        yield lambda values: values
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    # ranks wait for the slowest one before the manifests are merged; a resumed rank may wait for hours
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+    try:
+
+        def all_sum(values: list[int]) -> list[int]:
+            tensor = torch.tensor(values, dtype=torch.int64)
+            dist.all_reduce(tensor)
+            return tensor.tolist()
+
+        yield all_sum
+    finally:
+        dist.destroy_process_group()
+
+
+def _show_progress(label: str, done: int, total: int, unit: str = "") -> None:
+    print(f"\r{label}: {done}/{total}{unit}", end="", file=sys.stderr, flush=True)
 
 
 def _run_simulate(args: argparse.Namespace) -> int:

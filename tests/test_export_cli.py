@@ -1,0 +1,100 @@
+"""``iscat-diffusion export``: random or given masks, resume, preview, and the same pairs under torchrun."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_iscat_diffusion.cli import main
+from napari_iscat_diffusion.export import MANIFEST, finished_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(out, checkpoint, *extra):
+    return ["export", "--out", str(out), "--checkpoint", str(checkpoint), "--steps", "2", "--device", "cpu", *extra]
+
+
+def _tiffs(folder):
+    return {p.relative_to(folder).as_posix(): tifffile.imread(p) for p in sorted(folder.rglob("*.tif"))}
+
+
+def test_export_random_masks_with_a_preview_and_resume(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    args = _args(out, tiny_checkpoint, "--n", "3", "--size", "16", "24", "--particles", "3", "--seed", "4")
+    assert main([*args, "--preview", str(tmp_path / "preview.png")]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 3 pair(s), skipped 0 finished" in captured.out
+    assert "export: 3/3 pairs" in captured.err
+    assert sorted(finished_pairs(out)) == [f"random_{i:05d}_s000" for i in range(3)]
+    mask = tifffile.imread(out / "masks" / "random_00000_s000.tif")
+    assert mask.shape == (16, 24) and set(np.unique(mask)) <= {0, 1, 2}
+    assert (tmp_path / "preview.png").read_bytes().startswith(b"\x89PNG")
+    before = _tiffs(out)
+    assert main([*args, "--samples-per-mask", "1"]) == 0
+    assert "wrote 0 pair(s), skipped 3 finished" in capsys.readouterr().out
+    assert all(np.array_equal(before[k], v) for k, v in _tiffs(out).items())
+
+
+def test_export_a_folder_of_masks_and_refuse_bad_arguments(tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "masks" / "cell.tif", np.eye(16, dtype=np.uint8))
+    out = tmp_path / "out"
+    assert main([*_args(out, tiny_checkpoint, "--masks", str(tmp_path), "--samples-per-mask", "2")]) == 0
+    assert sorted(finished_pairs(out)) == ["cell_s000", "cell_s001"]
+    capsys.readouterr()
+    assert main(_args(out, tiny_checkpoint)) == 2
+    assert "give either --n (random masks) or --masks FOLDER" in capsys.readouterr().err
+    assert main(_args(out, tiny_checkpoint, "--n", "1", "--size", "8", "8", "8")) == 2
+    assert "--size takes H or H W" in capsys.readouterr().err
+    assert main(_args(out, tiny_checkpoint, "--masks", str(tmp_path), "--steps", "3")) == 2
+    assert "other settings (steps differ" in capsys.readouterr().err
+
+
+def test_export_uses_the_bundled_default_model(tmp_path, tiny_checkpoint, monkeypatch):
+    import napari_iscat_diffusion.models as models
+
+    monkeypatch.setattr(models, "bundled_checkpoints", lambda: {"tiny": tiny_checkpoint})
+    args = ["export", "--out", str(tmp_path), "--n", "1", "--size", "16", "--steps", "1", "--device", "cpu"]
+    assert main(args) == 0
+    assert len(finished_pairs(tmp_path)) == 1
+
+
+def test_two_processes_under_torchrun_make_the_pairs_of_one(tmp_path, tiny_checkpoint):
+    common = ["--count", "3", "--size", "16", "--samples-per-mask", "2", "--seed", "9"]  # torchrun would take --n
+    assert main(_args(tmp_path / "one", tiny_checkpoint, *common)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "napari_iscat_diffusion.cli",
+        *_args(tmp_path / "two", tiny_checkpoint, *common),
+        "--preview",
+        str(tmp_path / "preview.png"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote 6 pair(s), skipped 0 finished" in result.stdout  # summed over both ranks
+    assert "export (rank 0 of 2): 3/3 pairs" in result.stderr  # rank 0 made half of them
+    one, two = _tiffs(tmp_path / "one"), _tiffs(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) == 12
+    for name, array in one.items():
+        np.testing.assert_array_equal(two[name], array, err_msg=name)
+    assert (tmp_path / "two" / MANIFEST).read_bytes() == (tmp_path / "one" / MANIFEST).read_bytes()
+    assert not list((tmp_path / "two").glob("manifest.rank*.csv"))
+    assert (tmp_path / "preview.png").exists()
+
+
+@pytest.mark.parametrize("size", [["16"], ["16", "24"]])
+def test_size_takes_one_or_two_numbers(tmp_path, tiny_checkpoint, size):
+    assert main(_args(tmp_path, tiny_checkpoint, "--n", "1", "--size", *size, "--steps", "1")) == 0
+    shape = tifffile.imread(tmp_path / "images" / "random_00000_s000.tif").shape
+    assert shape == (16, int(size[-1]))
