@@ -1,0 +1,79 @@
+"""The training configuration: YAML plus key=value overrides, every key and value checked before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from training import train
+from training.config import ConfigError, TrainConfig, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "training" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    config = load_config(path)
+    assert config.unet_config().num_classes == config.model.num_classes
+
+
+def test_defaults_file_and_overrides_combine(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {lr: 1.0e-3}\ntrain: {steps: 100, batch_size: 8}\n")
+    config = load_config(path, ["train.steps=7", "optim.lr=1e-4", "data.crop_size=[16, 24]", "ema.rampup_ratio=null"])
+    assert config.train.steps == 7 and config.train.batch_size == 8
+    assert config.optim.lr == 1e-4  # YAML reads "1e-4" as a string; the float field accepts it
+    assert config.data.crop_size == (16, 24)
+    assert config.ema.rampup_ratio is None
+    assert config.optim.warmup_steps == TrainConfig().optim.warmup_steps
+
+
+def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
+    config = load_config(CONFIGS[0], ["model.dropout=0.1"])
+    path = tmp_path / "dump.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", r"unknown config key optim\.lrr; known keys in optim: lr, "),
+        ("trian.steps=1", r"unknown config key trian;"),
+        ("train.steps=abc", r"train\.steps: must be an integer, got 'abc'"),
+        ("train.steps=1.5", r"train\.steps: must be an integer"),
+        ("log.progress=maybe", r"log\.progress: must be true or false"),
+        ("optim.lr=fast", r"optim\.lr: must be a number"),
+        ("data.crop_size=[32]", r"data\.crop_size: must be a list of 2 values"),
+        ("data.source=zarr", r"data\.source: must be one of \['simulator', 'tiff', 'hdf5'\]"),
+        ("train=5", r"train: expected a mapping"),
+        ("train.steps", r"expected key=value"),
+        ("train.batch_size=0", r"train\.batch_size: must be >= 1, got 0"),
+        ("checkpoint.keep_last=0", r"checkpoint\.keep_last: must be >= 1"),
+        ("train.cond_drop_prob=1.5", r"train\.cond_drop_prob: must be a probability"),
+        ("optim.lr=nan", r"optim\.lr: must be a positive number"),
+        ("log.sampler=magic", r"log\.sampler: unknown sampler 'magic'"),
+        ("model.schedule={name: quadratic}", r"model\.schedule: unknown noise schedule"),
+        ("model.norm_groups=5", r"model\."),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unreadable_or_malformed_files_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the config file .*missing\.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: the config must be a mapping"):
+        load_config(listed)
+
+
+def test_main_rejects_a_bad_key_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    assert train.main([f"run_dir={run_dir}", "train.stepz=3"]) == 2
+    assert "error: unknown config key train.stepz" in capsys.readouterr().err
+    assert not run_dir.exists()
