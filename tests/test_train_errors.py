@@ -1,0 +1,77 @@
+"""training/train.py stops with exit status 2 and a message naming the key or file, before any training, for
+missing data paths and data whose classes (K) or image channels (C) do not fit the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from tests.tiny_training import tiny_overrides
+from training import train
+
+
+def _hdf5(path: Path, planes: int, classes: int) -> Path:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, classes, 40, 40), np.uint8)
+    masks[:, -1, 10:14, 10:14] = 1
+    with h5py.File(path, "w") as file:
+        file["image_patches"] = rng.normal(1.0, 0.01, (6, planes, 40, 40)).astype(np.float32)
+        file["mask_patches"] = masks
+    return path
+
+
+def _tiff_folder(root: Path, first_label: int) -> Path:
+    """Four pairs; the first mask holds ``first_label``, the others label 1."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for index in range(4):
+        mask = np.zeros((40, 40), np.uint8)
+        mask[5:9, 5:9] = first_label if index == 0 else 1
+        tifffile.imwrite(root / f"p{index}.tif", rng.normal(0, 0.01, (40, 40)).astype(np.float32))
+        tifffile.imwrite(root / f"p{index}_mask.tif", mask)
+    return root
+
+
+def _fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture, *extra: str) -> str:
+    run_dir = tmp_path / "run"
+    assert train.main(tiny_overrides(run_dir, "model.num_classes=2", *extra)) == 2
+    assert not run_dir.exists()  # nothing was trained or written
+    return capsys.readouterr().err
+
+
+def test_missing_data_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere"
+    err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={missing}")
+    assert f"error: data.path: {missing} does not exist" in err
+
+
+def test_missing_validation_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _hdf5(tmp_path / "train.h5", planes=1, classes=2)
+    missing = tmp_path / "val.h5"
+    err = _fails_before_training(tmp_path, capsys, "data.source=hdf5", f"data.path={data}", f"data.val_path={missing}")
+    assert f"data.val_path: {missing} does not exist" in err
+
+
+def test_data_path_is_required_for_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert "data.path: required for data.source='hdf5'" in _fails_before_training(tmp_path, capsys, "data.source=hdf5")
+
+
+def test_more_mask_classes_than_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _hdf5(tmp_path / "three.h5", planes=1, classes=3)
+    err = _fails_before_training(tmp_path, capsys, "data.source=hdf5", f"data.path={data}")
+    assert f"{data}: masks have 3 particle classes but num_classes=2" in err
+
+
+def test_image_channels_differ_from_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _hdf5(tmp_path / "planes.h5", planes=2, classes=2)
+    err = _fails_before_training(tmp_path, capsys, "data.source=hdf5", f"data.path={data}", "data.frames_per_channel=1")
+    assert f"{data}: images have 2 channel(s)" in err and "model.image_channels=1" in err
+
+
+def test_a_tiff_mask_label_above_the_model_classes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = _tiff_folder(tmp_path / "pairs", first_label=3)
+    err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={root}")
+    assert "p0_mask.tif: contains label 3 but num_classes=2" in err
