@@ -96,7 +96,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each path (median reported)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "worker.json")
     args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # napari's progress falls back to tqdm outside a viewer: keep quiet
 
     from qtpy.QtWidgets import QApplication
 

@@ -90,7 +90,7 @@ def test_layer_picker_follows_the_layer_list(viewer_and_widget):
 
 def test_generate_adds_a_layer_with_the_masks_geometry_and_provenance(viewer_and_widget, qtbot, bundled_tiny):
     viewer, widget = viewer_and_widget
-    labels = viewer.add_labels(_mask(), name="cells", scale=(0.06, 0.05), translate=(3.0, -2.0))
+    labels = viewer.add_labels(_mask(), name="cells", scale=(0.06, 0.05), translate=(3.0, -2.0), units="um")
     _pick(widget, labels)
     widget.sampler.seed.setValue(11)
     widget.sampler.guidance.setValue(1.5)
@@ -100,6 +100,7 @@ def test_generate_adds_a_layer_with_the_masks_geometry_and_provenance(viewer_and
     assert layer.data.shape == (16, 24) and layer.data.dtype == np.float32
     np.testing.assert_allclose(layer.scale, (0.06, 0.05))
     np.testing.assert_allclose(layer.translate, (3.0, -2.0))
+    assert [str(unit) for unit in layer.units] == ["micrometer", "micrometer"]
     model = load_checkpoint(bundled_tiny)
     assert layer.metadata["seed"] == 11
     assert layer.metadata["checkpoint_sha256"] == model.sha256
@@ -141,12 +142,13 @@ def test_random_seed_button_and_sampler_default_steps(viewer_and_widget):
 
 def test_several_samples_become_one_stack_layer(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
-    _pick(widget, viewer.add_labels(_mask(), name="m", scale=(2.0, 3.0)))
+    _pick(widget, viewer.add_labels(_mask(), name="m", scale=(2.0, 3.0), units="nm"))
     widget.samples.setValue(2)
     _run(qtbot, widget)
     layer = viewer.layers["synthetic (m)"]
     assert layer.data.shape == (2, 16, 24)
     np.testing.assert_allclose(layer.scale, (1.0, 2.0, 3.0))
+    assert [str(unit) for unit in layer.units] == ["pixel", "nanometer", "nanometer"]
     assert not np.array_equal(layer.data[0], layer.data[1])
 
 

@@ -240,6 +240,7 @@ class GenerateWidget(QWidget):
         extra = images.ndim - layer.data.ndim  # leading samples axis and channel axis
         scale = (1.0,) * extra + tuple(layer.scale)
         translate = (0.0,) * extra + tuple(layer.translate)
+        units = ("pixel",) * extra + tuple(str(unit) for unit in layer.units)
         metadata = provenance(model, settings, seed=settings.seed, source=layer.name)
         metadata["samples"] = self.samples.value()  # sample s of plane p has seed + s * planes + p
         self.viewer.add_image(
@@ -247,6 +248,7 @@ class GenerateWidget(QWidget):
             name=f"synthetic ({layer.name})",
             scale=scale,
             translate=translate,
+            units=units,
             contrast_limits=contrast_limits(images),
             colormap="gray",
             metadata=metadata,
@@ -259,6 +261,7 @@ class GenerateWidget(QWidget):
                 name=f"denoising steps ({layer.name})",
                 scale=(1.0,) * pad + tuple(layer.scale[-2:]),
                 translate=(0.0,) * pad + tuple(layer.translate[-2:]),
+                units=("pixel",) * pad + units[-2:],
                 contrast_limits=contrast_limits(steps[-1]),
                 colormap="gray",
                 metadata=metadata,
