@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +264,11 @@ class Trainer:
         if stats[1] > 0:
             self.optimizer.zero_grad(set_to_none=True)
             self.ema.skip(self.batch_images)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # The schedule follows the step count, skipped steps included; torch warns when the
+                # very first step is skipped, as if the optimiser step had been forgotten.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
             self.nonfinite_in_row += 1
             if self.is_main:
                 log.warning("step %d: non-finite loss or gradient, step skipped", self.step + 1)
