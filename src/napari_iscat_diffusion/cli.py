@@ -1,4 +1,4 @@
-"""The ``iscat-diffusion`` command line: generate, export, simulate, dataset check, info.
+"""The ``iscat-diffusion`` command line: generate, export, simulate, dataset check, info, evaluate.
 
 Each command imports what it needs when it runs, so ``iscat-diffusion --help`` answers at once.
 Errors in the user's input end the command with a one-line message and exit status 2; nothing
@@ -86,6 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("checkpoint", type=Path, nargs="?", help="a .safetensors checkpoint to describe")
     info.set_defaults(run=_run_info)
     _add_export_parser(commands)
+    _add_evaluate_parser(commands)
     return parser
 
 
@@ -367,6 +368,72 @@ def _print_environment() -> int:
     print(f"bundled models: {len(bundled) or 'none'}")
     for name, path in bundled.items():
         print(f"  {name}: {load_checkpoint(path).summary()}")
+    return 0
+
+
+def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure a model's quality on held-out simulator masks (JSON report)",
+        description="Generate images for held-out simulator masks and compare them with the simulator's images: "
+        "mask fidelity (detected particles vs mask), peak contrast per class, background noise, power spectrum, "
+        "a classifier two-sample test, diversity and edited masks. See docs/evaluation.md.",
+    )
+    evaluate.add_argument("--out", type=Path, required=True, help="output JSON file (never overwritten)")
+    evaluate.add_argument("--n", type=int, default=64, help="held-out masks and reference images [64]")
+    evaluate.add_argument("--size", type=int, default=128, help="image side in pixels [128]")
+    _add_sampler_arguments(evaluate)
+    evaluate.add_argument(
+        "--curves",
+        action="store_true",
+        help="also write metrics against steps (every sampler) and guidance next to --out (JSON, markdown, PNG)",
+    )
+    evaluate.add_argument("--curves-n", type=int, default=16, help="masks per point of the curves [16]")
+    evaluate.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .diffusion.checkpoint import load_checkpoint
+    from .evaluation import evaluate_model, metric_curves, run_metadata, write_curves
+
+    if args.out.exists():
+        raise FileExistsError(f"{args.out} already exists; choose another --out")
+    if args.n < 4 or args.curves_n < 4:
+        raise ValueError(f"--n and --curves-n must be at least 4, got {args.n} and {args.curves_n}")
+    model = load_checkpoint(_checkpoint_path(args.checkpoint))
+    options = {
+        "size": args.size,
+        "seed": args.seed,
+        "device": args.device,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+    }
+    report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}}
+    report["metrics"] = evaluate_model(
+        model,
+        n=args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        progress=_show_progress,
+        **options,
+    )
+    print(file=sys.stderr)
+    if args.curves:
+        curves = metric_curves(model, n=args.curves_n, progress=_show_progress, **options)
+        print(file=sys.stderr)
+        written = write_curves({**run_metadata(), **curves}, args.out.with_name(f"{args.out.stem}_curves"))
+        print(f"wrote {len(written)} curve files to {written[0].parent}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    fidelity = report["metrics"]["fidelity"]["per_class"]
+    print(
+        f"wrote {args.out}: F1 per class "
+        + ", ".join(f"{k}: {v['f1']:.3f}" if v["f1"] is not None else f"{k}: -" for k, v in fidelity.items())
+        + (f"; C2ST accuracy {report['metrics']['c2st']['accuracy']:.3f}" if "c2st" in report["metrics"] else "")
+    )
     return 0
 
 

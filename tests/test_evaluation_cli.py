@@ -1,0 +1,107 @@
+"""evaluate_model, metric curves and ``iscat-diffusion evaluate`` with a tiny untrained model."""
+
+import json
+
+import pytest
+import torch
+from tests.tiny_models import tiny_unet_config
+
+from napari_iscat_diffusion.cli import main
+from napari_iscat_diffusion.diffusion import (
+    ConditionalUNet,
+    ModelConfig,
+    linear_schedule,
+    load_checkpoint,
+    save_checkpoint,
+)
+from napari_iscat_diffusion.evaluation import evaluate_model, metric_curves, write_curves
+from napari_iscat_diffusion.evaluation.evaluate import simulation_parameters_for
+
+SIMULATOR = {"image_size": [32, 32], "particles_per_image": [1, 3]}
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    unet = tiny_unet_config(num_classes=3)
+    config = ModelConfig(
+        unet=unet,
+        schedule=linear_schedule(1000).to_config(),
+        parameterization="v",
+        normalization={"mean": [0.0], "std": [0.01]},
+        pixel_size_nm=60.0,
+        training={"config": {"data": {"source": "simulator", "simulator": SIMULATOR}}},
+    )
+    torch.manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, ConditionalUNet(unet), config)
+    return path
+
+
+def test_simulation_parameters_come_from_the_training_summary(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    params = simulation_parameters_for(model, 48)
+    assert params.image_size == (48, 48) and params.particles_per_image == (1, 3)
+    model.config.training = {}
+    assert simulation_parameters_for(model).particles_per_image == (5, 30)  # simulator defaults
+    model.config.unet = tiny_unet_config(num_classes=2)
+    with pytest.raises(ValueError, match="2 mask classes"):
+        simulation_parameters_for(model)
+
+
+def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    stages = set()
+    result = evaluate_model(
+        model,
+        n=4,
+        size=32,
+        steps=2,
+        device="cpu",
+        diversity_masks=2,
+        diversity_seeds=2,
+        edited_masks=2,
+        progress=lambda stage, done, total: stages.add(stage),
+    )
+    assert stages == {"generate", "diversity", "edits"}
+    json.dumps(result, allow_nan=False)
+    assert result["settings"]["n"] == 4 and result["settings"]["image_size"] == [32, 32]
+    assert set(result) >= {"fidelity", "reference_fidelity", "physics", "c2st", "diversity", "edited_masks"}
+    assert result["c2st"]["num_test"] == 4
+    # An untrained network is far from the simulator's noise level.
+    assert not 0.5 < result["physics"]["background_noise"]["ratio"] < 2
+    assert result["diversity"]["relative"] > 0
+
+
+def test_metric_curves_and_their_files(tiny_checkpoint, tmp_path):
+    model = load_checkpoint(tiny_checkpoint)
+    curves = metric_curves(
+        model,
+        samplers=["euler", "ddim"],
+        steps=[1, 2],
+        guidances=[0.0, 2.0],
+        guidance_steps=2,
+        n=4,
+        size=32,
+        device="cpu",
+        c2st=False,
+    )
+    assert [p["steps"] for p in curves["steps"]["euler"]] == [1, 2]
+    assert [p["guidance"] for p in curves["guidance"]["points"]] == [0.0, 2.0]
+    written = write_curves(curves, tmp_path / "curves")
+    names = {p.name for p in written}
+    assert {"curves.json", "curves.md", "steps_euler_f1_all.png", "guidance_noise_ratio.png"} <= names
+    assert all(p.exists() for p in written)
+    assert json.loads((tmp_path / "curves" / "curves.json").read_text())["steps"]["ddim"][1]["steps"] == 2
+
+
+def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--size", "32", "--steps", "2"]
+    assert main([*args, "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "machine" in report and "commit" in report and report["checkpoint"]["sha256"]
+    assert report["metrics"]["settings"]["steps"] == 2
+    assert "F1 per class" in capsys.readouterr().out
+    assert main([*args, "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--n", "2", "--out", str(tmp_path / "other.json")]) == 2
