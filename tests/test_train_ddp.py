@@ -7,6 +7,7 @@ rank 0 writes); the trainer stops if they differ, and this test reads them from 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -39,7 +40,14 @@ def test_two_ranks_end_with_identical_weights_across_an_elastic_restart(tmp_path
     script.write_text(KILLER)
     run_dir = tmp_path / "run"
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
-    overrides = tiny_overrides(run_dir, f"train.steps={STEPS}", "train.grad_accum=2", "checkpoint.every=2")
+    overrides = tiny_overrides(
+        run_dir,
+        f"train.steps={STEPS}",
+        "train.grad_accum=2",
+        "checkpoint.every=2",
+        "log.val_every=2",  # validation is all-reduced over the ranks' shards
+        f"log.sample_every={STEPS}",  # rank 0 samples alone while rank 1 waits at the next collective
+    )
     done = run_python([*torchrun, str(script), str(STEPS // 2), *overrides], timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"at step {STEPS // 2}" in done.stderr, done.stderr  # the restarted workers resumed
@@ -53,4 +61,6 @@ def test_two_ranks_end_with_identical_weights_across_an_elastic_restart(tmp_path
     # One optimiser step sees batch_size * grad_accum * world_size images.
     assert info["images_seen"] == STEPS * 4 * 2 * 2
     assert (run_dir / "model.safetensors").is_file()
+    assert (run_dir / "samples" / f"samples-{STEPS:09d}.png").is_file()
+    assert info["last_val_loss"] is not None and math.isfinite(info["last_val_loss"])
     assert not [name for name in os.listdir(run_dir) if name.startswith("rank")]  # only rank 0 writes
