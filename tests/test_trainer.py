@@ -169,3 +169,30 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
     assert factors[20] == pytest.approx(0.1)
     assert lr_factor(10, 4, 20, "constant", 0.1) == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # no optimiser steps here
+def test_plateau_schedule_cuts_the_rate_after_validations_without_improvement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(
+        tmp_path, "optim.schedule=plateau", "optim.plateau_patience=2", "optim.min_lr_ratio=0.2", "optim.warmup_steps=0"
+    )
+    trainer = tiny_trainer(config)
+    losses = iter([1.0, 1.5, 1.2, 0.9, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+    monkeypatch.setattr(trainer, "validate", lambda: next(losses))
+    rates = []
+    for _ in range(10):
+        trainer._run_validation()
+        rates.append(trainer.optimizer.param_groups[0]["lr"] / config.optim.lr)
+        trainer.scheduler.step()  # a training step in between keeps the cut
+        assert trainer.optimizer.param_groups[0]["lr"] / config.optim.lr == pytest.approx(rates[-1])
+    # Two stalled validations halve the rate; an improvement resets the count; the floor is min_lr_ratio.
+    assert rates == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2, 0.2, 0.2])
+
+    trainer.save()
+    resumed = tiny_trainer(config)
+    resumed.resume("auto")
+    assert resumed.lr_scale == pytest.approx(0.2) and resumed.evals_since_best == 6
+    resumed.scheduler.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * config.optim.lr)

@@ -71,14 +71,18 @@ ModelSection.__doc__ = "The U-Net architecture (UNetConfig's fields), the parame
 @dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule: linear warm-up over ``warmup_steps``, then cosine decay to
-    ``lr * min_lr_ratio`` at the last step (or constant). ``grad_clip``: max global gradient norm, 0 = off."""
+    ``lr * min_lr_ratio`` at the last step, constant, or "plateau": constant, multiplied by
+    ``plateau_factor`` after every ``plateau_patience`` validations without a better validation loss, down
+    to ``lr * min_lr_ratio`` (ReduceLROnPlateau). ``grad_clip``: max global gradient norm, 0 = off."""
 
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 200
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
     min_lr_ratio: float = 0.05
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
     grad_clip: float = 1.0
 
 
@@ -221,6 +225,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("optim.plateau_patience", lambda v: v >= 1, ">= 1 (validations)"),
+    ("optim.plateau_factor", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.steps", lambda v: v >= 1, ">= 1"),
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
