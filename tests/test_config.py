@@ -56,11 +56,13 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("log.sampler=magic", r"log\.sampler: unknown sampler 'magic'"),
         ("model.schedule={name: quadratic}", r"model\.schedule: unknown noise schedule"),
         ("model.norm_groups=5", r"model\."),
+        (("optim.schedule=plateau", "log.val_every=0"), r"optim\.schedule: plateau acts on validation losses"),
+        (("train.early_stopping_patience=3", "log.val_every=0"), r"train\.early_stopping_patience: acts on validation"),
     ],
 )
-def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
+def test_bad_keys_and_values_name_the_key(override: str | tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, [override] if isinstance(override, str) else list(override))
 
 
 def test_unreadable_or_malformed_files_name_the_file(tmp_path: Path) -> None:

@@ -255,6 +255,12 @@ def _check_values(config: TrainConfig) -> None:
         value = getattr(getattr(config, section), name)
         if not test(value):
             raise ConfigError(f"{key}: must be {expected}, got {value!r}")
+    if not config.log.val_every:
+        # Both act on validation results: without validations they would silently never act.
+        if config.optim.schedule == "plateau":
+            raise ConfigError("optim.schedule: plateau acts on validation losses; set log.val_every > 0")
+        if config.train.early_stopping_patience is not None:
+            raise ConfigError("train.early_stopping_patience: acts on validation losses; set log.val_every > 0")
     for key, check, value in (
         ("log.sampler", get_sampler, config.log.sampler),
         ("model.schedule", schedule_from_config, config.model.schedule),
