@@ -16,7 +16,7 @@ import torch
 from tests.tiny_training import tiny_config, tiny_overrides, tiny_trainer
 from training import train
 from training.config import ConfigError
-from training.state import load_state, state_path
+from training.state import list_states, load_state, state_path
 from training.trainer import NonFiniteLossError, lr_factor
 
 from napari_iscat_diffusion.diffusion import generate, load_checkpoint
@@ -145,6 +145,11 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path: Path) -> None:
     assert trainer.step == 2 and trainer.ema.images_seen == 8  # the EMA counter resumes with the weights
     trainer.fit()
     assert load_state(newest)[1]["step"] == 4  # the damaged file was replaced
+
+    for _, path in list_states(tmp_path / "checkpoints"):
+        path.write_bytes(b"damaged")
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"none of the 2 training states .* is usable"):
+        tiny_trainer(config).resume("auto")
 
 
 def test_resume_refuses_to_mix_runs_in_one_run_dir(tmp_path: Path) -> None:

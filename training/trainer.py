@@ -517,7 +517,8 @@ class Trainer:
 
     def resume(self, spec: str = "auto") -> Path | None:
         """Load a saved state: "auto" (the newest usable one in run_dir, else start fresh), "none", or a
-        file. Returns the file loaded, or None. A damaged file is skipped with a warning under "auto".
+        file. Returns the file loaded, or None. A damaged file is skipped with a warning under "auto";
+        ConfigError when there are states but none is usable.
 
         Rank 0 chooses the file and every rank loads that one. Starting fresh ("none") or from a given
         file in a run_dir whose checkpoints go further raises ConfigError: the newer states would be
@@ -532,8 +533,13 @@ class Trainer:
             chosen = Path(spec)
         chosen = self._from_main(chosen)
         if chosen is None:
-            if spec == "auto" and self.is_main and list_states(self.checkpoint_dir):
-                log.warning("no usable training checkpoint in %s: starting from scratch", self.checkpoint_dir)
+            damaged = list_states(self.checkpoint_dir)
+            if spec == "auto" and damaged:
+                # Starting over would write states among the damaged ones, and pruning could keep those.
+                raise ConfigError(
+                    f"checkpoint.resume=auto: none of the {len(damaged)} training states in {self.checkpoint_dir} "
+                    "is usable (see the warnings); delete them or use a new run_dir"
+                )
             self._refuse_newer_states(spec, 0)
             return None
         if found is not None:
