@@ -181,7 +181,12 @@ def test_plateau_schedule_cuts_the_rate_after_validations_without_improvement(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tiny_config(
-        tmp_path, "optim.schedule=plateau", "optim.plateau_patience=2", "optim.min_lr_ratio=0.2", "optim.warmup_steps=0"
+        tmp_path,
+        "optim.schedule=plateau",
+        "optim.plateau_patience=2",
+        "optim.min_lr_ratio=0.2",
+        "optim.warmup_steps=0",
+        "log.val_every=1",
     )
     trainer = tiny_trainer(config)
     losses = iter([1.0, 1.5, 1.2, 0.9, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
