@@ -206,3 +206,14 @@ def test_plateau_schedule_cuts_the_rate_after_validations_without_improvement(
     assert resumed.lr_scale == pytest.approx(0.2) and resumed.evals_since_best == 6
     resumed.scheduler.step()
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * config.optim.lr)
+
+
+def test_early_stopping_ends_the_run_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_config(tmp_path, "train.steps=8", "log.val_every=1", "train.early_stopping_patience=2")
+    trainer = tiny_trainer(config)
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.1])
+    monkeypatch.setattr(trainer, "validate", lambda: next(losses))
+    summary = trainer.fit()
+    assert summary["stopped_early"] and summary["steps"] == 4
+    assert summary["best_step"] == 2 and summary["best_val_loss"] == 0.5
+    assert [step for step, _ in list_states(tmp_path / "checkpoints")] == [4, 2, 1]
