@@ -12,7 +12,7 @@ from napari_iscat_diffusion.diffusion import ConditionalUNet, ModelConfig, gener
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition
 from napari_iscat_diffusion.diffusion.denoiser import DiscreteTimeDenoiser
 from napari_iscat_diffusion.diffusion.schedules import linear_schedule
-from napari_iscat_diffusion.diffusion.tiling import plan_tiles, tile_starts, tiled_denoiser
+from napari_iscat_diffusion.diffusion.tiling import auto_tile_size, plan_tiles, tile_starts, tiled_denoiser
 
 
 def _perturbed_net(**overrides) -> ConditionalUNet:
@@ -136,7 +136,7 @@ def test_same_seed_same_image_whatever_the_tile_size_when_it_fits(model):
     mask = np.zeros((48, 40), np.uint8)
     mask[10:14, 20:24] = 1
     reference = generate(mask, model, steps=3, seed=3, tile_size=None)
-    for tile_size in (0, 48, 64, 256):
+    for tile_size in (0, 48, 64, 256, "auto"):
         np.testing.assert_array_equal(generate(mask, model, steps=3, seed=3, tile_size=tile_size), reference)
 
 
@@ -155,8 +155,16 @@ def test_tiled_generation_stays_close_to_untiled(model):
         ({"tile_size": -1}, "tile_size"),
         ({"tile_size": 64, "tile_overlap": 40}, "tile_overlap"),
         ({"tile_size": 1.5}, "tile_size"),
+        ({"tile_size": "big"}, "tile_size"),
     ],
 )
 def test_bad_tiling_arguments_are_rejected(model, kwargs, phrase):
     with pytest.raises(ValueError, match=phrase):
         generate(np.zeros((8, 8), np.uint8), model, **kwargs)
+
+
+def test_auto_tile_size_keeps_attention_at_64_tokens_per_side():
+    assert auto_tile_size(tiny_unet_config(channel_mults=(1, 2, 2), attention_levels=(2,))) == 256
+    assert auto_tile_size(tiny_unet_config(attention_levels=(1,))) == 128
+    assert auto_tile_size(tiny_unet_config(channel_mults=(1, 2, 2, 2, 2), attention_levels=(4,))) == 512
+    assert auto_tile_size(tiny_unet_config(attention_levels=())) == 512

@@ -15,13 +15,9 @@ from .conditioning import encode_condition, null_condition, validate_mask
 from .device import resolve_device
 from .guidance import guided_denoiser
 from .samplers import get_sampler, sampling_sigmas
-from .tiling import check_tiling, needs_tiling, tiled_denoiser
+from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-# Chosen from measurements (docs/performance.md): on the CPU a 256-pixel tile of the default model costs
-# about as much per pixel as a whole 256x256 image, while a 512-pixel one costs 2.5x more per pixel
-# because self-attention at the lowest resolution grows with the square of the token count.
-DEFAULT_TILE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ def generate(
     precision: str = "auto",
     batch_size: int = 4,
     callback: ProgressCallback | None = None,
-    tile_size: int | None = DEFAULT_TILE_SIZE,
+    tile_size: int | str | None = "auto",
     tile_overlap: int | None = None,
 ) -> np.ndarray:
     """Sample synthetic images that follow label masks.
@@ -87,7 +83,8 @@ def generate(
             stops generation with ``SamplingCancelled``.
         tile_size: masks larger than this (in H or W) are denoised in overlapping tiles of this
             side, blended smoothly inside every denoiser call, so memory stays bounded at any mask
-            size (see ``tiling.py``); None or 0 runs the whole image through the network at once.
+            size (see ``tiling.py``); "auto" picks it from the network (256 for the default model,
+            see ``tiling.auto_tile_size``); None or 0 runs the whole image through the network at once.
         tile_overlap: pixels shared by neighbouring tiles, at most ``tile_size / 2``; None takes
             ``tile_size // 4``.
 
@@ -112,8 +109,10 @@ def generate(
         raise ValueError(f"guidance must be a finite number, got {guidance}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if tile_size == "auto":
+        tile_size = auto_tile_size(config.unet)
     if tile_overlap is None:
-        tile_overlap = (tile_size or 0) // 4
+        tile_overlap = tile_size // 4 if isinstance(tile_size, int) else 0
     check_tiling(tile_size, tile_overlap)
     seeds = _seeds_per_image(seed, num_images)
     torch_device = resolve_device(device)

@@ -23,6 +23,7 @@ from itertools import pairwise
 import torch
 
 from .denoiser import ConditionalDenoiser
+from .unet import UNetConfig
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -93,6 +94,22 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, align: int = 1)
             weight = (row_weight[:, None] * col_weight[None, :]).float()
             tiles.append(Tile(slice(row, row + tile_h), slice(col, col + tile_w), weight))
     return tiles
+
+
+# Measured with the default model on the CPU (docs/performance.md): a tile whose highest-resolution
+# attention level holds 64x64 tokens costs about as much per pixel as the convolutions; 128x128 tokens
+# cost 2.5x more per pixel, since attention grows with the square of the token count.
+MAX_ATTENTION_SIDE = 64
+# Without attention the cost per pixel is flat; this only bounds memory (~1 GB per image in the batch
+# for the default model in fp32).
+MAX_TILE = 512
+
+
+def auto_tile_size(unet: UNetConfig) -> int:
+    """The default tile side for a network: 64 attention tokens per side at its finest attention level, at most 512."""
+    if not unet.attention_levels:
+        return MAX_TILE
+    return min(MAX_TILE, MAX_ATTENTION_SIDE * 2 ** min(unet.attention_levels))
 
 
 def check_tiling(tile_size: int | None, overlap: int) -> None:

@@ -1,0 +1,139 @@
+"""Shared pieces of the torch benchmarks: machine description, models, peaks, FLOP counting, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from napari_iscat_diffusion.diffusion import ConditionalUNet, LoadedModel, ModelConfig, UNetConfig, load_checkpoint
+from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+BUNDLED_MODELS = ROOT / "src" / "napari_iscat_diffusion" / "models"
+DEFAULT_MODEL_YAML = ROOT / "training" / "configs" / "default_model.yaml"
+# The tiny network of tests/tiny_models.py without its attention (which dominates its run time), for --quick smoke runs.
+TINY_UNET = UNetConfig(
+    num_classes=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(), norm_groups=4
+)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device | None = None) -> dict:
+    """What the numbers were measured on: CPU, cores, threads, library versions and the GPU if one is used."""
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_results(name: str, machine: dict, results: dict | list, out: Path | None = None) -> Path:
+    """Write ``{"machine": ..., "results": ...}`` as JSON to ``out`` or ``benchmarks/results/<name>.json``."""
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine, "argv": sys.argv[1:], "results": results}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def default_model_unet() -> UNetConfig:
+    """The architecture of the bundled default model, from training/configs/default_model.yaml."""
+    import yaml  # the train extra; imported here so that the other helpers work without it
+
+    section = yaml.safe_load(DEFAULT_MODEL_YAML.read_text())["model"]
+    return UNetConfig(**{key: value for key, value in section.items() if key in UNetConfig.__dataclass_fields__})
+
+
+def fresh_model(unet: UNetConfig, seed: int = 0) -> LoadedModel:
+    """A freshly initialised v-prediction model on a cosine schedule, with a randomised (non-zero) output layer."""
+    torch.manual_seed(seed)
+    net = ConditionalUNet(unet)
+    with torch.no_grad():  # the zero-initialised output layer would make every forward trivially cheap to check
+        net.conv_out.weight.normal_(std=0.02)
+    config = ModelConfig(
+        unet=unet,
+        schedule=cosine_schedule(1000).to_config(),
+        parameterization="v",
+        normalization={"mean": [0.0] * unet.image_channels, "std": [1.0] * unet.image_channels},
+    )
+    return LoadedModel(net.eval().requires_grad_(False), config, None, "", {})
+
+
+def bundled_model_path() -> Path | None:
+    """The bundled default checkpoint, if the package holds one."""
+    found = sorted(BUNDLED_MODELS.glob("*.safetensors"))
+    return found[0] if found else None
+
+
+def benchmark_model(quick: bool, path: Path | None = None) -> tuple[LoadedModel, str]:
+    """The model a benchmark runs and a description: ``path``, else the bundled model, else a fresh default one.
+
+    ``quick`` takes the tiny test network instead of a fresh default-config one.
+    """
+    path = path or (None if quick else bundled_model_path())
+    if path is not None:
+        return load_checkpoint(path), f"checkpoint {path.name}"
+    if quick:
+        return fresh_model(TINY_UNET), "tiny network (--quick)"
+    return fresh_model(default_model_unet()), "freshly initialised default-config network"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_flops(module: torch.nn.Module, *args: torch.Tensor) -> int:
+    """FLOPs of one forward pass, counted by ``FlopCounterMode``.
+
+    Attention runs through the math backend while counting: FlopCounterMode has no formula for the
+    fused CPU kernel and would count it as zero.
+    """
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        module(*args)
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops(device: torch.device, size: int = 2048, seconds: float = 2.0) -> float:
+    """Measured fp32 matrix-multiply throughput in GFLOP/s: the practical peak that FLOP/s figures are compared with."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
