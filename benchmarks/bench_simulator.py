@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_model
 from napari_iscat_diffusion.iscat.simulate import SimulationParameters, simulate
 
 CASES: dict[str, dict] = {
@@ -27,16 +28,6 @@ CASES: dict[str, dict] = {
         "focal_planes_nm": (-400.0, -200.0, 0.0, 200.0, 400.0),
     },
 }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _pin_to_one_core() -> int | None:
@@ -80,7 +71,7 @@ def main() -> None:
     machine = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "numpy": np.__version__,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "pinned_core": core,

@@ -14,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from machine import cpu_model
 from napari_iscat_diffusion.diffusion import ConditionalUNet, LoadedModel, ModelConfig, UNetConfig, load_checkpoint
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
 
@@ -25,17 +26,6 @@ DEFAULT_MODEL_YAML = ROOT / "training" / "configs" / "default_model.yaml"
 TINY_UNET = UNetConfig(
     num_classes=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(), norm_groups=4
 )
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info(device: torch.device | None = None) -> dict:
