@@ -1,11 +1,14 @@
 """The conditional U-Net: shapes, initialisation, conditioning paths, config and input validation."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tests.tiny_models import tiny_unet_config
 
+from napari_iscat_diffusion.diffusion import load_checkpoint
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet, Downsample, SelfAttention, UNetConfig
 
 
@@ -164,3 +167,24 @@ def test_wrong_inputs_raise_helpful_errors(tiny_net, shapes, phrase):
     x_shape, t_shape, cond_shape = shapes
     with pytest.raises(ValueError, match=phrase):
         tiny_net(torch.zeros(x_shape), torch.zeros(t_shape), torch.zeros(cond_shape))
+
+
+REFERENCE = Path(__file__).parent / "data" / "unet_reference"
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_checkpoint_saved_before_the_performance_work_gives_the_same_outputs(grad):
+    # tiny.safetensors and its inputs/outputs were written with the U-Net of commit 6b1232a (before the
+    # channels-last inference layout); attention at the first and last level and the blur are covered.
+    model = load_checkpoint(REFERENCE / "tiny.safetensors")
+    io = load_file(REFERENCE / "io.safetensors")
+    with torch.set_grad_enabled(grad):
+        out = model.net(io["x"], io["t"], io["cond"])
+    torch.testing.assert_close(out, io["output"], atol=1e-5, rtol=1e-5)
+
+
+def test_default_model_parameter_names_and_shapes_are_unchanged():
+    # The bundled default model was trained with these names; a rename would stop it loading.
+    reference = json.loads((REFERENCE / "default_model_state_dict.json").read_text())
+    net = ConditionalUNet(UNetConfig.from_dict(reference["unet"]))
+    assert {name: list(t.shape) for name, t in net.state_dict().items()} == reference["state_dict_shapes"]

@@ -297,6 +297,11 @@ class ConditionalUNet(nn.Module):
         self._check_inputs(x, t, cond)
         height, width = x.shape[-2:]
         h = _pad_to_multiple(torch.cat([x, cond.to(x.dtype)], dim=1), 2 ** (len(self.config.channel_mults) - 1))
+        if not torch.is_grad_enabled() and h.device.type == "cpu":
+            # oneDNN convolutions and GroupNorm run 10-20% faster on channels-last activations on the CPU
+            # (docs/performance.md). Only the activations change layout, and only without autograd, so
+            # weights, checkpoints and training stay as they were.
+            h = h.contiguous(memory_format=torch.channels_last)
 
         emb = self.time_mlp(timestep_embedding(t, self.freq_channels).to(x.dtype))
         # Every FiLM projection starts with SiLU; applying it once here saves one per block.
