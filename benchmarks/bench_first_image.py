@@ -20,7 +20,7 @@ start_import = time.perf_counter()
 # ruff: noqa: E402 -- the imports are what the first timer measures
 import torch
 
-from common import benchmark_model, machine_info, peak_rss_mb, write_results
+from common import benchmark_model, blob_mask, machine_info, peak_rss_mb, write_results
 from napari_iscat_diffusion.diffusion import generate, resolve_device
 
 import_seconds = time.perf_counter() - start_import
@@ -46,8 +46,6 @@ def main() -> None:
     model, description = benchmark_model(args.quick, args.model)
     model.net.to(device)
     load_seconds = time.perf_counter() - start
-
-    from bench_memory import blob_mask  # the same particle masks as the memory benchmark
 
     mask = blob_mask(size, model.config.num_classes)
     timings = []

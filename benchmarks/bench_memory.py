@@ -23,22 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import benchmark_model, machine_info, peak_rss_mb, write_results
+from common import benchmark_model, blob_mask, machine_info, peak_rss_mb, write_results
 from napari_iscat_diffusion.diffusion import generate, resolve_device
 from napari_iscat_diffusion.diffusion.tiling import auto_tile_size
-
-
-def blob_mask(size: int, num_classes: int, seed: int = 0) -> np.ndarray:
-    """A size x size label mask with one 5x5 particle per 40x40 pixels on average, classes drawn at random."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros((size, size), np.uint8)
-    for _ in range(max(1, size * size // 1600)):
-        row, col = rng.integers(0, size - 5, 2)
-        mask[row : row + 5, col : col + 5] = rng.integers(1, num_classes + 1)
-    return mask
 
 
 def run_case(size: int, tiled: bool, args: argparse.Namespace) -> dict:

@@ -32,8 +32,15 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DModel
 
-from bench_memory import blob_mask
-from common import count_flops, default_model_unet, fresh_model, machine_info, matmul_peak_gflops, write_results
+from common import (
+    blob_mask,
+    count_flops,
+    default_model_unet,
+    fresh_model,
+    machine_info,
+    matmul_peak_gflops,
+    write_results,
+)
 from napari_iscat_diffusion.diffusion import LoadedModel, UNetConfig, encode_condition, generate, resolve_device
 
 GUIDANCE = 1.5

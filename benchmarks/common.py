@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -127,3 +128,13 @@ def matmul_peak_gflops(device: torch.device, size: int = 2048, seconds: float = 
             torch.cuda.synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def blob_mask(size: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """A size x size label mask with one 5x5 particle per 40x40 pixels on average, classes drawn at random."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(max(1, size * size // 1600)):
+        row, col = rng.integers(0, size - 5, 2)
+        mask[row : row + 5, col : col + 5] = rng.integers(1, num_classes + 1)
+    return mask

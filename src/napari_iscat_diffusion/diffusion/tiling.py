@@ -5,8 +5,8 @@ pixel count, and self-attention at the lowest resolution costs O(tokens^2) time)
 was trained on small crops anyway. ``tiled_denoiser`` therefore runs the network on overlapping
 tiles inside *every denoiser call* and blends the tiles' predictions with smooth weights that sum
 to one at every pixel. The sampler state (the noisy image, the noise drawn per image, the
-multistep history) stays global, so tiles cannot drift apart and no seams appear; memory is
-bounded by one tile's forward pass.
+multistep history) stays global, so tiles cannot drift apart and no seams appear; the network's
+memory is that of one tile's forward pass, whatever the image size.
 
 The weights are separable: along each axis a tile ramps up with a sin^2 profile over the pixels it
 shares with its previous neighbour and down over those it shares with the next, and the ramps are
