@@ -3,16 +3,11 @@
 import json
 
 import pytest
-import torch
-from tests.tiny_models import tiny_unet_config
+from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config
 
 from napari_iscat_diffusion.cli import main
 from napari_iscat_diffusion.diffusion import (
-    ConditionalUNet,
-    ModelConfig,
-    linear_schedule,
     load_checkpoint,
-    save_checkpoint,
 )
 from napari_iscat_diffusion.evaluation import evaluate_model, metric_curves, write_curves
 from napari_iscat_diffusion.evaluation.evaluate import simulation_parameters_for
@@ -22,18 +17,10 @@ SIMULATOR = {"image_size": [32, 32], "particles_per_image": [1, 3]}
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    unet = tiny_unet_config(num_classes=3)
-    config = ModelConfig(
-        unet=unet,
-        schedule=linear_schedule(1000).to_config(),
-        parameterization="v",
-        normalization={"mean": [0.0], "std": [0.01]},
-        pixel_size_nm=60.0,
-        training={"config": {"data": {"source": "simulator", "simulator": SIMULATOR}}},
-    )
-    torch.manual_seed(0)
     path = tmp_path / "model.safetensors"
-    save_checkpoint(path, ConditionalUNet(unet), config)
+    save_tiny_checkpoint(
+        path, num_classes=3, training={"config": {"data": {"source": "simulator", "simulator": SIMULATOR}}}
+    )
     return path
 
 

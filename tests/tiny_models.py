@@ -20,8 +20,9 @@ def tiny_unet_config(**overrides) -> UNetConfig:
     return UNetConfig(**{"num_classes": 2, **TINY_UNET, **overrides})
 
 
-def save_tiny_checkpoint(path, **unet_overrides) -> str:
-    """Save an untrained tiny model (v-prediction, 60 nm/px, std 0.01) at ``path``; returns its sha256."""
+def save_tiny_checkpoint(path, *, training: dict | None = None, **unet_overrides) -> str:
+    """Save an untrained tiny model (v-prediction, 60 nm/px, std 0.01) at ``path``, with ``training`` as its
+    training summary; returns its sha256."""
     unet = tiny_unet_config(**unet_overrides)
     config = ModelConfig(
         unet=unet,
@@ -29,6 +30,7 @@ def save_tiny_checkpoint(path, **unet_overrides) -> str:
         parameterization="v",
         normalization={"mean": [0.0], "std": [0.01]},
         pixel_size_nm=60.0,
+        training=training or {},
     )
     torch.manual_seed(0)
     return save_checkpoint(path, ConditionalUNet(unet), config)

@@ -91,27 +91,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .diffusion.checkpoint import load_checkpoint
-    from .diffusion.generate import GenerationProgress, generate
+    from .diffusion.generate import GenerationProgress
     from .io.tiff_pairs import read_mask, write_tiff
+    from .synthetic import SamplerSettings, synthesize
 
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out")
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     masks = read_mask(args.mask, allow_stack=True)
-    masks = masks[None] if masks.ndim == 2 else masks
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    repeated = np.repeat(masks, args.n, axis=0)
-
-    def report(progress: GenerationProgress) -> None:
-        _show_progress("generate", progress.completed, progress.total)
-
-    images = generate(
-        repeated,
-        model,
+    settings = SamplerSettings(
         sampler=args.sampler,
         steps=args.steps,
         guidance=args.guidance,
@@ -119,9 +110,15 @@ def _run_generate(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         batch_size=args.batch_size,
-        callback=report,
     )
+
+    def report(progress: GenerationProgress) -> None:
+        _show_progress("generate", progress.completed, progress.total)
+
+    result = synthesize(masks, model, settings, samples=args.n, callback=report, name=str(args.mask))
     print(file=sys.stderr)
+    # Samples, then planes (then channels of multi-channel models) follow each other along one axis.
+    images = result.images.reshape(-1, *masks.shape[-2:])
     write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
     print(f"wrote {len(images)} image(s) of {masks.shape[-2]}x{masks.shape[-1]} px to {args.out} ({model.summary()})")
     return 0
