@@ -13,8 +13,12 @@ import csv
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:  # imported when a command runs, so that --help answers at once
+    from .synthetic import SamplerSettings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +98,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .diffusion.checkpoint import load_checkpoint
     from .diffusion.generate import GenerationProgress
     from .io.tiff_pairs import read_mask, write_tiff
-    from .synthetic import SamplerSettings, synthesize
+    from .synthetic import synthesize
 
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out")
@@ -102,15 +106,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     masks = read_mask(args.mask, allow_stack=True)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    settings = SamplerSettings(
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-    )
+    settings = _sampler_settings(args, args.device)
 
     def report(progress: GenerationProgress) -> None:
         _show_progress("generate", progress.completed, progress.total)
@@ -122,6 +118,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
     print(f"wrote {len(images)} image(s) of {masks.shape[-2]}x{masks.shape[-1]} px to {args.out} ({model.summary()})")
     return 0
+
+
+def _sampler_settings(args: argparse.Namespace, device: str) -> SamplerSettings:
+    """The sampler options of ``_add_sampler_arguments`` as ``SamplerSettings`` on ``device``."""
+    from .synthetic import SamplerSettings
+
+    return SamplerSettings(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        device=device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
 
 
 def _checkpoint_path(choice: str | None) -> Path:
@@ -185,7 +196,6 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from .diffusion.checkpoint import load_checkpoint
     from .export import ExportProgress, export_pairs, masks_from_folder, merge_manifests, random_masks, write_preview
-    from .synthetic import SamplerSettings
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if (args.n is None) == (args.masks is None):
@@ -204,15 +214,7 @@ def _run_export(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto" and world_size > 1:
         device = _rank_device(int(os.environ.get("LOCAL_RANK", "0")))
-    settings = SamplerSettings(
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        device=device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-    )
+    settings = _sampler_settings(args, device)
 
     label = "export" if world_size == 1 else f"export (rank 0 of {world_size})"
 
