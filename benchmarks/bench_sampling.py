@@ -100,6 +100,9 @@ def diffusers_generate(
         cond = encode_condition(torch.from_numpy(masks.astype(np.int64)), num_classes)
         both = torch.cat([cond, torch.zeros_like(cond)])
         scheduler.set_timesteps(steps)
+        # Karras sigmas can map two steps to one timestep; without a begin index the scheduler's lookup
+        # by timestep then skips a step and runs off the end of its sigma table.
+        scheduler.set_begin_index(0)
         generator = torch.Generator().manual_seed(0)
         latents = torch.randn(len(masks), 1, *masks.shape[1:], generator=generator) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bench_simulator import _cpu_model
+from common import machine_info
 from napari_iscat_diffusion.diffusion import (
     ConditionalUNet,
     ModelConfig,
@@ -119,16 +116,7 @@ def main() -> None:
         worker.append(_in_worker(app, run))
     ratio = float(np.median(worker) / np.median(direct))
     device = resolve_device(args.device)
-    machine = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
-        "torch": torch.__version__,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cores": os.cpu_count(),
-    }
+    machine = machine_info(device) | {"device": str(device)}
     settings = {k: getattr(args, k) for k in ("size", "steps", "sampler", "repeats")}
     settings["model"] = model.summary()
     results = {
