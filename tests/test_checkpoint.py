@@ -409,3 +409,17 @@ def test_from_dict_rejects_unknown_and_missing_keys():
         ModelConfig.from_dict({**data, "unet": {**data["unet"], "depth": 3}})
     with pytest.raises(ValueError, match="must be a dict"):
         ModelConfig.from_dict([])
+
+
+def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path):
+    """A safetensors header length whose low byte is 0x80 is not a pickle marker."""
+    config = make_config()
+    net = ConditionalUNet(config.unet)
+    path = tmp_path / "model.safetensors"
+    for padding in range(256):
+        config.training = {"padding": "x" * padding}
+        save_checkpoint(path, net, config)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80, "no padding gave a header length with low byte 0x80"
+    assert load_checkpoint(path).config.training == config.training

@@ -57,6 +57,7 @@ class Job:
         self._on_step = on_step
         self._on_done = on_done
         self._outcome = Outcome(cancelled=True)
+        self._finished = False
         self._relay = _Relay()
         self._relay.reported.connect(self._step)
         self.progress = progress(total=0, desc=description)
@@ -87,6 +88,8 @@ class Job:
         return self._cancel.is_set() or self.worker.abort_requested
 
     def _step(self, completed: int, total: int, text: str) -> None:
+        if self._finished:  # a report queued before the end can be delivered after it: the job is over
+            return
         if self.progress.total != total:
             self.progress.total = total
         self.progress.update(completed - self.progress.n)
@@ -97,5 +100,6 @@ class Job:
         self._outcome = outcome
 
     def _finish(self) -> None:
+        self._finished = True
         self.progress.close()
         self._on_done(self._outcome)

@@ -375,7 +375,10 @@ def _read_bytes(path: Path) -> bytes:
 
 def _parse_header(path: Path, data: bytes) -> dict:
     """The safetensors JSON header, with clear errors for files that are not safetensors or are cut short."""
-    if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):
+    # A safetensors file starts with its header length (8 bytes, little-endian) and then "{": test that
+    # first, since a header length whose low byte is 0x80 also starts like a pickle.
+    looks_like_safetensors = len(data) >= 9 and data[8:9] == b"{"
+    if not looks_like_safetensors and (data.startswith(b"PK\x03\x04") or data.startswith(b"\x80")):
         raise _error(
             path,
             "it is a pickle file (such as a PyTorch .pt/.pth/.ckpt from torch.save), not a safetensors file; "
