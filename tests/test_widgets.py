@@ -95,6 +95,8 @@ def test_generate_adds_a_layer_with_the_masks_geometry_and_provenance(viewer_and
     widget.sampler.seed.setValue(11)
     widget.sampler.guidance.setValue(1.5)
     _run(qtbot, widget)
+    qtbot.wait(50)  # late events must not overwrite the final status
+    assert widget.status.text() == "Done."
     layer = viewer.layers["synthetic (cells)"]
     assert isinstance(layer, napari.layers.Image)
     assert layer.data.shape == (16, 24) and layer.data.dtype == np.float32

@@ -90,11 +90,13 @@ class Job:
     def _step(self, completed: int, total: int, text: str) -> None:
         if self._finished:  # a report queued before the end can be delivered after it: the job is over
             return
+        # The widget first: napari's progress update below may run a nested event loop that delivers
+        # ``finished``, and the widget's final status must not be overwritten by this step afterwards.
+        self._on_step(completed, total, text)
         if self.progress.total != total:
             self.progress.total = total
         self.progress.update(completed - self.progress.n)
         self.progress.set_description(text)
-        self._on_step(completed, total, text)
 
     def _store(self, outcome: Outcome) -> None:
         self._outcome = outcome
