@@ -60,7 +60,6 @@ def main() -> None:
         viewer.window.resize(1500, 950)
         _, mask_data = simulated_pair()
         mask, meta, _ = mask_data
-        mask = mask[64:192, 64:192]  # a 128 px crop keeps generation on a CPU short
         layer = viewer.add_labels(np.asarray(mask), name="particles", scale=meta["scale"], units="um")
         export_dock, export_widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Batch export")
         generate_dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Generate synthetic iSCAT", tabify=True)
