@@ -46,6 +46,8 @@ def run_case(processes: int, config: Path, overrides: list[str], window: int, wi
     with tempfile.TemporaryDirectory() as run_dir:
         settings = [
             f"run_dir={run_dir}",
+            # A config may export elsewhere (default_model.yaml writes into the package): keep it in the run.
+            f"export.path={run_dir}/model.safetensors",
             f"train.steps={(windows + 1) * window}",
             f"log.every={window}",
             "log.val_every=0",
