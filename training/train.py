@@ -84,7 +84,11 @@ def run(config: TrainConfig) -> Path | None:
         )
         trainer.resume(config.checkpoint.resume)
         trainer.fit()
-        return trainer.export() if rank == 0 else None
+        exported = trainer.export() if rank == 0 else None
+        if world_size > 1:
+            # Leave together: a rank that tears gloo down while rank 0 still exports can abort at exit.
+            dist.barrier()
+        return exported
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
