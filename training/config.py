@@ -63,9 +63,13 @@ ModelSection = dataclasses.make_dataclass(
         *_UNET_FIELDS,
         ("parameterization", Literal["eps", "v", "x0"], field(default="v")),
         ("schedule", dict, field(default_factory=lambda: {"name": "cosine", "num_timesteps": 1000})),
+        ("init_from", str | None, field(default=None)),
     ],
 )
-ModelSection.__doc__ = "The U-Net architecture (UNetConfig's fields), the parameterisation and the noise schedule."
+ModelSection.__doc__ = (
+    "The U-Net architecture (UNetConfig's fields), the parameterisation and the noise schedule; ``init_from``: "
+    "a plugin checkpoint whose weights start the run (fine-tuning, see training/finetune.py), None: random."
+)
 
 
 @dataclass

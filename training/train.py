@@ -27,6 +27,7 @@ from napari_iscat_diffusion.diffusion.unet import ConditionalUNet
 from napari_iscat_diffusion.io.tiff_pairs import DataError
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import build_data
+from training.finetune import load_initial_weights
 from training.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger("training")
@@ -71,7 +72,11 @@ def run(config: TrainConfig) -> Path | None:
     try:
         data = build_data(config, rank, world_size)
         torch.manual_seed(config.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
-        model = ConditionalUNet(config.unet_config()).to(device)
+        model = ConditionalUNet(config.unet_config())
+        if config.model.init_from:
+            sha256 = load_initial_weights(model, config)
+            log.info("starting from the weights of %s (sha256 %s)", config.model.init_from, sha256[:12])
+        model = model.to(device)
         trainer = Trainer(
             model,
             config,

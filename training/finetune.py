@@ -1,0 +1,69 @@
+"""Start a run from the weights of a trained model (fine-tuning), e.g. the bundled default model.
+
+``model.init_from`` names a plugin checkpoint (``.safetensors``, as exported by a run); its weights are
+copied into the freshly built network before training. The checkpoint must match the config's
+architecture, parameterisation and noise schedule, so that the weights mean the same thing; anything else
+raises ConfigError naming the file and the fields that differ. A resumable training state in the run
+directory takes precedence, because it continues this same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from napari_iscat_diffusion.diffusion.checkpoint import CheckpointError, ModelConfig, load_checkpoint
+from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
+
+from .config import ConfigError, TrainConfig
+
+
+def load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> str:
+    """Copy the weights of the checkpoint ``config.model.init_from`` into ``model`` (in place).
+
+    Returns:
+        the hex SHA-256 of the checkpoint file (the run's provenance).
+
+    Raises:
+        ConfigError: the file cannot be loaded or does not fit the configured model.
+    """
+    path = config.model.init_from
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(f"model.init_from: {err}") from err
+    differences = _differences(config, loaded.config)
+    if differences:
+        raise ConfigError(
+            f"model.init_from: the checkpoint {path} does not fit the configured model: "
+            + "; ".join(differences)
+            + ". Set the model section to the checkpoint's values (iscat-diffusion info CHECKPOINT prints them)."
+        )
+    with torch.no_grad():
+        model.load_state_dict(loaded.net.state_dict())
+    return loaded.sha256
+
+
+def _differences(config: TrainConfig, stored: ModelConfig) -> list[str]:
+    wanted = dataclasses.asdict(config.unet_config())
+    found = dataclasses.asdict(stored.unet)
+    differences = [
+        f"model.{name} is {wanted[name]!r} in the config but {found[name]!r} in the checkpoint"
+        for name in wanted
+        if _plain(wanted[name]) != _plain(found[name])
+    ]
+    if config.model.parameterization != stored.parameterization:
+        differences.append(
+            f"model.parameterization is {config.model.parameterization!r} in the config "
+            f"but {stored.parameterization!r} in the checkpoint"
+        )
+    if schedule_from_config(config.model.schedule).to_config() != schedule_from_config(stored.schedule).to_config():
+        differences.append(
+            f"model.schedule is {config.model.schedule!r} in the config but {stored.schedule!r} in the checkpoint"
+        )
+    return differences
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
