@@ -102,6 +102,28 @@ def test_match_image_counts_per_class_and_charges_false_positives_to_the_nearest
     assert scores["all"]["true_positives"] == 2 and scores["all"]["false_positives"] == 3
 
 
+def test_match_image_leaves_the_border_strip_out_of_the_counts():
+    true = np.array([(1, 30), (30, 30), (62, 10)], float)  # two blobs cut by the edge of a 64 x 64 image
+    labels = np.array([1, 1, 2])
+    # A hit inside, a spurious peak in the strip, one just inside it, and a detection outside the strip
+    # that matches a blob in the strip (matched, so not spurious, and that blob is not counted).
+    detected = np.array([(30, 31), (2, 50), (59, 50), (59, 10)], float)
+    everything = match_image(detected, true, labels, tolerance_px=4.0)
+    assert (everything[1].true_positives, everything[1].false_positives, everything[1].false_negatives) == (1, 2, 1)
+    assert (everything[2].true_positives, everything[2].false_positives, everything[2].false_negatives) == (1, 0, 0)
+    counts = match_image(detected, true, labels, tolerance_px=4.0, image_shape=(64, 64), border_px=4.0)
+    assert set(counts) == {1}
+    assert (counts[1].true_positives, counts[1].false_positives, counts[1].false_negatives) == (1, 1, 0)
+    with pytest.raises(ValueError, match="image_shape"):
+        match_image(detected, true, labels, 4.0, border_px=4.0)
+
+
+def test_detector_merges_ring_fragments_within_the_merge_radius():
+    settings = DetectorSettings.for_pixel_size(240.0, 60.0)
+    assert settings.min_distance_px == pytest.approx(1.5 * 4.0)
+    assert DetectorSettings.for_pixel_size(240.0, 60.0, min_distance_px=2.0).min_distance_px == 2.0
+
+
 def test_mask_particles_keeps_touching_blobs_of_different_classes_apart():
     mask = draw_blobs((32, 32), np.array([(10.0, 10.0), (10.0, 13.0), (25.0, 20.0)]), np.array([1, 2, 1]), 2.0)
     blobs = mask_particles(mask)

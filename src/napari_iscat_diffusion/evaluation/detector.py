@@ -37,6 +37,9 @@ _BACKGROUND = 4.0
 _NARROW_ENERGY, _BROAD_ENERGY = 0.25, 0.7
 # Pixels within one PSF radius of a value above this many noise stds are left out of the noise estimate.
 _NOISE_CLIP = 3.0
+# Merge radius in PSF radii for images of known optics: fragments of a defocused particle's ring lie within
+# 1.5 Airy radii of its centre, while two particles closer than that are not resolved anyway.
+MERGE_RADIUS = 1.5
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,10 @@ class DetectorSettings:
 
     @classmethod
     def for_pixel_size(cls, airy_radius_nm: float, pixel_size_nm: float, **overrides: float) -> DetectorSettings:
-        """Settings for images with this Airy radius and pixel size (both nm)."""
-        return cls(psf_radius_px=airy_radius_nm / pixel_size_nm, **overrides)
+        """Settings for images with this Airy radius and pixel size (both nm); detections closer than
+        ``MERGE_RADIUS`` PSF radii merge unless ``min_distance_px`` is given."""
+        radius = airy_radius_nm / pixel_size_nm
+        return cls(**{"psf_radius_px": radius, "min_distance_px": MERGE_RADIUS * radius, **overrides})
 
 
 @dataclass(frozen=True)

@@ -79,10 +79,20 @@ def detector_settings(params: SimulationParameters) -> DetectorSettings:
     return DetectorSettings.for_pixel_size(params.optics.airy_radius_nm, params.pixel_size_nm)
 
 
-def fidelity(images: ImageSet, settings: DetectorSettings, tolerance_px: float) -> dict[str, Any]:
-    """Detect particles in each image and match them to its mask's blobs; per-class precision, recall, F1."""
+def fidelity(
+    images: ImageSet, settings: DetectorSettings, tolerance_px: float, border_px: float = 0.0
+) -> dict[str, Any]:
+    """Detect particles in each image and match them to its mask's blobs; per-class precision, recall, F1.
+    Blobs and spurious detections within ``border_px`` (px) of the image edge are not counted."""
     per_image = [
-        match_image(detect_particles(image, settings).positions, blobs.positions, blobs.labels, tolerance_px)
+        match_image(
+            detect_particles(image, settings).positions,
+            blobs.positions,
+            blobs.labels,
+            tolerance_px,
+            image_shape=image.shape,
+            border_px=border_px,
+        )
         for image, blobs in zip(images.images, images.particles, strict=True)
     ]
     return fidelity_scores(per_image)
@@ -139,11 +149,12 @@ def compare_image_sets(
 ) -> dict[str, Any]:
     """Mask fidelity of both sets (the reference's is the detector's ceiling), physics statistics and C2ST."""
     settings = detector_settings(params)
-    tolerance = settings.psf_radius_px
+    # Matching tolerance and border strip: one PSF radius each.
+    tolerance = border = settings.psf_radius_px
     out: dict[str, Any] = {
-        "detector": {**settings.__dict__, "tolerance_px": tolerance},
-        "fidelity": fidelity(generated, settings, tolerance),
-        "reference_fidelity": fidelity(reference, settings, tolerance),
+        "detector": {**settings.__dict__, "tolerance_px": tolerance, "border_px": border},
+        "fidelity": fidelity(generated, settings, tolerance, border),
+        "reference_fidelity": fidelity(reference, settings, tolerance, border),
         "physics": physics_statistics(generated, reference, settings.psf_radius_px),
     }
     if c2st:
@@ -283,7 +294,7 @@ def _edited_mask_metrics(
     edited = ImageSet.from_arrays(images, masks)
     return {
         **edit_scores(detections, edits, settings.psf_radius_px),
-        "fidelity": fidelity(edited, settings, settings.psf_radius_px),
+        "fidelity": fidelity(edited, settings, settings.psf_radius_px, settings.psf_radius_px),
     }
 
 

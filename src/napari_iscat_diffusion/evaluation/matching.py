@@ -4,6 +4,11 @@ Matching is one-to-one (Hungarian assignment on distances) within a tolerance in
 does not know classes, so a matched detection counts for the class of its blob; an unmatched detection
 (false positive) is charged to the class of the nearest blob in its image, since spurious peaks mostly
 come from that particle's rings; in an image without blobs it is charged to class 0 ("no particle").
+
+A border strip can be left out of the counts: a particle cut by the image edge shows only part of its
+pattern, so neither the detector nor a generator can be judged on it. Matching still uses everything
+(a detection just outside the strip may find a blob inside it); only blobs and unmatched detections whose
+centres lie in the strip are not counted.
 """
 
 from __future__ import annotations
@@ -114,27 +119,49 @@ class MatchCounts:
 
 
 def match_image(
-    detected: np.ndarray, true: np.ndarray, true_labels: np.ndarray, tolerance_px: float
+    detected: np.ndarray,
+    true: np.ndarray,
+    true_labels: np.ndarray,
+    tolerance_px: float,
+    *,
+    image_shape: tuple[int, int] | None = None,
+    border_px: float = 0.0,
 ) -> dict[int, MatchCounts]:
-    """Per-class counts for one image: detected (n, 2) against true positions (m, 2) with labels (m,)."""
+    """Per-class counts for one image: detected (n, 2) against true positions (m, 2) with labels (m,).
+
+    With ``image_shape`` (H, W) and ``border_px`` > 0, blobs and unmatched detections whose centres lie
+    closer than ``border_px`` to the image edge are not counted (see the module docstring).
+    """
     detected = np.asarray(detected, dtype=np.float64).reshape(-1, 2)
     true = np.asarray(true, dtype=np.float64).reshape(-1, 2)
     true_labels = np.asarray(true_labels, dtype=np.int64)
     if true_labels.shape != (len(true),):
         raise ValueError(f"true_labels must have shape ({len(true)},), got {true_labels.shape}")
+    if border_px < 0 or (border_px > 0 and image_shape is None):
+        raise ValueError(f"border_px must be >= 0 and needs image_shape, got {border_px!r} and {image_shape!r}")
     det_idx, true_idx = match_points(detected, true, tolerance_px)
-    counts = {int(k): MatchCounts() for k in np.unique(true_labels)}
+    counted_true = _inside(true, image_shape, border_px)
+    counts = {int(k): MatchCounts() for k in np.unique(true_labels[counted_true])}
     matched_true = np.zeros(len(true), bool)
     matched_true[true_idx] = True
     for k, c in counts.items():
-        of_class = true_labels == k
+        of_class = (true_labels == k) & counted_true
         c.true_positives = int(np.sum(matched_true & of_class))
         c.false_negatives = int(np.sum(~matched_true & of_class))
     spurious = np.setdiff1d(np.arange(len(detected)), det_idx)
+    spurious = spurious[_inside(detected[spurious], image_shape, border_px)]
     for i in spurious:
         k = int(true_labels[np.argmin(np.hypot(*(true - detected[i]).T))]) if len(true) else 0
         counts.setdefault(k, MatchCounts()).false_positives += 1
     return counts
+
+
+def _inside(points: np.ndarray, image_shape: tuple[int, int] | None, border_px: float) -> np.ndarray:
+    """Which points (n, 2) lie at least ``border_px`` from every edge of an image of ``image_shape``."""
+    if not border_px:
+        return np.ones(len(points), bool)
+    high = np.array(image_shape, dtype=np.float64) - 1 - border_px
+    return np.all((points >= border_px) & (points <= high), axis=1)
 
 
 def fidelity_scores(per_image: Iterable[dict[int, MatchCounts]]) -> dict[str, dict]:
