@@ -271,3 +271,19 @@ def test_missing_h5py_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # makes `import h5py` fail
     with pytest.raises(ModuleNotFoundError, match="pip install h5py"):
         import_h5py()
+
+
+def test_atomic_write_replaces_the_file_or_leaves_it_untouched(tmp_path):
+    from napari_iscat_diffusion.io.atomic import atomic_open, atomic_write_text
+
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(KeyboardInterrupt), atomic_open(target, "w") as file:
+        file.write("half of the new")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    with pytest.raises(ValueError, match="mode"):
+        atomic_open(target, "a").__enter__()

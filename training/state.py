@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 # The atomic writer of model checkpoints; one implementation for both kinds of file.
-from napari_iscat_diffusion.diffusion.checkpoint import _write_atomic
+from napari_iscat_diffusion.io.atomic import atomic_write_bytes
 
 STATE_KEY = "napari_iscat_diffusion_training_state"
 STATE_VERSION = 1
@@ -60,7 +60,7 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None
     document = {"version": STATE_VERSION, "checksum": checksum(cpu), "info": info}
     data = safetensors.torch.save(cpu, metadata={STATE_KEY: json.dumps(document)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .io.atomic import atomic_open, atomic_write_text
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help answers at once
     from .synthetic import SamplerSettings
@@ -319,12 +320,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as file:
+    with atomic_open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    temporary.replace(path)
 
 
 def _run_dataset_check(args: argparse.Namespace) -> int:
@@ -426,7 +425,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         written = write_curves({**run_metadata(), **curves}, args.out.with_name(f"{args.out.stem}_curves"))
         print(f"wrote {len(written)} curve files to {written[0].parent}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
     fidelity = report["metrics"]["fidelity"]["per_class"]
     print(
         f"wrote {args.out}: F1 per class "

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .io.atomic import atomic_write_bytes
+
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 (H, W) array as an 8-bit grayscale PNG, atomically (a temporary file, then a rename)."""
@@ -29,10 +31,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    temporary = f"{os.fspath(path)}.tmp"
-    with open(temporary, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
+    atomic_write_bytes(path, data)
 
 
 def to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:

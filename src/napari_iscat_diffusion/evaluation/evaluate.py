@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..io.atomic import atomic_write_text
 from ..iscat.simulate import SimulationParameters, simulate
 from .c2st import classifier_two_sample_test
 from .detector import DetectorSettings, detect_particles
@@ -377,7 +378,7 @@ def write_curves(curves: dict[str, Any], out_dir: str | os.PathLike) -> list[Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "curves.json"]
-    written[0].write_text(_to_json(curves))
+    atomic_write_text(written[0], _to_json(curves))
     series = {f"steps_{name}": ("steps", points) for name, points in curves["steps"].items()}
     series["guidance"] = ("guidance", curves["guidance"]["points"])
     lines = ["# Metrics against sampler steps and guidance", ""]
@@ -391,7 +392,7 @@ def write_curves(curves: dict[str, Any], out_dir: str | os.PathLike) -> list[Pat
             path = out / f"{title}_{metric}.png"
             write_png(path, line_plot([p[axis] for p in points], values))
             written.append(path)
-    (out / "curves.md").write_text("\n".join(lines))
+    atomic_write_text(out / "curves.md", "\n".join(lines))
     written.append(out / "curves.md")
     return written
 

@@ -12,13 +12,13 @@ ResolutionUnit NONE and ``unit=um`` in the ImageJ description.
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from .atomic import atomic_open
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 MASK_SUFFIXES = ("_mask", "_gt")
@@ -263,17 +263,8 @@ def write_tiff(path: Path, array: np.ndarray, *, pixel_size_nm: float | None = N
         pixels_per_um = 1000.0 / pixel_size_nm
         metadata["unit"] = "um"
         options = {"resolution": (pixels_per_um, pixels_per_um), "resolutionunit": tifffile.RESUNIT.NONE}
-    # A hidden name in the same folder: os.replace is atomic only within one file system.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            tifffile.imwrite(handle, array, imagej=True, metadata=metadata, **options)
-            handle.flush()
-            os.fsync(handle.fileno())  # data on disk before the rename, so a crash leaves old or new, never half
-        os.replace(temporary, path)
-    except BaseException:  # also on KeyboardInterrupt: never leave the temporary file behind
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        tifffile.imwrite(handle, array, imagej=True, metadata=metadata, **options)
 
 
 def read_pixel_size_nm(path: Path) -> float | None:

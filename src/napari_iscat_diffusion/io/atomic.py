@@ -1,0 +1,63 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
+
+The data go to a hidden temporary file in the same folder (``os.replace`` is atomic only within one file
+system), are flushed to disk, and the file is renamed over the target; on any error, KeyboardInterrupt
+included, the temporary file is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file for writing that replaces ``path`` when the ``with`` block ends without error.
+
+    Args:
+        path: the file to write; its folder must exist.
+        mode: "wb" (binary) or "w" (text).
+        **kwargs: passed to ``open`` (e.g. ``newline=""``, ``encoding="utf-8"``).
+
+    Yields:
+        the open temporary file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        # "x": never reuse a file; open() honours the umask (tempfile would always give 0o600).
+        with open(temporary, mode.replace("w", "x"), **kwargs) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())  # data on disk before the rename
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    with atomic_open(path, "wb") as file:
+        file.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see the module docstring)."""
+    with atomic_open(path, "w", encoding="utf-8") as file:
+        file.write(text)
