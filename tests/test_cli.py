@@ -64,6 +64,7 @@ def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "2 classes" in out and sha in out and "60 nm/px" in out
+    assert '"base_channels": 8' in out and '"channel_mults": [1, 2]' in out and "parameterization: v" in out
     (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
     assert main(["info", str(tmp_path / "model.pt")]) == 2
     assert "pickle" in capsys.readouterr().err

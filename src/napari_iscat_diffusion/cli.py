@@ -335,6 +335,9 @@ def _run_dataset_check(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
     from .diffusion.checkpoint import load_checkpoint
 
     if args.checkpoint is None:
@@ -343,6 +346,12 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"{args.checkpoint}: {model.summary()}")
     print(f"sha256 {model.sha256}")
     print(f"written by napari-iscat-diffusion {model.versions.get('package', 'unknown')}")
+    # The model section a training config needs to fine-tune this checkpoint (model.init_from).
+    architecture = {
+        key: list(v) if isinstance(v, tuple) else v for key, v in dataclasses.asdict(model.config.unet).items()
+    }
+    print(f"model: {json.dumps(architecture)}")
+    print(f"parameterization: {model.config.parameterization}, schedule: {json.dumps(model.config.schedule)}")
     return 0
 
 
