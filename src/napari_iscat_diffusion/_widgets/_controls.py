@@ -1,9 +1,12 @@
-"""Form controls shared by the dock widgets: a layer picker, the checkpoint chooser and the sampler settings."""
+"""Form controls shared by the dock widgets: a layer picker, the checkpoint chooser, the sampler settings and the
+run controls (start and Cancel buttons, progress bar, status line)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import napari
 from napari.utils.notifications import show_error
@@ -15,15 +18,18 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QProgressBar,
     QPushButton,
     QSpinBox,
+    QVBoxLayout,
     QWidget,
 )
 
-from ..diffusion import SAMPLERS, CheckpointError, LoadedModel, available_devices, load_checkpoint
+from ..diffusion import SAMPLERS, CheckpointError, LoadedModel, SamplingCancelled, available_devices, load_checkpoint
 from ..diffusion.generate import PRECISIONS
 from ..models import bundled_checkpoints
 from ..synthetic import SamplerSettings
+from ._job import Job, Outcome, Report
 
 BROWSE = "Browse..."
 MAX_SEED = 2**31 - 1
@@ -187,3 +193,72 @@ class SamplerControls(QWidget):
             device=self.device.currentText(),
             precision=self.precision.currentText(),
         )
+
+
+class RunControls(QWidget):
+    """The start and Cancel buttons, a progress bar and a status line for one Job at a time.
+
+    While the job runs, the given form controls are disabled and only Cancel is enabled. ``step_format``
+    turns a step report into the status line; its fields are ``text``, ``completed`` and ``total``.
+    """
+
+    def __init__(self, start_button: QPushButton, controls: list[QWidget], *, step_format: str = "{text}") -> None:
+        super().__init__()
+        self.job: Job | None = None
+        self._controls = controls
+        self._step_format = step_format
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        buttons = QHBoxLayout()
+        buttons.addWidget(start_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        self.cancel_button.clicked.connect(self.cancel)
+
+    @property
+    def running(self) -> bool:
+        """True while a job's worker is running."""
+        return self.job is not None and self.job.running
+
+    def start(
+        self, work: Callable[[Report], Any], *, description: str, status: str, on_done: Callable[[Outcome], None]
+    ) -> None:
+        """Lock the form and run ``work`` as a Job that stops by raising SamplingCancelled.
+
+        ``on_done(outcome)`` runs on the main thread once the form is unlocked again.
+        """
+        self._set_running(True)
+        self.status.setText(status)
+
+        def done(outcome: Outcome) -> None:
+            self._set_running(False)
+            on_done(outcome)
+
+        self.job = Job(
+            work, description=description, cancel_exception=SamplingCancelled, on_step=self._step, on_done=done
+        )
+
+    def cancel(self) -> None:
+        """Ask the running job to stop after its current step."""
+        if self.job is not None:
+            self.job.cancel()
+            self.status.setText("Cancelling...")
+
+    def _step(self, completed: int, total: int, text: str) -> None:
+        # Job calls this before napari's progress update, whose nested event loop may deliver the end of the
+        # job: the final status set in on_done then comes last and is not overwritten by this step.
+        self.progress_bar.setMaximum(total)
+        self.progress_bar.setValue(completed)
+        self.status.setText(self._step_format.format(text=text, completed=completed, total=total))
+
+    def _set_running(self, running: bool) -> None:
+        for widget in self._controls:
+            widget.setEnabled(not running)
+        self.cancel_button.setEnabled(running)

@@ -13,14 +13,12 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from ..diffusion import SamplingCancelled
 from ..export import (
     ExportProgress,
     ExportSummary,
@@ -30,7 +28,7 @@ from ..export import (
     masks_from_folder,
     random_masks,
 )
-from ._controls import CheckpointChooser, LayerPicker, SamplerControls, parse_proportions
+from ._controls import CheckpointChooser, LayerPicker, RunControls, SamplerControls, parse_proportions
 from ._job import Job, Outcome
 
 SOURCES = ("Labels layer", "Folder of mask TIFFs", "Random masks")
@@ -42,7 +40,6 @@ class BatchExportWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.job: Job | None = None
         self.source = QComboBox()
         self.source.addItems(SOURCES)
         self.mask_layer = LayerPicker(napari_viewer)
@@ -58,19 +55,9 @@ class BatchExportWidget(QWidget):
         self.samples = QSpinBox(minimum=1, maximum=1000, value=1)
         self.checkpoint = CheckpointChooser()
         self.sampler = SamplerControls()
-        self.export_button = QPushButton("Export")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.progress_bar = QProgressBar()
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        self._layout()
-        self.mask_folder_button.clicked.connect(lambda: self._browse(self.mask_folder, "Folder of mask TIFFs"))
-        self.output_button.clicked.connect(lambda: self._browse(self.output, "Output folder"))
         self.checkpoint.changed.connect(lambda: self.sampler.use_model_defaults(self.checkpoint.model))
         self.sampler.use_model_defaults(self.checkpoint.model)
-        self.export_button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(self.cancel)
+        self.export_button = QPushButton("Export")
         self._controls = [
             self.source,
             self.mask_layer,
@@ -88,6 +75,19 @@ class BatchExportWidget(QWidget):
             self.sampler,
             self.export_button,
         ]
+        self.run_controls = RunControls(self.export_button, self._controls)
+        self.cancel_button = self.run_controls.cancel_button
+        self.progress_bar = self.run_controls.progress_bar
+        self.status = self.run_controls.status
+        self._layout()
+        self.mask_folder_button.clicked.connect(lambda: self._browse(self.mask_folder, "Folder of mask TIFFs"))
+        self.output_button.clicked.connect(lambda: self._browse(self.output, "Output folder"))
+        self.export_button.clicked.connect(self.start)
+
+    @property
+    def job(self) -> Job | None:
+        """The latest export job, or None before the first."""
+        return self.run_controls.job
 
     def _layout(self) -> None:
         def row(*widgets: QWidget) -> QHBoxLayout:
@@ -108,9 +108,7 @@ class BatchExportWidget(QWidget):
         form.addRow(self.sampler)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addLayout(row(self.export_button, self.cancel_button))
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status)
+        layout.addWidget(self.run_controls)
         layout.addStretch()
 
     def _browse(self, field: QLineEdit, title: str) -> None:
@@ -141,7 +139,7 @@ class BatchExportWidget(QWidget):
 
     def start(self) -> None:
         """Check the inputs and start the export in a thread worker."""
-        if self.job is not None and self.job.running:
+        if self.run_controls.running:
             return
         model = self.checkpoint.model
         if model is None:
@@ -166,34 +164,13 @@ class BatchExportWidget(QWidget):
 
             return export_pairs(masks, model, folder, settings, samples_per_mask=samples, callback=callback)
 
-        self._set_running(True)
-        self.status.setText("Exporting...")
-        self.job = Job(
-            work,
-            description="batch export",
-            cancel_exception=SamplingCancelled,
-            on_step=self._step,
-            on_done=self._done,
-        )
+        self.run_controls.start(work, description="batch export", status="Exporting...", on_done=self._done)
 
     def cancel(self) -> None:
         """Stop after the current sampler step; finished pairs stay, a later run resumes."""
-        if self.job is not None:
-            self.job.cancel()
-            self.status.setText("Cancelling...")
-
-    def _step(self, completed: int, total: int, text: str) -> None:
-        self.progress_bar.setMaximum(total)
-        self.progress_bar.setValue(completed)
-        self.status.setText(text)
-
-    def _set_running(self, running: bool) -> None:
-        for widget in self._controls:
-            widget.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
+        self.run_controls.cancel()
 
     def _done(self, outcome: Outcome) -> None:
-        self._set_running(False)
         if outcome.error is not None:
             self.status.setText("Failed.")
             show_error(f"Batch export failed: {outcome.error}")

@@ -12,17 +12,16 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from ..diffusion import GenerationProgress, LoadedModel, SamplingCancelled, validate_mask
+from ..diffusion import GenerationProgress, LoadedModel, validate_mask
 from ..iscat.masks import random_mask
 from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance, synthesize
-from ._controls import CheckpointChooser, LayerPicker, SamplerControls, parse_proportions
+from ._controls import CheckpointChooser, LayerPicker, RunControls, SamplerControls, parse_proportions
 from ._job import Job, Outcome
 
 OUT_OF_MEMORY = (
@@ -37,7 +36,6 @@ class GenerateWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.job: Job | None = None
         self.mask_layer = LayerPicker(napari_viewer)
         self.new_mask = QPushButton("New mask")
         self.new_mask.setToolTip("Add an empty Labels layer of the size below to paint particles into")
@@ -50,21 +48,11 @@ class GenerateWidget(QWidget):
         self.proportions.setToolTip("Relative frequency of classes 1..K, for example 0.5, 0.3, 0.2")
         self.checkpoint = CheckpointChooser()
         self.sampler = SamplerControls()
+        self.checkpoint.changed.connect(lambda: self.sampler.use_model_defaults(self.checkpoint.model))
+        self.sampler.use_model_defaults(self.checkpoint.model)
         self.samples = QSpinBox(minimum=1, maximum=64, value=1)
         self.show_steps = QCheckBox("show denoising steps")
         self.generate_button = QPushButton("Generate")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.progress_bar = QProgressBar()
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        self._layout()
-        self.new_mask.clicked.connect(self.add_new_mask)
-        self.random_particles.clicked.connect(self.fill_random_particles)
-        self.checkpoint.changed.connect(lambda: self.sampler.use_model_defaults(self.checkpoint.model))
-        self.sampler.use_model_defaults(self.checkpoint.model)
-        self.generate_button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(self.cancel)
         self._controls = [
             self.mask_layer,
             self.new_mask,
@@ -75,6 +63,21 @@ class GenerateWidget(QWidget):
             self.show_steps,
             self.generate_button,
         ]
+        self.run_controls = RunControls(
+            self.generate_button, self._controls, step_format="{text}: step {completed} of {total}"
+        )
+        self.cancel_button = self.run_controls.cancel_button
+        self.progress_bar = self.run_controls.progress_bar
+        self.status = self.run_controls.status
+        self._layout()
+        self.new_mask.clicked.connect(self.add_new_mask)
+        self.random_particles.clicked.connect(self.fill_random_particles)
+        self.generate_button.clicked.connect(self.start)
+
+    @property
+    def job(self) -> Job | None:
+        """The latest generation job, or None before the first."""
+        return self.run_controls.job
 
     def _layout(self) -> None:
         size = QHBoxLayout()
@@ -91,14 +94,9 @@ class GenerateWidget(QWidget):
         form.addRow(self.sampler)
         form.addRow("Samples", self.samples)
         form.addRow(self.show_steps)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.generate_button)
-        buttons.addWidget(self.cancel_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status)
+        layout.addWidget(self.run_controls)
         layout.addStretch()
 
     # --- masks ---------------------------------------------------------------------------------------------
@@ -169,7 +167,7 @@ class GenerateWidget(QWidget):
 
     def start(self) -> None:
         """Check the inputs and start generating in a thread worker."""
-        if self.job is not None and self.job.running:
+        if self.run_controls.running:
             return
         chosen = self._mask_data()
         if chosen is None:
@@ -190,36 +188,19 @@ class GenerateWidget(QWidget):
                 mask, model, settings, samples=samples, keep_steps=keep_steps, callback=callback, name=layer.name
             )
 
-        self._set_running(True)
-        self.status.setText("Generating...")
-        self.job = Job(
+        self.progress_bar.setValue(0)  # an empty bar from the start, not the last run's until the first step
+        self.run_controls.start(
             work,
             description=f"synthetic ({layer.name})",
-            cancel_exception=SamplingCancelled,
-            on_step=self._step,
+            status="Generating...",
             on_done=lambda outcome: self._done(outcome, layer, model, settings),
         )
 
     def cancel(self) -> None:
         """Stop after the current sampler step; no layer is added."""
-        if self.job is not None:
-            self.job.cancel()
-            self.status.setText("Cancelling...")
-
-    def _step(self, completed: int, total: int, text: str) -> None:
-        self.progress_bar.setMaximum(total)
-        self.progress_bar.setValue(completed)
-        self.status.setText(f"{text}: step {completed} of {total}")
-
-    def _set_running(self, running: bool) -> None:
-        for widget in self._controls:
-            widget.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        if running:
-            self.progress_bar.setValue(0)
+        self.run_controls.cancel()
 
     def _done(self, outcome: Outcome, layer: napari.layers.Labels, model: LoadedModel, settings: SamplerSettings):
-        self._set_running(False)
         if torch.cuda.is_available():  # generate() frees its cache too; this also covers errors raised before it
             torch.cuda.empty_cache()
         if outcome.cancelled:
