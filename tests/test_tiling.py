@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from tests.tiny_models import tiny_unet_config
 
-from napari_iscat_diffusion.diffusion import ConditionalUNet, ModelConfig, generate, load_checkpoint, save_checkpoint
+from napari_iscat_diffusion.diffusion import (
+    ConditionalUNet,
+    ModelConfig,
+    SamplingCancelled,
+    generate,
+    load_checkpoint,
+    save_checkpoint,
+)
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition
 from napari_iscat_diffusion.diffusion.denoiser import DiscreteTimeDenoiser
 from napari_iscat_diffusion.diffusion.schedules import linear_schedule
@@ -147,6 +154,53 @@ def test_tiled_generation_stays_close_to_untiled(model):
     tiled = generate(mask, model, steps=2, seed=1, tile_size=64, tile_overlap=16)
     assert not np.array_equal(tiled, whole)
     assert np.linalg.norm(tiled - whole) / np.linalg.norm(whole) < 0.25
+
+
+def test_should_stop_cancels_between_tiles_of_the_first_step(model):
+    calls = []
+    handle = model.net.register_forward_pre_hook(lambda _m, _args: calls.append(1))
+    try:
+        with pytest.raises(SamplingCancelled) as raised:
+            generate(
+                np.zeros((150, 100), np.uint8),
+                model,
+                steps=3,
+                guidance=2.0,
+                tile_size=64,
+                tile_overlap=16,
+                should_stop=lambda: len(calls) >= 1,
+            )
+    finally:
+        handle.remove()
+    tiles = len(tile_starts(150, 64, 16, 2)) * len(tile_starts(100, 64, 16, 2))
+    assert tiles >= 6
+    assert len(calls) == 1  # one tile's forward, not the step's six
+    assert raised.value.step == -1  # inside the first step
+
+
+def test_should_stop_reports_the_last_finished_step(model):
+    steps_done = []
+    with pytest.raises(SamplingCancelled) as raised:
+        generate(
+            np.zeros((150, 100), np.uint8),
+            model,
+            steps=3,
+            tile_size=64,
+            tile_overlap=16,
+            callback=lambda progress: steps_done.append(progress.step),
+            should_stop=lambda: len(steps_done) == 2,
+        )
+    assert steps_done == [0, 1] and raised.value.step == 1
+
+
+def test_should_stop_that_never_stops_leaves_the_image_unchanged(model):
+    mask = np.zeros((150, 100), np.uint8)
+    mask[60:64, 40:44] = 1
+    options = {"steps": 2, "seed": 5, "guidance": 2.0, "tile_size": 64, "tile_overlap": 16}
+    polls = []
+    image = generate(mask, model, should_stop=lambda: polls.append(1) is not None, **options)
+    np.testing.assert_array_equal(image, generate(mask, model, **options))
+    assert len(polls) == 2 * len(tile_starts(150, 64, 16, 2)) * len(tile_starts(100, 64, 16, 2))
 
 
 @pytest.mark.parametrize(

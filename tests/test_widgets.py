@@ -10,7 +10,7 @@ from qtpy.QtCore import QTimer
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion._widgets import _controls
-from napari_iscat_diffusion.diffusion import generate, load_checkpoint
+from napari_iscat_diffusion.diffusion import SamplingCancelled, generate, load_checkpoint
 
 PLUGIN = "napari-iscat-diffusion"
 TIMEOUT_MS = 60_000
@@ -213,6 +213,28 @@ def test_cancel_stops_the_worker_adds_no_layer_and_gives_the_controls_back(viewe
     widget.sampler.steps.setValue(2)
     _run(qtbot, widget)  # still usable: the next run completes
     assert "synthetic (m)" in viewer.layers
+
+
+def test_cancel_reaches_generation_inside_a_step_through_should_stop(viewer_and_widget, qtbot, monkeypatch):
+    import napari_iscat_diffusion._widgets.generate as generate_module
+
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask(), name="m"))
+    started = []
+
+    def one_endless_step(*args, should_stop, **kwargs):
+        # a step that never ends, like one over many tiles: only should_stop can end it
+        started.append(True)
+        while not should_stop():
+            time.sleep(0.01)
+        raise SamplingCancelled(-1)
+
+    monkeypatch.setattr(generate_module, "synthesize", one_endless_step)
+    widget.generate_button.click()
+    qtbot.waitUntil(lambda: bool(started), timeout=TIMEOUT_MS)
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.job.running and widget.generate_button.isEnabled(), timeout=TIMEOUT_MS)
+    assert "Cancelled" in widget.status.text() and [layer.name for layer in viewer.layers] == ["m"]
 
 
 def _assert_refused(viewer, widget, notifications, qtbot, words: tuple[str, ...]) -> None:

@@ -1,12 +1,14 @@
 """The Batch export dock widget in a real napari viewer (Qt under Xvfb) with a tiny untrained model."""
 
+import time
+
 import numpy as np
 import pytest
 from napari.utils.notifications import ErrorNotification, NotificationSeverity, notification_manager
 
 from napari_iscat_diffusion._widgets import _controls
 from napari_iscat_diffusion._widgets.batch_export import SOURCES
-from napari_iscat_diffusion.export import MANIFEST, finished_pairs
+from napari_iscat_diffusion.export import MANIFEST, ExportSummary, finished_pairs
 
 TIMEOUT_MS = 60_000
 
@@ -79,6 +81,27 @@ def test_cancel_keeps_finished_pairs_and_gives_the_controls_back(viewer_and_widg
     qtbot.waitUntil(lambda: not widget.job.running and widget.export_button.isEnabled(), timeout=TIMEOUT_MS)
     assert "Cancelled after 0 new pair(s)" in widget.status.text()
     assert all(control.isEnabled() for control in widget._controls) and not widget.cancel_button.isEnabled()
+
+
+def test_cancel_reaches_the_export_inside_a_step_through_should_stop(viewer_and_widget, qtbot, monkeypatch):
+    import napari_iscat_diffusion._widgets.batch_export as batch_export_module
+
+    _, widget = viewer_and_widget
+    started = []
+
+    def one_endless_step(masks, model, folder, *args, should_stop, **kwargs):
+        # a step that never ends, like one over many tiles: only should_stop can end it
+        started.append(True)
+        while not should_stop():
+            time.sleep(0.01)
+        return ExportSummary(folder, 0, 0, cancelled=True)
+
+    monkeypatch.setattr(batch_export_module, "export_pairs", one_endless_step)
+    widget.export_button.click()
+    qtbot.waitUntil(lambda: bool(started), timeout=TIMEOUT_MS)
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.job.running and widget.export_button.isEnabled(), timeout=TIMEOUT_MS)
+    assert "Cancelled after 0 new pair(s)" in widget.status.text()
 
 
 @pytest.mark.parametrize(

@@ -239,6 +239,7 @@ def export_pairs(
     *,
     samples_per_mask: int = 1,
     callback: Callable[[ExportProgress], bool | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> ExportSummary:
@@ -246,8 +247,9 @@ def export_pairs(
 
     Pair ``i`` (masks in order, samples within a mask) is named ``MASK_sSSS`` and gets seed
     ``settings.seed + i``, so a resumed run makes the same pairs as an uninterrupted one. ``callback``
-    gets an ``ExportProgress`` after every sampler step; returning True cancels within that step
-    (no partial pair is written).
+    gets an ``ExportProgress`` after every sampler step; returning True cancels there. ``should_stop`` is
+    polled before every tile's network call (see ``generate``); returning True cancels there, without
+    waiting for the end of a step. A cancelled export writes no partial pair.
 
     With ``world_size`` > 1 this process makes only the pairs ``i`` with ``i % world_size == rank`` and
     records them in ``manifest.rank{rank}.csv``; together the ranks make exactly the pairs of one process.
@@ -308,6 +310,7 @@ def export_pairs(
                 precision=settings.precision,
                 batch_size=settings.batch_size,
                 callback=on_step,
+                should_stop=should_stop,
             )
         except SamplingCancelled:
             return ExportSummary(folder, written, skipped, cancelled=True)

@@ -77,12 +77,15 @@ def synthesize(
     samples: int = 1,
     keep_steps: bool = False,
     callback: Callable[[GenerationProgress], bool | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     name: str = "mask",
 ) -> Synthesis:
     """Generate ``samples`` images for a 2-D mask (H, W) or one per plane of a 3-D mask (P, H, W).
 
     Sample ``s`` of plane ``p`` gets seed ``settings.seed + s * P + p``. ``callback`` is ``generate``'s
-    (return True to cancel). Raises ValueError for a bad mask (``name`` identifies it) or bad settings.
+    (return True to cancel after a step), and so is ``should_stop`` (return True to cancel before the next
+    tile). Raises ValueError for a bad mask (``name`` identifies it) or bad settings, SamplingCancelled
+    when cancelled.
     """
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
@@ -113,6 +116,7 @@ def synthesize(
         precision=s.precision,
         batch_size=s.batch_size,
         callback=on_step,
+        should_stop=should_stop,
     )
     images = images.reshape(samples, len(planes), *images.shape[1:])
     if array.ndim == 2:

@@ -246,7 +246,7 @@ class RunControls(QWidget):
         )
 
     def cancel(self) -> None:
-        """Ask the running job to stop after its current step."""
+        """Ask the running job to stop before its next tile or sampler step."""
         if self.job is not None:
             self.job.cancel()
             self.status.setText("Cancelling...")

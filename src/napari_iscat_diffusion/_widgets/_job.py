@@ -5,14 +5,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from qtpy.QtCore import QObject, Signal
 
-# report(completed, total, text) -> True when the work should stop
-Report = Callable[[int, int, str], bool]
+
+class Report(Protocol):
+    """What ``work`` gets: ``report(completed, total, text)`` after each step, True when the work should stop;
+    ``report.stop_requested()`` asks the same without reporting, for checks between steps (tiles)."""
+
+    def __call__(self, completed: int, total: int, text: str) -> bool: ...
+
+    def stop_requested(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,18 @@ class Outcome:
     value: Any = None
     error: BaseException | None = None
     cancelled: bool = False
+
+
+class _Reporter:
+    """The ``Report`` a Job hands to its work: relays steps to the main thread and answers whether to stop."""
+
+    def __init__(self, emit: Callable[[int, int, str], None], stop_requested: Callable[[], bool]) -> None:
+        self._emit = emit
+        self.stop_requested = stop_requested
+
+    def __call__(self, completed: int, total: int, text: str) -> bool:
+        self._emit(completed, total, text)
+        return self.stop_requested()
 
 
 class _Relay(QObject):
@@ -36,8 +54,9 @@ class Job:
     ``work`` calls ``report(completed, total, text)`` after each step; the widget's ``on_step`` and napari's
     activity dock see it on the main thread. ``report`` returns True once ``cancel()`` was called (or the
     worker was asked to quit from napari's status bar), and ``work`` then stops by raising
-    ``cancel_exception``. ``on_done(Outcome)`` runs on the main thread when the worker has finished; any
-    exception is handed to it instead of escaping into napari.
+    ``cancel_exception``; ``report.stop_requested()`` says the same without reporting, so that ``work`` can
+    stop inside a long step (``generate()`` polls it before every tile). ``on_done(Outcome)`` runs on the
+    main thread when the worker has finished; any exception is handed to it instead of escaping into napari.
 
     A function worker with a queued signal is used rather than a generator worker: ``generate()`` reports
     from inside its sampler loop through a callback, which cannot ``yield``.
@@ -67,7 +86,7 @@ class Job:
         self.worker.start()
 
     def cancel(self) -> None:
-        """Ask the work to stop after the current step."""
+        """Ask the work to stop at its next check: the next tile's network call or the end of the step."""
         self._cancel.set()
 
     @property
@@ -77,14 +96,13 @@ class Job:
 
     def _run(self, work: Callable[[Report], Any]) -> Outcome:
         try:
-            return Outcome(value=work(self._report))
+            return Outcome(value=work(_Reporter(self._relay.reported.emit, self._stop_requested)))
         except self._cancel_exception:
             return Outcome(cancelled=True)
         except Exception as error:  # reported by on_done as a notification; never escapes into napari
             return Outcome(error=error)
 
-    def _report(self, completed: int, total: int, text: str) -> bool:
-        self._relay.reported.emit(completed, total, text)
+    def _stop_requested(self) -> bool:
         return self._cancel.is_set() or self.worker.abort_requested
 
     def _step(self, completed: int, total: int, text: str) -> None:

@@ -29,7 +29,7 @@ from ..export import (
     random_masks,
 )
 from ._controls import CheckpointChooser, LayerPicker, RunControls, SamplerControls, parse_proportions
-from ._job import Job, Outcome
+from ._job import Job, Outcome, Report
 
 SOURCES = ("Labels layer", "Folder of mask TIFFs", "Random masks")
 
@@ -155,19 +155,27 @@ class BatchExportWidget(QWidget):
             return
         folder, settings, samples = Path(self.output.text()), self.sampler.settings(), self.samples.value()
 
-        def work(report) -> ExportSummary:
+        def work(report: Report) -> ExportSummary:
             def callback(progress: ExportProgress) -> bool:
                 # progress counts pairs; within a pair, the fraction of sampler steps done
                 completed = progress.pairs_done * progress.steps + progress.step
                 text = f"pair {progress.pairs_done + 1} of {progress.pairs_total} ({progress.current})"
                 return report(completed, progress.pairs_total * progress.steps, text)
 
-            return export_pairs(masks, model, folder, settings, samples_per_mask=samples, callback=callback)
+            return export_pairs(
+                masks,
+                model,
+                folder,
+                settings,
+                samples_per_mask=samples,
+                callback=callback,
+                should_stop=report.stop_requested,
+            )
 
         self.run_controls.start(work, description="batch export", status="Exporting...", on_done=self._done)
 
     def cancel(self) -> None:
-        """Stop after the current sampler step; finished pairs stay, a later run resumes."""
+        """Stop before the next tile or sampler step; finished pairs stay, a later run resumes."""
         self.run_controls.cancel()
 
     def _done(self, outcome: Outcome) -> None:

@@ -22,7 +22,7 @@ from ..diffusion import GenerationProgress, LoadedModel, validate_mask
 from ..iscat.masks import random_mask
 from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance, synthesize
 from ._controls import CheckpointChooser, LayerPicker, RunControls, SamplerControls, parse_proportions
-from ._job import Job, Outcome
+from ._job import Job, Outcome, Report
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory. Generate fewer samples at once, use a smaller mask, choose precision bf16 or fp16, "
@@ -178,14 +178,21 @@ class GenerateWidget(QWidget):
         samples, keep_steps = self.samples.value(), self.show_steps.isChecked()
         planes = 1 if mask.ndim == 2 else len(mask)
 
-        def work(report) -> Synthesis:
+        def work(report: Report) -> Synthesis:
             def callback(progress: GenerationProgress) -> bool:
                 first = progress.image_indices.start
                 text = f"image {first + 1} of {planes * samples}" if planes * samples > 1 else "generating"
                 return report(progress.completed, progress.total, text)
 
             return synthesize(
-                mask, model, settings, samples=samples, keep_steps=keep_steps, callback=callback, name=layer.name
+                mask,
+                model,
+                settings,
+                samples=samples,
+                keep_steps=keep_steps,
+                callback=callback,
+                should_stop=report.stop_requested,
+                name=layer.name,
             )
 
         self.progress_bar.setValue(0)  # an empty bar from the start, not the last run's until the first step
@@ -197,7 +204,7 @@ class GenerateWidget(QWidget):
         )
 
     def cancel(self) -> None:
-        """Stop after the current sampler step; no layer is added."""
+        """Stop before the next tile or sampler step; no layer is added."""
         self.run_controls.cancel()
 
     def _done(self, outcome: Outcome, layer: napari.layers.Labels, model: LoadedModel, settings: SamplerSettings):

@@ -12,9 +12,10 @@ import torch
 
 from .checkpoint import LoadedModel
 from .conditioning import encode_condition, null_condition, validate_mask
+from .denoiser import ConditionalDenoiser
 from .device import resolve_device
 from .guidance import guided_denoiser
-from .samplers import get_sampler, sampling_sigmas
+from .samplers import SamplingCancelled, get_sampler, sampling_sigmas
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -61,6 +62,7 @@ def generate(
     precision: str = "auto",
     batch_size: int = 4,
     callback: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
     tile_size: int | str | None = "auto",
     tile_overlap: int | None = None,
 ) -> np.ndarray:
@@ -81,6 +83,9 @@ def generate(
         batch_size: images per forward pass (guidance doubles the pass internally).
         callback: called after every sampler step with a ``GenerationProgress``; returning True
             stops generation with ``SamplingCancelled``.
+        should_stop: polled before every network call, so before every tile of a tiled mask; returning
+            True stops generation with ``SamplingCancelled`` within one tile's forward pass rather than
+            at the end of a sampler step, which on a CPU can take minutes for a large mask.
         tile_size: masks larger than this (in H or W) are denoised in overlapping tiles of this
             side, blended smoothly inside every denoiser call, so memory stays bounded at any mask
             size (see ``tiling.py``); "auto" picks it from the network (256 for the default model,
@@ -95,7 +100,7 @@ def generate(
 
     Raises:
         ValueError: for a bad mask, sampler, step count, seed list, device, precision or batch size.
-        SamplingCancelled: when the callback asked to stop.
+        SamplingCancelled: when the callback or ``should_stop`` asked to stop.
     """
     config = model.config
     labels = validate_mask(mask, config.num_classes)
@@ -121,7 +126,10 @@ def generate(
     schedule = model.schedule
     sigmas = sampling_sigmas(sampler, steps, schedule.sigma_min, schedule.sigma_max, schedule=schedule)
     model.net.to(torch_device)
+    finished = 0  # sampler steps finished in the current batch
     cond_denoise = model.denoiser()
+    if should_stop is not None:
+        cond_denoise = _stoppable(cond_denoise, should_stop, lambda: finished - 1)
     height, width = labels.shape[1:]
     if needs_tiling(height, width, tile_size):
         align = 2 ** (len(config.unet.channel_mults) - 1)
@@ -135,6 +143,7 @@ def generate(
     try:
         with torch.inference_mode(), autocast:
             for indices in _batches(num_images, batch_size):
+                finished = 0
                 generators = [torch.Generator().manual_seed(seeds[i]) for i in indices]
                 noise = torch.stack([torch.randn(channels, height, width, generator=g) for g in generators])
                 x = noise.to(torch_device) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
@@ -143,8 +152,9 @@ def generate(
                 denoise = guided_denoiser(cond_denoise, cond, null_condition(cond), guidance)
 
                 def on_step(step: int, _x: torch.Tensor, denoised: torch.Tensor, indices: range = indices) -> bool:
-                    nonlocal completed
+                    nonlocal completed, finished
                     completed += 1
+                    finished = step + 1
                     if callback is None:
                         return False
                     report = GenerationProgress(completed, total, step, indices, denoised, mean, std)
@@ -159,6 +169,22 @@ def generate(
     if channels == 1:
         images = images[:, 0]
     return images[0] if np.asarray(mask).ndim == 2 else images
+
+
+def _stoppable(
+    cond_denoise: ConditionalDenoiser, should_stop: Callable[[], bool], last_step: Callable[[], int]
+) -> ConditionalDenoiser:
+    """``cond_denoise`` that first raises ``SamplingCancelled(last_step())`` when ``should_stop()`` is True.
+
+    Wrapped inside the tiled denoiser it is polled before every tile, not only once per sampler step.
+    """
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if should_stop():
+            raise SamplingCancelled(last_step())
+        return cond_denoise(x, sigma, cond)
+
+    return denoise
 
 
 def _to_physical(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:

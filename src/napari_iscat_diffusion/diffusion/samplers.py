@@ -38,10 +38,13 @@ GRIDS: tuple[str, ...] = ("discrete", "karras")
 
 
 class SamplingCancelled(Exception):
-    """Raised by a sampler when its callback returned True; ``step`` is the step after which it stopped."""
+    """Raised by a sampler when its callback returned True, or by ``generate`` when its ``should_stop`` did.
+
+    ``step`` is the last step finished (0-based); -1 when sampling stopped inside the first step.
+    """
 
     def __init__(self, step: int) -> None:
-        super().__init__(f"sampling cancelled after step {step}")
+        super().__init__(f"sampling cancelled after step {step}" if step >= 0 else "sampling cancelled in step 0")
         self.step = step
 
 
