@@ -166,6 +166,7 @@ def main() -> None:
     peak = matmul_peak_gflops(resolve_device("cpu"), seconds=0.5 if args.quick else 3.0)
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s with {torch.get_num_threads()} thread(s)")
     results = []
+    machine = machine_info() | {"matmul_peak_gflops": peak}
     for name in args.configs:
         unet = MATCHED_UNET if name == "matched" else default_model_unet()
         model = fresh_model(unet)
@@ -204,8 +205,8 @@ def main() -> None:
                     f"{gflops['project'] / peak:.0%} of peak), diffusers {timing['diffusers']:.3f} s/image "
                     f"({gflops['diffusers']:.1f} GFLOP/s): project {ratio:.2f}x faster"
                 )
-    machine = machine_info() | {"matmul_peak_gflops": peak}
-    write_results("sampling", machine, results, args.out)
+                # After every case, so that a run stopped part-way keeps what it measured.
+                write_results("sampling", machine, results, args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from machine import cpu_model
 from napari_iscat_diffusion.diffusion import ConditionalUNet, LoadedModel, ModelConfig, UNetConfig, load_checkpoint
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
+from napari_iscat_diffusion.io.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,7 +53,7 @@ def write_results(name: str, machine: dict, results: dict | list, out: Path | No
     """Write ``{"machine": ..., "results": ...}`` as JSON to ``out`` or ``benchmarks/results/<name>.json``."""
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine, "argv": sys.argv[1:], "results": results}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"machine": machine, "argv": sys.argv[1:], "results": results}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .diffusion import GenerationProgress, LoadedModel, SamplingCancelled, generate, validate_mask
+from .io.atomic import atomic_open
 from .io.tiff_pairs import TIFF_SUFFIXES, read_image, read_mask, read_tiff, write_tiff
 from .iscat.masks import random_mask
 from .png import grid, to_uint8, write_png
@@ -175,14 +176,10 @@ def merge_manifests(folder: Path) -> Path:
     if not ranks:
         return manifest
     rows = sorted(finished_pairs(folder).values(), key=lambda row: int(row["pair"]))
-    temporary = manifest.with_name(f".{MANIFEST}.tmp")
-    with open(temporary, "w", newline="") as file:
+    with atomic_open(manifest, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, manifest)
     for path in ranks:
         path.unlink()
     return manifest

@@ -235,6 +235,7 @@ class RunControls(QWidget):
         ``on_done(outcome)`` runs on the main thread once the form is unlocked again.
         """
         self._set_running(True)
+        self.progress_bar.setValue(0)  # an empty bar from the start, not the last run's until the first step
         self.status.setText(status)
 
         def done(outcome: Outcome) -> None:

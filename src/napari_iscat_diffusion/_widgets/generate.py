@@ -195,7 +195,6 @@ class GenerateWidget(QWidget):
                 name=layer.name,
             )
 
-        self.progress_bar.setValue(0)  # an empty bar from the start, not the last run's until the first step
         self.run_controls.start(
             work,
             description=f"synthetic ({layer.name})",
