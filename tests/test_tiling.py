@@ -156,20 +156,17 @@ def test_tiled_generation_stays_close_to_untiled(model):
     assert np.linalg.norm(tiled - whole) / np.linalg.norm(whole) < 0.25
 
 
+def _generate_six_tiles(model, **options):
+    """Three steps on an empty 150 x 100 mask in 64 px tiles with 16 px overlap (six tiles per denoiser call)."""
+    return generate(np.zeros((150, 100), np.uint8), model, steps=3, tile_size=64, tile_overlap=16, **options)
+
+
 def test_should_stop_cancels_between_tiles_of_the_first_step(model):
     calls = []
     handle = model.net.register_forward_pre_hook(lambda _m, _args: calls.append(1))
     try:
         with pytest.raises(SamplingCancelled) as raised:
-            generate(
-                np.zeros((150, 100), np.uint8),
-                model,
-                steps=3,
-                guidance=2.0,
-                tile_size=64,
-                tile_overlap=16,
-                should_stop=lambda: len(calls) >= 1,
-            )
+            _generate_six_tiles(model, guidance=2.0, should_stop=lambda: len(calls) >= 1)
     finally:
         handle.remove()
     tiles = len(tile_starts(150, 64, 16, 2)) * len(tile_starts(100, 64, 16, 2))
@@ -181,12 +178,8 @@ def test_should_stop_cancels_between_tiles_of_the_first_step(model):
 def test_should_stop_reports_the_last_finished_step(model):
     steps_done = []
     with pytest.raises(SamplingCancelled) as raised:
-        generate(
-            np.zeros((150, 100), np.uint8),
+        _generate_six_tiles(
             model,
-            steps=3,
-            tile_size=64,
-            tile_overlap=16,
             callback=lambda progress: steps_done.append(progress.step),
             should_stop=lambda: len(steps_done) == 2,
         )

@@ -51,7 +51,7 @@ def _differences(config: TrainConfig, stored: ModelConfig) -> list[str]:
     differences = [
         f"model.{name} is {wanted[name]!r} in the config but {found[name]!r} in the checkpoint"
         for name in wanted
-        if _plain(wanted[name]) != _plain(found[name])
+        if wanted[name] != found[name]
     ]
     if config.model.parameterization != stored.parameterization:
         differences.append(
@@ -63,7 +63,3 @@ def _differences(config: TrainConfig, stored: ModelConfig) -> list[str]:
             f"model.schedule is {config.model.schedule!r} in the config but {stored.schedule!r} in the checkpoint"
         )
     return differences
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (tuple, list)) else value
