@@ -52,10 +52,22 @@ def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
     assert stages == {"generate", "diversity", "edits"}
     json.dumps(result, allow_nan=False)
     assert result["settings"]["n"] == 4 and result["settings"]["image_size"] == [32, 32]
-    assert set(result) >= {"fidelity", "reference_fidelity", "physics", "c2st", "diversity", "edited_masks"}
+    assert set(result) >= {
+        "fidelity",
+        "reference_fidelity",
+        "physics",
+        "reference_floor",
+        "c2st",
+        "diversity",
+        "edited_masks",
+    }
     assert result["c2st"]["num_test"] == 4
-    # An untrained network is far from the simulator's noise level.
+    # An untrained network is far from the simulator's noise level; a second simulator set is close to it.
     assert not 0.5 < result["physics"]["background_noise"]["ratio"] < 2
+    floor = result["reference_floor"]
+    assert 0.5 < floor["background_noise"]["ratio"] < 2
+    assert floor["spectrum_distance_decades"] < result["physics"]["power_spectrum"]["distance_decades"]
+    assert set(floor["peak_contrast"]) <= {"1", "2", "3"} and floor["seeds"].startswith("4000000000..")
     assert result["diversity"]["relative"] > 0
 
 
@@ -74,7 +86,9 @@ def test_metric_curves_and_their_files(tiny_checkpoint, tmp_path):
     )
     assert [p["steps"] for p in curves["steps"]["euler"]] == [1, 2]
     assert [p["guidance"] for p in curves["guidance"]["points"]] == [0.0, 2.0]
+    assert 0.5 < curves["reference_floor"]["background_noise"]["ratio"] < 2
     written = write_curves(curves, tmp_path / "curves")
+    assert "A second simulator set against the reference" in (tmp_path / "curves" / "curves.md").read_text()
     names = {p.name for p in written}
     assert {"curves.json", "curves.md", "steps_euler_f1_all.png", "guidance_noise_ratio.png"} <= names
     assert all(p.exists() for p in written)
@@ -88,7 +102,8 @@ def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert "machine" in report and "commit" in report and report["checkpoint"]["sha256"]
     assert report["metrics"]["settings"]["steps"] == 2
-    assert "F1 per class" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "class 1: F1" in printed and "(two simulator sets: " in printed and "C2ST accuracy" in printed
     assert main([*args, "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--n", "2", "--out", str(tmp_path / "other.json")]) == 2

@@ -435,13 +435,29 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {len(written)} curve files to {written[0].parent}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    fidelity = report["metrics"]["fidelity"]["per_class"]
-    print(
-        f"wrote {args.out}: F1 per class "
-        + ", ".join(f"{k}: {v['f1']:.3f}" if v["f1"] is not None else f"{k}: -" for k, v in fidelity.items())
-        + (f"; C2ST accuracy {report['metrics']['c2st']['accuracy']:.3f}" if "c2st" in report["metrics"] else "")
-    )
+    print(f"wrote {args.out}")
+    print(_evaluation_summary(report["metrics"]))
     return 0
+
+
+def _evaluation_summary(metrics: dict) -> str:
+    """Per class F1 and peak-contrast distance (with the reference floor) and the C2ST accuracy, a line each."""
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    fidelity = metrics["fidelity"]["per_class"]
+    contrast = metrics["physics"]["peak_contrast"]
+    floor = metrics["reference_floor"]["peak_contrast"]
+    lines = [
+        f"class {k}: F1 {number(fidelity[k]['f1']) if k in fidelity else '-'}, "
+        f"contrast W/spread {number(contrast[k]['relative_to_spread'])} "
+        f"(two simulator sets: {number(floor.get(k, {}).get('relative_to_spread'))})"
+        for k in contrast
+    ]
+    if "c2st" in metrics:
+        lines.append(f"C2ST accuracy {metrics['c2st']['accuracy']:.3f} (0.5: indistinguishable)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

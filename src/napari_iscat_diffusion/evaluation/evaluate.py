@@ -35,6 +35,8 @@ from .statistics import (
 )
 
 HELD_OUT_SEED = 3_000_000_000
+# Seeds of the second, independent simulator set that measures each physics metric's sampling floor.
+FLOOR_SEED = 4_000_000_000
 # Separate seed ranges (offsets from the generation seed) for the main, diversity and edited-mask samples.
 _DIVERSITY_SEED_STRIDE = 1_000_000
 _EDIT_SEED_OFFSET = 500_000
@@ -140,6 +142,21 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
     }
 
 
+def reference_floor(reference: ImageSet, params: SimulationParameters, seed: int = FLOOR_SEED) -> dict[str, Any]:
+    """Physics statistics of a second, independent simulator set (masks and images from seeds ``seed``, ...)
+    against ``reference``: the values that sampling alone gives at this number of images, so that a model's
+    distance reads against the smallest one it could reach (peak contrast per class, background noise
+    ratio, spectrum distance in decades)."""
+    other = simulated_set(params, len(reference.images), seed)
+    stats = physics_statistics(other, reference, detector_settings(params).psf_radius_px)
+    return {
+        "seeds": f"{seed}..{seed + len(reference.images) - 1}",
+        "peak_contrast": stats["peak_contrast"],
+        "background_noise": stats["background_noise"],
+        "spectrum_distance_decades": stats["power_spectrum"]["distance_decades"],
+    }
+
+
 def compare_image_sets(
     generated: ImageSet,
     reference: ImageSet,
@@ -210,6 +227,7 @@ def evaluate_model(
     diversity_seeds: int = 4,
     edited_masks: int = 16,
     c2st: bool = True,
+    floor: bool = True,
     params: SimulationParameters | None = None,
     reference: ImageSet | None = None,
     progress: Progress | None = None,
@@ -231,6 +249,8 @@ def evaluate_model(
         diversity_seeds: seeds per mask for the diversity metric (at least 2).
         edited_masks: masks to edit (2 blobs moved, 2 added) and generate again (0 skips it).
         c2st: run the classifier two-sample test.
+        floor: also measure the physics statistics of a second simulator set against the reference
+            (:func:`reference_floor`), the values a perfect model would get at this ``n``.
         params: simulator parameters; None takes :func:`simulation_parameters_for`.
         reference: a precomputed reference set for ``params`` (curves reuse one).
         progress: called with (stage, done, total) during generation.
@@ -261,6 +281,8 @@ def evaluate_model(
         },
         **compare_image_sets(generated, reference, params, seed=seed, c2st=c2st),
     }
+    if floor:
+        result["reference_floor"] = reference_floor(reference, params)
     count = min(diversity_masks, n)
     if count > 0 and diversity_seeds >= 2:
         extra = [seed + s * _DIVERSITY_SEED_STRIDE + i for s in range(1, diversity_seeds) for i in range(count)]
@@ -348,6 +370,7 @@ def metric_curves(
         "diversity_masks": 0,
         "edited_masks": 0,
         "c2st": c2st,
+        "floor": False,
         "params": params,
         "reference": reference,
         "progress": progress,
@@ -365,6 +388,7 @@ def metric_curves(
     ]
     return {
         "settings": {"n": n, "image_size": list(reference.images.shape[1:]), "seed": seed},
+        "reference_floor": reference_floor(reference, params),
         "steps": by_steps,
         "guidance": {"sampler": guidance_sampler, "steps": guidance_steps, "points": by_guidance},
     }
@@ -382,6 +406,15 @@ def write_curves(curves: dict[str, Any], out_dir: str | os.PathLike) -> list[Pat
     series = {f"steps_{name}": ("steps", points) for name, points in curves["steps"].items()}
     series["guidance"] = ("guidance", curves["guidance"]["points"])
     lines = ["# Metrics against sampler steps and guidance", ""]
+    if "reference_floor" in curves:
+        floor = curves["reference_floor"]
+        contrast = ", ".join(f"class {k} {_cell(v['relative_to_spread'])}" for k, v in floor["peak_contrast"].items())
+        lines += [
+            "A second simulator set against the reference (what sampling alone gives at this n): "
+            f"contrast W / spread {contrast}; noise ratio {_cell(floor['background_noise']['ratio'])}; "
+            f"spectrum distance {_cell(floor['spectrum_distance_decades'])} decades.",
+            "",
+        ]
     for title, (axis, points) in series.items():
         metrics = [key for key in points[0] if key != axis]
         lines += [f"## {title}", "", "| " + " | ".join([axis, *metrics]) + " |", "|" + "---|" * (len(metrics) + 1)]
