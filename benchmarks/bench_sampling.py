@@ -3,7 +3,7 @@
 For each architecture the project's ``ConditionalUNet`` and a diffusers ``UNet2DModel`` of matched
 size (parameters and FLOPs within 10%, counted with ``FlopCounterMode``) generate the same number
 of images from the same masks with classifier-free guidance (cond and uncond as one batch) and
-second-order multistep DPM-Solver++ on a Karras sigma grid at the same number of steps: the project
+second-order multistep DPM-Solver++ on the same log-SNR-uniform sigma grid at the same number of steps: the project
 through ``generate()``, diffusers through its ``DPMSolverMultistepScheduler`` in the usual
 denoising loop. Runs alternate between the two pipelines; the median time per image, the ratio
 (diffusers / project, above 1 means the project is faster) and the achieved FLOP/s against the
@@ -79,7 +79,8 @@ def diffusers_twin(unet: UNetConfig) -> UNet2DModel:
 
 
 def diffusers_scheduler(model: LoadedModel) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++(2M) on a Karras grid ending at sigma = 0, for the model's schedule and parameterisation."""
+    """DPM-Solver++(2M) on the project's default grid (uniform in log-SNR, ending at sigma = 0), for the model's
+    schedule and parameterisation."""
     schedule = model.config.schedule
     return DPMSolverMultistepScheduler(
         num_train_timesteps=schedule["num_timesteps"],
@@ -87,7 +88,7 @@ def diffusers_scheduler(model: LoadedModel) -> DPMSolverMultistepScheduler:
         prediction_type={"v": "v_prediction", "eps": "epsilon", "x0": "sample"}[model.config.parameterization],
         algorithm_type="dpmsolver++",
         solver_order=2,
-        use_karras_sigmas=True,
+        use_lu_lambdas=True,
         final_sigmas_type="zero",
     )
 
@@ -100,7 +101,7 @@ def diffusers_generate(
         cond = encode_condition(torch.from_numpy(masks.astype(np.int64)), num_classes)
         both = torch.cat([cond, torch.zeros_like(cond)])
         scheduler.set_timesteps(steps)
-        # Karras sigmas can map two steps to one timestep; without a begin index the scheduler's lookup
+        # Near sigma_max several sigmas of the grid map to one timestep; without a begin index the scheduler's lookup
         # by timestep then skips a step and runs off the end of its sigma table.
         scheduler.set_begin_index(0)
         generator = torch.Generator().manual_seed(0)

@@ -24,7 +24,13 @@ from napari_iscat_diffusion.diffusion.samplers import (
     sample_heun,
     sampling_sigmas,
 )
-from napari_iscat_diffusion.diffusion.schedules import discrete_sigmas, karras_sigmas, linear_schedule
+from napari_iscat_diffusion.diffusion.schedules import (
+    cosine_schedule,
+    discrete_sigmas,
+    karras_sigmas,
+    linear_schedule,
+    log_snr_sigmas,
+)
 
 MU, S0 = 0.3, 0.7
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -50,6 +56,8 @@ def initial_noise(shape, sigma_max, seed=0, dtype=torch.float32):
 def grid(kind, num_steps):
     if kind == "karras":
         return karras_sigmas(num_steps, SIGMA_MIN, SIGMA_MAX)
+    if kind == "logsnr":
+        return log_snr_sigmas(num_steps, SIGMA_MIN, SIGMA_MAX)
     return discrete_sigmas(SCHEDULE, num_steps)
 
 
@@ -58,7 +66,7 @@ def grid(kind, num_steps):
 MOMENT_STEPS = {"ddpm": 300, "ddim": 300, "euler": 300, "dpmpp_2m": 50, "heun": 50}
 
 
-@pytest.mark.parametrize("grid_kind", ["karras", "discrete"])
+@pytest.mark.parametrize("grid_kind", ["logsnr", "karras", "discrete"])
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_sampler_reproduces_data_mean_and_variance(name, grid_kind):
     sigmas = grid(grid_kind, MOMENT_STEPS[name])
@@ -283,12 +291,48 @@ def test_sampling_sigmas_builds_the_default_grid(name):
     sigmas = sampling_sigmas(name, 12, SIGMA_MIN, SIGMA_MAX, schedule=SCHEDULE)
     assert sigmas.shape == (13,) and sigmas.dtype == torch.float64
     assert sigmas[-1].item() == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
-    if SAMPLERS[name].grid == "karras":
-        expected = karras_sigmas(12, SIGMA_MIN, SIGMA_MAX)
+    if SAMPLERS[name].grid == "logsnr":
+        expected = log_snr_sigmas(12, SIGMA_MIN, SIGMA_MAX)
     else:
         expected = discrete_sigmas(SCHEDULE, 12, "trailing")
         assert sigmas[0].item() == pytest.approx(SCHEDULE.sigma_max)
     torch.testing.assert_close(sigmas, expected, rtol=0, atol=0)
+
+
+def test_log_snr_grid_has_equal_steps_in_log_sigma():
+    sigmas = log_snr_sigmas(9, SIGMA_MIN, SIGMA_MAX)
+    assert sigmas.shape == (10,) and sigmas[-1].item() == 0
+    assert sigmas[0].item() == pytest.approx(SIGMA_MAX) and sigmas[-2].item() == pytest.approx(SIGMA_MIN)
+    steps = torch.log(sigmas[:-2] / sigmas[1:-1])
+    torch.testing.assert_close(steps, torch.full_like(steps, math.log(SIGMA_MAX / SIGMA_MIN) / 8))
+    assert log_snr_sigmas(1, SIGMA_MIN, SIGMA_MAX).tolist() == [pytest.approx(SIGMA_MAX), 0.0]
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        log_snr_sigmas(8, SIGMA_MAX, SIGMA_MIN)
+    with pytest.raises(ValueError, match="at least 1"):
+        log_snr_sigmas(0, SIGMA_MIN, SIGMA_MAX)
+
+
+def test_log_snr_grid_keeps_dpm_solver_accurate_over_the_cosine_schedules_range():
+    """The cosine schedule's sigma_max (2e4) lies far above data of std 4 (the bundled model's normalised
+    images): at 20 steps a Karras grid over that range leaves DPM-Solver++ 10-16 % too wide, the log-SNR
+    grid within 3 %. This is the default grid's reason to exist."""
+    schedule = cosine_schedule()
+    std = 4.4
+    sigma_min, sigma_max = schedule.sigma_min, schedule.sigma_max
+    assert sigma_max > 1e4
+
+    def denoise(x, sigma):
+        return std**2 / (std**2 + sigma.view(-1, 1, 1, 1) ** 2) * x
+
+    z = torch.randn((1, 1, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = math.sqrt(std**2 + sigma_max**2) * z
+    exact = x * std / math.sqrt(std**2 + sigma_max**2)
+
+    def width(sigmas):
+        return (sample_dpmpp_2m(denoise, x, sigmas).std() / exact.std()).item()
+
+    assert abs(width(log_snr_sigmas(20, sigma_min, sigma_max)) - 1) < 0.03
+    assert width(karras_sigmas(20, sigma_min, sigma_max)) > 1.1
 
 
 def test_sampling_sigmas_options_and_errors():

@@ -10,7 +10,7 @@ from .conditioning import encode_condition, null_condition, validate_mask
 from .device import available_devices, resolve_device
 from .generate import GenerationProgress, generate
 from .samplers import SAMPLERS, SamplingCancelled, get_sampler, sampling_sigmas
-from .schedules import DiscreteSchedule, cosine_schedule, karras_sigmas, linear_schedule
+from .schedules import DiscreteSchedule, cosine_schedule, karras_sigmas, linear_schedule, log_snr_sigmas
 from .unet import ConditionalUNet, UNetConfig
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "karras_sigmas",
     "linear_schedule",
     "load_checkpoint",
+    "log_snr_sigmas",
     "null_condition",
     "resolve_device",
     "sampling_sigmas",

@@ -29,12 +29,12 @@ from typing import Literal
 import torch
 
 from .denoiser import Denoiser
-from .schedules import DiscreteSchedule, Spacing, discrete_sigmas, karras_sigmas
+from .schedules import DiscreteSchedule, Spacing, discrete_sigmas, karras_sigmas, log_snr_sigmas
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], bool | None]
 Sampler = Callable[..., torch.Tensor]
-GridKind = Literal["discrete", "karras"]
-GRIDS: tuple[str, ...] = ("discrete", "karras")
+GridKind = Literal["discrete", "karras", "logsnr"]
+GRIDS: tuple[str, ...] = ("discrete", "karras", "logsnr")
 
 
 class SamplingCancelled(Exception):
@@ -235,7 +235,8 @@ class SamplerInfo:
         label: human-readable name.
         function: the sampler function.
         default_steps: number of steps used when none is given.
-        grid: default sigma grid, ``"discrete"`` (spaced training timesteps) or ``"karras"``.
+        grid: default sigma grid, ``"discrete"`` (spaced training timesteps), ``"logsnr"`` (uniform in log-SNR)
+            or ``"karras"``.
         evals_per_step: denoiser calls per step.
     """
 
@@ -252,9 +253,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
     for info in (
         SamplerInfo("ddpm", "DDPM", sample_ddpm, 100, "discrete", 1),
         SamplerInfo("ddim", "DDIM", sample_ddim, 50, "discrete", 1),
-        SamplerInfo("dpmpp_2m", "DPM-Solver++ 2M", sample_dpmpp_2m, 20, "karras", 1),
-        SamplerInfo("euler", "Euler", sample_euler, 40, "karras", 1),
-        SamplerInfo("heun", "Heun", sample_heun, 20, "karras", 2),
+        SamplerInfo("dpmpp_2m", "DPM-Solver++ 2M", sample_dpmpp_2m, 20, "logsnr", 1),
+        SamplerInfo("euler", "Euler", sample_euler, 40, "logsnr", 1),
+        SamplerInfo("heun", "Heun", sample_heun, 20, "logsnr", 2),
     )
 }
 
@@ -278,11 +279,14 @@ def sampling_sigmas(
 ) -> torch.Tensor:
     """The sigma grid for ``num_steps`` steps of a sampler: descending, ending at 0, shape (num_steps + 1,), float64.
 
-    ``grid`` (default: the sampler's) is ``"karras"`` (``karras_sigmas`` between sigma_min and
-    sigma_max) or ``"discrete"`` (``discrete_sigmas`` of ``schedule`` with the given timestep
-    ``spacing``; the schedule's own range is used and sigma_min, sigma_max are ignored).
+    ``grid`` (default: the sampler's) is ``"logsnr"`` (``log_snr_sigmas``) or ``"karras"``
+    (``karras_sigmas``), both between sigma_min and sigma_max, or ``"discrete"`` (``discrete_sigmas``
+    of ``schedule`` with the given timestep ``spacing``; the schedule's own range is used and
+    sigma_min, sigma_max are ignored).
     """
     kind = get_sampler(sampler_name).grid if grid is None else grid
+    if kind == "logsnr":
+        return log_snr_sigmas(num_steps, sigma_min, sigma_max)
     if kind == "karras":
         return karras_sigmas(num_steps, sigma_min, sigma_max)
     if kind == "discrete":

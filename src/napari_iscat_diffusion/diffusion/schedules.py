@@ -190,3 +190,21 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     inv_min, inv_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (inv_max + ramp * (inv_min - inv_max)) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def log_snr_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Noise levels uniform in log-SNR (``-2 log sigma``) from sigma_max to sigma_min, descending, with a final 0:
+    shape (num_steps + 1,), float64.
+
+    DPM-Solver's step ``h = log(sigma_i / sigma_(i+1))`` is then the same for every step (the "logSNR" skip
+    type of Lu et al. 2022), which keeps a multistep solver's extrapolation accurate. A Karras grid crowds
+    its steps at both ends instead; when the schedule's sigma_max lies far above the data's scale (2e4 for
+    the cosine schedule, against a data std of about 4), it leaves too few steps where the image forms:
+    DPM-Solver++ at 20 steps then gives images about 10 % too noisy (see docs/model-card.md).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64)
+    return torch.cat([log_sigmas.exp(), torch.zeros(1, dtype=torch.float64)])
