@@ -52,6 +52,7 @@ def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
     assert stages == {"generate", "diversity", "edits"}
     json.dumps(result, allow_nan=False)
     assert result["settings"]["n"] == 4 and result["settings"]["image_size"] == [32, 32]
+    assert result["settings"]["steps"] == 2 and result["settings"]["sigma_grid"] == "logsnr"
     assert set(result) >= {
         "fidelity",
         "reference_fidelity",

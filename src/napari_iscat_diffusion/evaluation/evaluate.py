@@ -255,6 +255,10 @@ def evaluate_model(
         reference: a precomputed reference set for ``params`` (curves reuse one).
         progress: called with (stage, done, total) during generation.
     """
+    from ..diffusion.samplers import get_sampler
+
+    info = get_sampler(sampler)
+    steps = info.default_steps if steps is None else steps
     params = params or simulation_parameters_for(model, size)
     reference = reference or simulated_set(params, n)
     n = len(reference.images)
@@ -274,6 +278,7 @@ def evaluate_model(
             "image_size": list(reference.images.shape[1:]),
             "sampler": sampler,
             "steps": steps,
+            "sigma_grid": info.grid,
             "guidance": model.config.default_guidance if guidance is None else guidance,
             "seed": seed,
             "reference_seeds": f"{HELD_OUT_SEED}..{HELD_OUT_SEED + n - 1}",
