@@ -6,9 +6,7 @@ import pytest
 from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config
 
 from napari_iscat_diffusion.cli import main
-from napari_iscat_diffusion.diffusion import (
-    load_checkpoint,
-)
+from napari_iscat_diffusion.diffusion import SAMPLERS, load_checkpoint
 from napari_iscat_diffusion.evaluation import evaluate_model, metric_curves, write_curves
 from napari_iscat_diffusion.evaluation.evaluate import simulation_parameters_for
 
@@ -70,6 +68,15 @@ def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
     assert floor["spectrum_distance_decades"] < result["physics"]["power_spectrum"]["distance_decades"]
     assert set(floor["peak_contrast"]) <= {"1", "2", "3"} and floor["seeds"].startswith("4000000000..")
     assert result["diversity"]["relative"] > 0
+
+
+def test_evaluate_model_records_the_samplers_default_steps(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    options = {"n": 4, "size": 32, "device": "cpu", "diversity_masks": 0, "edited_masks": 0, "c2st": False}
+    result = evaluate_model(model, sampler="euler", steps=None, floor=False, **options)
+    assert result["settings"]["steps"] == SAMPLERS["euler"].default_steps == 40
+    assert result["settings"]["sigma_grid"] == SAMPLERS["euler"].grid
+    assert "reference_floor" not in result
 
 
 def test_metric_curves_and_their_files(tiny_checkpoint, tmp_path):
