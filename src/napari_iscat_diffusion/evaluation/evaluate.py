@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..diffusion.generate import generate
+from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..io.atomic import atomic_write_text
 from ..iscat.simulate import SimulationParameters, simulate
 from .c2st import classifier_two_sample_test
@@ -199,8 +201,6 @@ def simulation_parameters_for(model: Any, size: int | tuple[int, int] | None = N
 
 
 def _generate(model: Any, masks: np.ndarray, seeds: list[int], options: dict, stage: str, progress: Progress | None):
-    from ..diffusion.generate import generate
-
     def report(update: Any) -> None:
         if progress is not None:
             progress(stage, update.completed, update.total)
@@ -255,8 +255,6 @@ def evaluate_model(
         reference: a precomputed reference set for ``params`` (curves reuse one).
         progress: called with (stage, done, total) during generation.
     """
-    from ..diffusion.samplers import get_sampler
-
     info = get_sampler(sampler)
     steps = info.default_steps if steps is None else steps
     params = params or simulation_parameters_for(model, size)
@@ -362,8 +360,6 @@ def metric_curves(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Metrics against steps for each sampler and against guidance scale, on one shared reference set."""
-    from ..diffusion.samplers import SAMPLERS
-
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n)
     common = {
