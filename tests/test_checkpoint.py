@@ -37,6 +37,7 @@ def make_config(**overrides) -> ModelConfig:
         "pixel_size_nm": 23.5,
         "training_size": (64, 48),
         "default_guidance": 2.0,
+        "default_class_guidance": {2: 3.0},
         "class_names": ["spot", "ring"],
         "training": {"steps": 10, "loss": 0.125, "data": "synthetic"},
     }
@@ -365,6 +366,9 @@ def test_config_round_trip():
         {key: data[key] for key in ("unet", "schedule", "parameterization", "normalization")}
     )
     assert minimal.pixel_size_nm is None and minimal.training_size is None and minimal.default_guidance == 1.0
+    assert minimal.default_class_guidance == {}
+    # JSON keys are strings; the config holds int labels.
+    assert data["default_class_guidance"] == {"2": 3.0} and config.default_class_guidance == {2: 3.0}
 
 
 @pytest.mark.parametrize(
@@ -387,6 +391,8 @@ def test_config_round_trip():
         ({"training_size": (64.5, 64)}, "training_size"),
         ({"default_guidance": -1.0}, "default_guidance"),
         ({"default_guidance": math.nan}, "default_guidance"),
+        ({"default_class_guidance": {3: 1.0}}, "default_class_guidance: 3 is not a particle class"),
+        ({"default_class_guidance": {1: -2.0}}, "default_class_guidance: the scale of class 1"),
         ({"class_names": ["spot"]}, "class_names"),
         ({"class_names": ["spot", ""]}, "class_names"),
         ({"training": {"loss": math.nan}}, "training"),

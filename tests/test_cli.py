@@ -65,6 +65,7 @@ def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 classes" in out and sha in out and "60 nm/px" in out
     assert '"base_channels": 8' in out and '"channel_mults": [1, 2]' in out and "parameterization: v" in out
+    assert "default guidance: 1, per class: none" in out
     (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
     assert main(["info", str(tmp_path / "model.pt")]) == 2
     assert "pickle" in capsys.readouterr().err
@@ -93,6 +94,14 @@ def test_generate_writes_one_image_per_mask_and_sample(tmp_path, capsys):
     assert main([*args, "--steps", "2"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert out.read_bytes() == before
+    per_class = tmp_path / "per_class.tif"
+    assert main([*args[:4], str(per_class), *args[5:], "--steps", "2", "--class-guidance", "1=3"]) == 0
+    assert not np.allclose(tifffile.imread(per_class), images[:2])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args[:4], str(tmp_path / "bad.tif"), *args[5:], "--class-guidance", "1=lots"])
+    assert exit_info.value.code == 2 and "'lots' (class 1) is not a number" in capsys.readouterr().err
+    assert main([*args[:4], str(tmp_path / "bad.tif"), *args[5:], "--class-guidance", "4=2"]) == 2
+    assert "4 is not a particle class" in capsys.readouterr().err and not (tmp_path / "bad.tif").exists()
 
 
 def test_generate_uses_the_bundled_default_or_says_there_is_none(tmp_path, monkeypatch, capsys):

@@ -3,11 +3,18 @@
 import json
 
 import pytest
+import torch
 from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config
 
 from napari_iscat_diffusion.cli import main
 from napari_iscat_diffusion.diffusion import SAMPLERS, load_checkpoint
-from napari_iscat_diffusion.evaluation import evaluate_model, metric_curves, write_curves
+from napari_iscat_diffusion.evaluation import (
+    CALIBRATION_SEED,
+    calibrate_class_guidance,
+    evaluate_model,
+    metric_curves,
+    write_curves,
+)
 from napari_iscat_diffusion.evaluation.evaluate import simulation_parameters_for
 
 SIMULATOR = {"image_size": [32, 32], "particles_per_image": [1, 3]}
@@ -51,6 +58,7 @@ def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
     json.dumps(result, allow_nan=False)
     assert result["settings"]["n"] == 4 and result["settings"]["image_size"] == [32, 32]
     assert result["settings"]["steps"] == 2 and result["settings"]["sigma_grid"] == "logsnr"
+    assert result["settings"]["class_guidance"] == ""
     assert set(result) >= {
         "fidelity",
         "reference_fidelity",
@@ -115,3 +123,48 @@ def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
     assert main([*args, "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--n", "2", "--out", str(tmp_path / "other.json")]) == 2
+
+
+def test_calibration_measures_each_class_at_each_scale_and_picks_the_closest(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    torch.manual_seed(0)
+    with torch.no_grad():  # away from the zero-initialised output, so that guidance changes the images
+        for parameter in model.net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    stages = set()
+    result = calibrate_class_guidance(
+        model,
+        scales=[0.0, 1.0, 2.0],
+        n=4,
+        size=32,
+        steps=2,
+        device="cpu",
+        progress=lambda stage, done, total: stages.add(stage),
+    )
+    json.dumps(result, allow_nan=False)
+    assert stages == {"w=0", "w=1", "w=2"}
+    assert result["settings"]["reference_seeds"] == f"{CALIBRATION_SEED}..{CALIBRATION_SEED + 3}"
+    measured = {label: d for label, d in result["contrast_w_rel"].items() if None not in d}
+    assert measured and set(result["best"]) == set(measured)  # a class without particles gets no scale
+    for label, distances in measured.items():
+        assert len(distances) == 3 and len(result["median_ratio"][label]) == 3
+        assert len(set(distances)) == 3  # the scale changes the contrast
+        assert result["best"][label] == [0.0, 1.0, 2.0][distances.index(min(distances))]
+    with pytest.raises(ValueError, match="scales"):
+        calibrate_class_guidance(model, scales=[], n=4)
+
+
+def test_calibrate_command_writes_the_report_and_a_calibrated_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    out, saved = tmp_path / "calibration.json", tmp_path / "calibrated.safetensors"
+    args = ["calibrate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--size", "32", "--steps", "2"]
+    assert main([*args, "--scales", "1", "2", "--device", "cpu", "--out", str(out), "--save", str(saved)]) == 0
+    report = json.loads(out.read_text())
+    assert "machine" in report and report["checkpoint"]["sha256"] == load_checkpoint(tiny_checkpoint).sha256
+    calibrated = load_checkpoint(saved)
+    assert calibrated.config.default_class_guidance == {int(k): v for k, v in report["best"].items()}
+    assert "best per-class guidance: " in capsys.readouterr().out
+    original = load_checkpoint(tiny_checkpoint)
+    for name, tensor in original.net.state_dict().items():
+        assert (calibrated.net.state_dict()[name] == tensor).all(), name
+    assert main([*args, "--out", str(tmp_path / "other.json"), "--save", str(saved)]) == 2
+    assert "already exists" in capsys.readouterr().err and not (tmp_path / "other.json").exists()

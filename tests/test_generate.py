@@ -1,4 +1,5 @@
-"""generate(): shapes, physical units, seeds, guidance batching, progress and cancel, bad input."""
+"""generate(): shapes, physical units, seeds, guidance batching and per-class guidance, progress and cancel,
+bad input."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from napari_iscat_diffusion.diffusion import (
 from napari_iscat_diffusion.diffusion.schedules import linear_schedule
 
 
-def _tiny_model(tmp_path, *, parameterization="v", channels=1, classes=2, mean=0.0, std=1.0, perturb=True):
+def _tiny_model(
+    tmp_path, *, parameterization="v", channels=1, classes=2, mean=0.0, std=1.0, perturb=True, class_guidance=None
+):
     unet = tiny_unet_config(image_channels=channels, num_classes=classes)
     torch.manual_seed(0)
     net = ConditionalUNet(unet)
@@ -33,8 +36,9 @@ def _tiny_model(tmp_path, *, parameterization="v", channels=1, classes=2, mean=0
         pixel_size_nm=50.0,
         training_size=(32, 32),
         default_guidance=1.5,
+        default_class_guidance=class_guidance or {},
     )
-    path = tmp_path / f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}.safetensors"
+    path = tmp_path / f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}.safetensors"
     save_checkpoint(path, net, config)
     return load_checkpoint(path)
 
@@ -119,6 +123,26 @@ def test_guidance_changes_the_image_and_defaults_to_the_model_value(model):
     assert not np.allclose(default, generate(_mask(), model, steps=3, seed=1, guidance=1.0))
 
 
+def test_class_guidance_guides_a_class_s_pixels_with_its_own_scale(model):
+    everywhere_class_1 = np.ones((2, 16, 20), np.uint8)
+    uniform = generate(everywhere_class_1, model, steps=3, seed=1, guidance=3.0, class_guidance={})
+    per_class = generate(everywhere_class_1, model, steps=3, seed=1, guidance=1.5, class_guidance={1: 3.0})
+    assert np.array_equal(per_class, uniform)
+    # A scale for a class the mask does not hold, or equal to the global one, changes nothing.
+    plain = generate(everywhere_class_1, model, steps=3, seed=1, guidance=1.5, class_guidance={})
+    assert np.array_equal(generate(everywhere_class_1, model, steps=3, seed=1, class_guidance={2: 3.0}), plain)
+    assert np.array_equal(generate(everywhere_class_1, model, steps=3, seed=1, class_guidance={1: 1.5}), plain)
+    assert not np.allclose(per_class, plain)
+
+
+def test_class_guidance_defaults_to_the_model_value(tmp_path):
+    calibrated = _tiny_model(tmp_path, class_guidance={2: 2.5})
+    mask = _mask(2)
+    default = generate(mask, calibrated, steps=3, seed=1)
+    assert np.array_equal(default, generate(mask, calibrated, steps=3, seed=1, class_guidance={2: 2.5}))
+    assert not np.allclose(default, generate(mask, calibrated, steps=3, seed=1, class_guidance={}))
+
+
 def test_progress_callback_counts_steps_over_batches(model):
     events = []
     generate(_mask(3), model, sampler="heun", steps=3, batch_size=2, callback=events.append)
@@ -153,6 +177,8 @@ def test_callback_can_cancel(model):
         ({"precision": "fp8"}, "unknown precision"),
         ({"batch_size": 0}, "batch_size"),
         ({"guidance": float("nan")}, "guidance"),
+        ({"class_guidance": {3: 2.0}}, "3 is not a particle class; expected labels 1..2"),
+        ({"class_guidance": {1: -1.0}}, "scale of class 1"),
     ],
 )
 def test_bad_arguments_are_rejected(model, kwargs, phrase):

@@ -1,9 +1,17 @@
-"""Classifier-free guidance: which branches run, in how many forward passes, and the guided combination."""
+"""Classifier-free guidance: which branches run, in how many forward passes, the guided combination, and
+per-class guidance (scale maps, parsing, validation)."""
 
+import numpy as np
 import pytest
 import torch
 
-from napari_iscat_diffusion.diffusion.guidance import guided_denoiser
+from napari_iscat_diffusion.diffusion.guidance import (
+    check_class_guidance,
+    format_class_guidance,
+    guidance_scale_map,
+    guided_denoiser,
+    parse_class_guidance,
+)
 
 
 class RecordingDenoiser:
@@ -43,9 +51,11 @@ def test_scale_zero_runs_the_unconditional_branch_only():
     assert torch.equal(out, RecordingDenoiser()(x, sigma, null))
 
 
-@pytest.mark.parametrize("scale", [2.5, -0.5])
+@pytest.mark.parametrize("scale", [2.5, -0.5, "map"])
 def test_other_scales_run_one_batch_of_two_n(scale):
     x, sigma, cond, null = _inputs()
+    if scale == "map":  # one scale per pixel
+        scale = torch.rand(3, 1, 6, 5, generator=torch.Generator().manual_seed(1)) * 3
     net = RecordingDenoiser()
     out = guided_denoiser(net, cond, null, scale)(x, sigma)
     assert net.batch_sizes == [6]
@@ -58,3 +68,82 @@ def test_condition_shapes_must_match():
     _, _, cond, _ = _inputs()
     with pytest.raises(ValueError, match="differ in shape"):
         guided_denoiser(RecordingDenoiser(), cond, torch.zeros(3, 2, 6, 5), 2.0)
+
+
+def test_a_guidance_map_of_ones_still_guides_and_must_match_the_condition():
+    x, sigma, cond, null = _inputs()
+    net = RecordingDenoiser()
+    out = guided_denoiser(net, cond, null, torch.ones(3, 1, 6, 5))(x, sigma)
+    assert net.batch_sizes == [6]  # no shortcut to the conditional branch, yet the conditional prediction
+    torch.testing.assert_close(out, RecordingDenoiser()(x, sigma, cond))
+    with pytest.raises(ValueError, match=r"guidance map must have shape \(3, 1, 6, 5\)"):
+        guided_denoiser(net, cond, null, torch.ones(3, 2, 6, 5))
+
+
+def _two_particle_mask():
+    labels = np.zeros((1, 40, 60), np.int64)
+    labels[0, 19:22, 9:12] = 1  # class 1 around (20, 10)
+    labels[0, 19:22, 49:52] = 2  # class 2 around (20, 50)
+    return labels
+
+
+def test_the_scale_map_takes_each_class_scale_near_its_particles_and_the_global_one_far_away():
+    labels = _two_particle_mask()
+    scales = guidance_scale_map(labels, 1.5, {1: 1.0, 2: 3.0}, reach_px=4.0)
+    assert scales.shape == (1, 1, 40, 60) and scales.dtype == np.float32
+    row = scales[0, 0, 20]
+    assert row[10] == pytest.approx(1.0) and row[50] == pytest.approx(3.0)
+    # Full class scale up to reach_px from the blob, background scale from 2 * reach_px on.
+    assert row[11 + 4] == pytest.approx(1.0) and row[49 - 4] == pytest.approx(3.0)
+    assert row[11 + 8] == pytest.approx(1.5) and row[30] == pytest.approx(1.5) and row[49 - 8] == pytest.approx(1.5)
+    # Half way along the ramp, half of each.
+    assert row[11 + 6] == pytest.approx((1.0 + 1.5) / 2)
+    assert scales[0, 0, 0, 30] == pytest.approx(1.5)
+    # The ramp is monotonic: no seam.
+    assert np.all(np.diff(row[11:31]) >= 0) and np.all(np.diff(row[30:50]) >= 0)
+
+
+def test_the_scale_map_averages_overlapping_zones_and_is_none_when_nothing_differs():
+    labels = np.zeros((2, 20, 20), np.int64)
+    labels[0, 10, 8] = 1
+    labels[0, 10, 11] = 2
+    scales = guidance_scale_map(labels, 1.5, {1: 1.0, 2: 3.0}, reach_px=4.0)
+    # Between two particles of different classes, both zones are full: their mean.
+    assert scales[0, 0, 10, 9] == pytest.approx(2.0)
+    assert np.all(scales[1] == np.float32(1.5))  # the second mask has no particles
+    assert guidance_scale_map(labels, 1.5, {}) is None
+    assert guidance_scale_map(labels, 1.5, {1: 1.5, 2: 1.5}) is None  # same as the global scale
+    assert guidance_scale_map(labels, 1.5, {3: 2.0}) is None  # a class absent from the masks
+    with pytest.raises(ValueError, match="reach_px"):
+        guidance_scale_map(labels, 1.5, {1: 2.0}, reach_px=0)
+
+
+def test_class_guidance_text_round_trips_and_bad_text_says_what_is_wrong():
+    assert parse_class_guidance("1=1.0, 3=2.5") == {1: 1.0, 3: 2.5}
+    assert parse_class_guidance(" 2:0.5 ") == {2: 0.5}
+    assert parse_class_guidance("") == {} and parse_class_guidance("None") == {}
+    assert parse_class_guidance(format_class_guidance({3: 2.25, 1: 1.0})) == {1: 1.0, 3: 2.25}
+    assert format_class_guidance({}) == ""
+    with pytest.raises(ValueError, match="cannot read 'one=2'"):
+        parse_class_guidance("one=2")
+    with pytest.raises(ValueError, match="'x' \\(class 1\\) is not a number"):
+        parse_class_guidance("1=x")
+    with pytest.raises(ValueError, match="class 1 is given twice"):
+        parse_class_guidance("1=1,1=2")
+
+
+@pytest.mark.parametrize(
+    ("scales", "message"),
+    [
+        ({0: 1.0}, "0 is not a particle class; expected labels 1..3"),
+        ({4: 1.0}, "4 is not a particle class"),
+        ({True: 1.0}, "True is not a particle class"),
+        ({1: -1.0}, "scale of class 1 must be a finite number >= 0"),
+        ({1: float("nan")}, "scale of class 1"),
+        ([1.0], "must map class labels"),
+    ],
+)
+def test_class_guidance_is_checked_against_the_model_classes(scales, message):
+    with pytest.raises(ValueError, match=message):
+        check_class_guidance(scales, 3)
+    assert check_class_guidance({"3": 2, 1: 1.5}, 3) == {1: 1.5, 3: 2.0}

@@ -261,6 +261,32 @@ def test_4d_data_is_refused_with_a_notification(viewer_and_widget, notifications
     _assert_refused(viewer, widget, notifications, qtbot, ("'movie'", "4 dimensions"))
 
 
+def test_class_guidance_is_filled_from_the_model_used_and_recorded(viewer_and_widget, qtbot, bundled_tiny):
+    viewer, widget = viewer_and_widget
+    assert widget.sampler.class_guidance.text() == ""  # the tiny model has no per-class guidance
+    model = load_checkpoint(bundled_tiny)
+    model.config.default_class_guidance = {2: 3.0}
+    widget.sampler.use_model_defaults(model)
+    assert widget.sampler.class_guidance.text() == "2=3"
+    _pick(widget, viewer.add_labels(_mask(), name="cells"))
+    widget.sampler.seed.setValue(5)
+    widget.sampler.guidance.setValue(1.5)
+    widget.sampler.class_guidance.setText("2=2.5")
+    _run(qtbot, widget)
+    layer = viewer.layers["synthetic (cells)"]
+    assert layer.metadata["class_guidance"] == "2=2.5"
+    expected = generate(_mask(), model, steps=2, guidance=1.5, class_guidance={2: 2.5}, seed=5, device="cpu")
+    np.testing.assert_array_equal(layer.data, expected)
+
+
+@pytest.mark.parametrize(("text", "words"), [("2=much", ("'much'", "class 2")), ("5=2", ("5", "labels 1..2"))])
+def test_bad_class_guidance_is_refused_with_a_notification(viewer_and_widget, notifications, qtbot, text, words):
+    viewer, widget = viewer_and_widget
+    _pick(widget, viewer.add_labels(_mask(), name="cells"))
+    widget.sampler.class_guidance.setText(text)
+    _assert_refused(viewer, widget, notifications, qtbot, words)
+
+
 def test_labels_above_the_models_classes_are_refused_with_a_notification(viewer_and_widget, notifications, qtbot):
     viewer, widget = viewer_and_widget
     mask = _mask()

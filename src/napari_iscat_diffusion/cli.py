@@ -1,4 +1,4 @@
-"""The ``iscat-diffusion`` command line: generate, export, simulate, dataset check, info, evaluate.
+"""The ``iscat-diffusion`` command line: generate, export, simulate, dataset check, info, evaluate, calibrate.
 
 Each command imports what it needs when it runs, so ``iscat-diffusion --help`` answers at once.
 Errors in the user's input end the command with a one-line message and exit status 2; nothing
@@ -92,6 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_run_info)
     _add_export_parser(commands)
     _add_evaluate_parser(commands)
+    _add_calibrate_parser(commands)
     return parser
 
 
@@ -129,6 +130,7 @@ def _sampler_settings(args: argparse.Namespace, device: str) -> SamplerSettings:
         sampler=args.sampler,
         steps=args.steps,
         guidance=args.guidance,
+        class_guidance=args.class_guidance,
         seed=args.seed,
         device=device,
         precision=args.precision,
@@ -148,18 +150,38 @@ def _checkpoint_path(choice: str | None) -> Path:
     return bundled.get(choice, Path(choice))
 
 
-def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and sampler options that generate and export share."""
+def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = True) -> None:
+    """The model and sampler options that generate, export, evaluate and calibrate share (calibrate chooses the
+    guidance itself: ``guidance=False`` leaves those options out)."""
     parser.add_argument(
         "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
     )
     parser.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler or heun [dpmpp_2m]")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps [the sampler's default]")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")
+    if guidance:
+        parser.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")
+        parser.add_argument(
+            "--class-guidance",
+            type=_class_guidance_argument,
+            default=None,
+            metavar="K=W,...",
+            help="guidance around the particles of single classes, e.g. 1=1.0,3=2.0; 'none' for --guidance "
+            "everywhere [the model's calibrated values]",
+        )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [auto]")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 [auto]")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass [4]")
+
+
+def _class_guidance_argument(text: str) -> dict[int, float]:
+    """--class-guidance parsed, with the parser's own message on a bad value."""
+    from .diffusion.guidance import parse_class_guidance
+
+    try:
+        return parse_class_guidance(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_export_parser(commands: argparse._SubParsersAction) -> None:
@@ -339,6 +361,7 @@ def _run_info(args: argparse.Namespace) -> int:
     import json
 
     from .diffusion.checkpoint import load_checkpoint
+    from .diffusion.guidance import format_class_guidance
 
     if args.checkpoint is None:
         return _print_environment()
@@ -352,6 +375,8 @@ def _run_info(args: argparse.Namespace) -> int:
     }
     print(f"model: {json.dumps(architecture)}")
     print(f"parameterization: {model.config.parameterization}, schedule: {json.dumps(model.config.schedule)}")
+    per_class = format_class_guidance(model.config.default_class_guidance) or "none"
+    print(f"default guidance: {model.config.default_guidance:g}, per class: {per_class}")
     return 0
 
 
@@ -410,13 +435,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.n < 4 or args.curves_n < 4:
         raise ValueError(f"--n and --curves-n must be at least 4, got {args.n} and {args.curves_n}")
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    options = {
-        "size": args.size,
-        "seed": args.seed,
-        "device": args.device,
-        "precision": args.precision,
-        "batch_size": args.batch_size,
-    }
+    options = _measurement_options(args)
     report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}}
     report["metrics"] = evaluate_model(
         model,
@@ -424,6 +443,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         steps=args.steps,
         guidance=args.guidance,
+        class_guidance=args.class_guidance,
         progress=_show_progress,
         **options,
     )
@@ -438,6 +458,79 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     print(_evaluation_summary(report["metrics"]))
     return 0
+
+
+def _add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="find the guidance scale at which each class's contrast matches the simulator (JSON report)",
+        description="Generate a calibration set of simulator masks (seeds apart from training and evaluation) at "
+        "several uniform guidance scales and measure each class's peak-contrast distance to the simulator's "
+        "images. --save writes a copy of the checkpoint whose per-class guidance is the best scale of each class.",
+    )
+    calibrate.add_argument("--out", type=Path, required=True, help="output JSON file (never overwritten)")
+    calibrate.add_argument("--save", type=Path, default=None, help="write the calibrated checkpoint here (new file)")
+    calibrate.add_argument("--n", type=int, default=48, help="calibration masks [48]")
+    calibrate.add_argument("--size", type=int, default=128, help="image side in pixels [128]")
+    calibrate.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 1.25, 1.5, 1.75, 2.0, 2.25],
+        metavar="W",
+        help="uniform guidance scales to try [1 1.25 1.5 1.75 2 2.25]",
+    )
+    _add_sampler_arguments(calibrate, guidance=False)
+    calibrate.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .diffusion.checkpoint import load_checkpoint, save_checkpoint
+    from .diffusion.guidance import format_class_guidance
+    from .evaluation import calibrate_class_guidance, run_metadata
+
+    for path in (args.out, args.save):
+        if path is not None and path.exists():
+            raise FileExistsError(f"{path} already exists; choose another file")
+    model = load_checkpoint(_checkpoint_path(args.checkpoint))
+    result = calibrate_class_guidance(
+        model,
+        scales=args.scales,
+        n=args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        progress=_show_progress,
+        **_measurement_options(args),
+    )
+    print(file=sys.stderr)
+    report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}, **result}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {args.out}")
+    for label, distances in result["contrast_w_rel"].items():
+        shown = ", ".join("-" if d is None else f"{d:.2f}" for d in distances)
+        print(f"class {label}: contrast W/spread at w = {', '.join(f'{s:g}' for s in args.scales)}: {shown}")
+    best = {int(label): scale for label, scale in result["best"].items()}
+    print(f"best per-class guidance: {format_class_guidance(best)}")
+    if args.save is not None:
+        config = dataclasses.replace(model.config, default_class_guidance=best)
+        digest = save_checkpoint(args.save, model.net.cpu(), config)
+        print(f"wrote {args.save} (sha256 {digest[:12]}) with per-class guidance {format_class_guidance(best)}")
+    return 0
+
+
+def _measurement_options(args: argparse.Namespace) -> dict:
+    """The image size and generation options that evaluate and calibrate share."""
+    return {
+        "size": args.size,
+        "seed": args.seed,
+        "device": args.device,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+    }
 
 
 def _evaluation_summary(metrics: dict) -> str:

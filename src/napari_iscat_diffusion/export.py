@@ -43,11 +43,14 @@ MANIFEST_FIELDS = (
     "sampler",
     "steps",
     "guidance",
+    "class_guidance",
     "precision",
     "package_version",
 )
 # A folder holds one export: rows must agree on these, so that a resumed run cannot mix settings.
-_SETTINGS_FIELDS = ("checkpoint_sha256", "sampler", "steps", "guidance")
+_SETTINGS_FIELDS = ("checkpoint_sha256", "sampler", "steps", "guidance", "class_guidance")
+# Fields that may be empty in a complete row ("" class guidance: one scale everywhere).
+_OPTIONAL_FIELDS = ("checkpoint", "class_guidance")
 
 
 class ExportError(ValueError):
@@ -159,7 +162,7 @@ def finished_pairs(folder: Path) -> dict[str, dict]:
     for manifest in _manifest_files(Path(folder)):
         with open(manifest, newline="") as file:
             for row in csv.DictReader(file):
-                if all(row.get(field) not in (None, "") for field in MANIFEST_FIELDS if field != "checkpoint"):
+                if all(row.get(field) not in (None, "") for field in MANIFEST_FIELDS if field not in _OPTIONAL_FIELDS):
                     rows[row["name"]] = row
     return rows
 
@@ -187,7 +190,8 @@ def merge_manifests(folder: Path) -> Path:
 
 def _check_same_settings(folder: Path, rows: Mapping[str, dict], expected: dict, first_seed: int) -> None:
     for row in rows.values():
-        different = [f for f in _SETTINGS_FIELDS if str(row.get(f)) != str(expected[f])]
+        # A manifest from before per-class guidance has no such column: it was made with none.
+        different = [f for f in _SETTINGS_FIELDS if str(row.get(f) or "") != str(expected[f])]
         if int(row["seed"]) - int(row["pair"]) != first_seed:
             different.append("seed")
         if different:
@@ -302,6 +306,7 @@ def export_pairs(
                 sampler=settings.sampler,
                 steps=settings.steps,
                 guidance=settings.guidance,
+                class_guidance=settings.class_guidance,
                 seed=seeds,
                 device=settings.device,
                 precision=settings.precision,

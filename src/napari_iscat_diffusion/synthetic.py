@@ -7,13 +7,14 @@ command line share it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import __version__
 from .diffusion import SAMPLERS, GenerationProgress, LoadedModel, generate, validate_mask
+from .diffusion.guidance import check_class_guidance, format_class_guidance
 
 # Robust half-width of the displayed range: this percentile of |image - median| keeps a few bright
 # particles from washing out the background while the range stays symmetric (iSCAT contrast has both signs).
@@ -22,11 +23,13 @@ _CONTRAST_PERCENTILE = 99.5
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampler, steps (None: its default), guidance (None: the model's), first seed, device, precision, batch size."""
+    """Sampler, steps (None: its default), guidance and per-class guidance ``{label: w}`` (None: the model's),
+    first seed, device, precision, batch size."""
 
     sampler: str = "dpmpp_2m"
     steps: int | None = None
     guidance: float | None = None
+    class_guidance: Mapping[int, float] | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -36,7 +39,9 @@ class SamplerSettings:
         """These settings with the defaults filled in (the values that provenance records)."""
         steps = SAMPLERS[self.sampler].default_steps if self.steps is None else int(self.steps)
         guidance = model.config.default_guidance if self.guidance is None else float(self.guidance)
-        return dataclasses.replace(self, steps=steps, guidance=guidance)
+        class_guidance = model.config.default_class_guidance if self.class_guidance is None else self.class_guidance
+        class_guidance = check_class_guidance(class_guidance, model.config.num_classes)
+        return dataclasses.replace(self, steps=steps, guidance=guidance, class_guidance=class_guidance)
 
 
 def provenance(model: LoadedModel, settings: SamplerSettings, *, seed: int, source: str) -> dict:
@@ -49,6 +54,7 @@ def provenance(model: LoadedModel, settings: SamplerSettings, *, seed: int, sour
         "sampler": settings.sampler,
         "steps": settings.steps,
         "guidance": settings.guidance,
+        "class_guidance": format_class_guidance(settings.class_guidance),
         "precision": settings.precision,
         "package_version": __version__,
         "source_mask": source,
@@ -111,6 +117,7 @@ def synthesize(
         sampler=s.sampler,
         steps=s.steps,
         guidance=s.guidance,
+        class_guidance=s.class_guidance,
         seed=s.seed,
         device=s.device,
         precision=s.precision,

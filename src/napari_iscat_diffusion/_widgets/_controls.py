@@ -18,6 +18,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -27,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from ..diffusion import SAMPLERS, CheckpointError, LoadedModel, SamplingCancelled, available_devices, load_checkpoint
 from ..diffusion.generate import PRECISIONS
+from ..diffusion.guidance import format_class_guidance, parse_class_guidance
 from ..models import bundled_checkpoints
 from ..synthetic import SamplerSettings
 from ._job import Job, Outcome, Report
@@ -144,7 +146,8 @@ class CheckpointChooser(QWidget):
 
 
 class SamplerControls(QWidget):
-    """Sampler with its default steps, guidance, seed with a random button, device and precision."""
+    """Sampler with its default steps, guidance and per-class guidance, seed with a random button, device and
+    precision."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -154,6 +157,12 @@ class SamplerControls(QWidget):
         self.sampler.setCurrentIndex(list(SAMPLERS).index("dpmpp_2m"))
         self.steps = QSpinBox(minimum=1, maximum=1000)
         self.guidance = QDoubleSpinBox(minimum=0.0, maximum=20.0, singleStep=0.25, decimals=2, value=1.0)
+        self.class_guidance = QLineEdit()
+        self.class_guidance.setPlaceholderText("none: Guidance everywhere")
+        self.class_guidance.setToolTip(
+            "Guidance around the particles of single classes, as label=scale pairs such as 1=1.0, 3=2.0; "
+            "everything else uses Guidance. Choosing a model fills in its calibrated values."
+        )
         self.seed = QSpinBox(minimum=0, maximum=MAX_SEED)
         self.random_seed = QPushButton("random")
         self.random_seed.clicked.connect(lambda: self.seed.setValue(random.randint(0, MAX_SEED)))
@@ -169,6 +178,7 @@ class SamplerControls(QWidget):
         layout.addRow("Sampler", self.sampler)
         layout.addRow("Steps", self.steps)
         layout.addRow("Guidance", self.guidance)
+        layout.addRow("Class guidance", self.class_guidance)
         layout.addRow("Seed", seed_row)
         layout.addRow("Device", self.device)
         layout.addRow("Precision", self.precision)
@@ -179,16 +189,18 @@ class SamplerControls(QWidget):
         self.steps.setValue(SAMPLERS[self.sampler.currentData()].default_steps)
 
     def use_model_defaults(self, model: LoadedModel | None) -> None:
-        """Show the model's default guidance."""
+        """Show the model's default guidance and per-class guidance."""
         if model is not None:
             self.guidance.setValue(model.config.default_guidance)
+            self.class_guidance.setText(format_class_guidance(model.config.default_class_guidance))
 
     def settings(self) -> SamplerSettings:
-        """The chosen settings."""
+        """The chosen settings; ValueError (saying what is wrong) for unreadable class guidance."""
         return SamplerSettings(
             sampler=self.sampler.currentData(),
             steps=self.steps.value(),
             guidance=self.guidance.value(),
+            class_guidance=parse_class_guidance(self.class_guidance.text()),
             seed=self.seed.value(),
             device=self.device.currentText(),
             precision=self.precision.currentText(),

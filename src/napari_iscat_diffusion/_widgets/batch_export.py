@@ -150,10 +150,11 @@ class BatchExportWidget(QWidget):
             return
         try:
             masks = self._masks()
+            settings = self.sampler.settings().resolved(model)
         except ValueError as error:
             show_error(f"Batch export: {error}")
             return
-        folder, settings, samples = Path(self.output.text()), self.sampler.settings(), self.samples.value()
+        folder, samples = Path(self.output.text()), self.samples.value()
 
         def work(report: Report) -> ExportSummary:
             def callback(progress: ExportProgress) -> bool:

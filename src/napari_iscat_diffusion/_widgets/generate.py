@@ -174,7 +174,11 @@ class GenerateWidget(QWidget):
             return
         layer, mask = chosen
         model = self.checkpoint.model
-        settings = self.sampler.settings()
+        try:
+            settings = self.sampler.settings().resolved(model)
+        except ValueError as error:
+            show_error(str(error))
+            return
         samples, keep_steps = self.samples.value(), self.show_steps.isChecked()
         planes = 1 if mask.ndim == 2 else len(mask)
 

@@ -27,6 +27,7 @@ from .. import __version__
 from ..io.atomic import atomic_write_bytes
 from .denoiser import DiscreteTimeDenoiser
 from .device import resolve_device
+from .guidance import check_class_guidance
 from .parameterization import PARAMETERIZATIONS
 from .schedules import DiscreteSchedule, schedule_from_config
 from .unet import ConditionalUNet, UNetConfig
@@ -36,7 +37,14 @@ METADATA_KEY = "napari_iscat_diffusion"
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
 _REQUIRED_FIELDS = ("unet", "schedule", "parameterization", "normalization")
-_OPTIONAL_FIELDS = ("pixel_size_nm", "training_size", "default_guidance", "class_names", "training")
+_OPTIONAL_FIELDS = (
+    "pixel_size_nm",
+    "training_size",
+    "default_guidance",
+    "default_class_guidance",
+    "class_names",
+    "training",
+)
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _MAX_TIMESTEPS = 100_000  # guards against a crafted file allocating a huge schedule
 _LISTED = 5  # names shown per kind of problem in an error message
@@ -73,6 +81,8 @@ class ModelConfig:
         pixel_size_nm: physical pixel size of the training images in nm, if known.
         training_size: (H, W) of the crops the model was trained on, in pixels, if known.
         default_guidance: classifier-free guidance scale used when the caller gives none.
+        default_class_guidance: per-class scales ``{label: w}`` used around those classes' particles when the
+            caller gives none (``guidance.guidance_scale_map``); empty: every class at ``default_guidance``.
         class_names: one name per particle class (K names), optional.
         training: free-form JSON summary of the training run (steps, data, metrics).
 
@@ -87,6 +97,7 @@ class ModelConfig:
     pixel_size_nm: float | None = None
     training_size: tuple[int, int] | None = None
     default_guidance: float = 1.0
+    default_class_guidance: dict[int, float] = field(default_factory=dict)
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
 
@@ -123,6 +134,9 @@ class ModelConfig:
         if not _is_real(self.default_guidance) or self.default_guidance < 0:
             raise ValueError(f"default_guidance: must be a finite number >= 0, got {self.default_guidance!r}")
         self.default_guidance = float(self.default_guidance)
+        self.default_class_guidance = check_class_guidance(
+            self.default_class_guidance, self.num_classes, name="default_class_guidance"
+        )
         if self.class_names is not None:
             names = self.class_names
             if (
@@ -173,6 +187,7 @@ class ModelConfig:
             "pixel_size_nm": self.pixel_size_nm,
             "training_size": None if self.training_size is None else list(self.training_size),
             "default_guidance": self.default_guidance,
+            "default_class_guidance": {str(k): w for k, w in self.default_class_guidance.items()},
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
         }

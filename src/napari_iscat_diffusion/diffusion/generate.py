@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +14,7 @@ from .checkpoint import LoadedModel
 from .conditioning import encode_condition, null_condition, validate_mask
 from .denoiser import ConditionalDenoiser
 from .device import resolve_device
-from .guidance import guided_denoiser
+from .guidance import check_class_guidance, guidance_scale_map, guided_denoiser
 from .samplers import SamplingCancelled, get_sampler, sampling_sigmas
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
@@ -57,6 +57,7 @@ def generate(
     sampler: str = "dpmpp_2m",
     steps: int | None = None,
     guidance: float | None = None,
+    class_guidance: Mapping[int, float] | None = None,
     seed: int | Sequence[int] = 0,
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -75,6 +76,9 @@ def generate(
         steps: sampler steps; None takes the sampler's default.
         guidance: classifier-free guidance scale w (1 = conditional only, 0 = unconditional);
             None takes the model's default.
+        class_guidance: per-class scales ``{label: w}`` that replace ``guidance`` around the particles of
+            those classes (``guidance.guidance_scale_map``); None takes the model's
+            ``default_class_guidance``, ``{}`` guides every pixel with ``guidance``.
         seed: an int (image i gets seed + i) or one seed per image. The same seed and mask give
             the same image whatever the batch size.
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
@@ -99,7 +103,7 @@ def generate(
         (N, C, H, W).
 
     Raises:
-        ValueError: for a bad mask, sampler, step count, seed list, device, precision or batch size.
+        ValueError: for a bad mask, sampler, step count, guidance, seed list, device, precision or batch size.
         SamplingCancelled: when the callback or ``should_stop`` asked to stop.
     """
     config = model.config
@@ -112,6 +116,9 @@ def generate(
     guidance = config.default_guidance if guidance is None else float(guidance)
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance}")
+    class_scales = check_class_guidance(
+        config.default_class_guidance if class_guidance is None else class_guidance, config.num_classes
+    )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if tile_size == "auto":
@@ -149,7 +156,9 @@ def generate(
                 x = noise.to(torch_device) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
                 batch_labels = torch.from_numpy(labels[indices.start : indices.stop]).to(torch_device)
                 cond = encode_condition(batch_labels, config.num_classes)
-                denoise = guided_denoiser(cond_denoise, cond, null_condition(cond), guidance)
+                scale_map = guidance_scale_map(labels[indices.start : indices.stop], guidance, class_scales)
+                scale = guidance if scale_map is None else torch.from_numpy(scale_map).to(torch_device)
+                denoise = guided_denoiser(cond_denoise, cond, null_condition(cond), scale)
 
                 def on_step(step: int, _x: torch.Tensor, denoised: torch.Tensor, indices: range = indices) -> bool:
                     nonlocal completed, finished

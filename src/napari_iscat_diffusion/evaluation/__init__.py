@@ -3,6 +3,7 @@ test, diversity and ``evaluate_model`` (numpy, scipy, scikit-image and torch; no
 See docs/evaluation.md."""
 
 from .c2st import C2STResult, classifier_two_sample_test, wilson_interval
+from .calibration import CALIBRATION_SEED, calibrate_class_guidance
 from .detector import Detections, DetectorSettings, detect_particles, robust_std
 from .diversity import sample_diversity
 from .edits import EditedMask, edit_mask, edit_scores
@@ -19,12 +20,14 @@ from .evaluate import (
 from .matching import MatchCounts, fidelity_scores, mask_particles, match_image, match_points
 
 __all__ = [
+    "CALIBRATION_SEED",
     "C2STResult",
     "Detections",
     "DetectorSettings",
     "EditedMask",
     "ImageSet",
     "MatchCounts",
+    "calibrate_class_guidance",
     "classifier_two_sample_test",
     "compare_image_sets",
     "detect_particles",

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..diffusion.generate import generate
+from ..diffusion.guidance import format_class_guidance
 from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..io.atomic import atomic_write_text
 from ..iscat.simulate import SimulationParameters, simulate
@@ -200,7 +201,12 @@ def simulation_parameters_for(model: Any, size: int | tuple[int, int] | None = N
     return params
 
 
-def _generate(model: Any, masks: np.ndarray, seeds: list[int], options: dict, stage: str, progress: Progress | None):
+def generated_images(
+    model: Any, masks: np.ndarray, seeds: list[int], options: dict, stage: str, progress: Progress | None
+) -> np.ndarray:
+    """``generate`` for masks (N, H, W) with one seed each and keyword ``options``, reporting ``progress`` as
+    ``stage``; float32 (N, H, W). ValueError for a model with more than one image channel."""
+
     def report(update: Any) -> None:
         if progress is not None:
             progress(stage, update.completed, update.total)
@@ -219,6 +225,7 @@ def evaluate_model(
     sampler: str = "dpmpp_2m",
     steps: int | None = 20,
     guidance: float | None = None,
+    class_guidance: dict[int, float] | None = None,
     seed: int = 0,
     device: str = "auto",
     precision: str = "auto",
@@ -241,6 +248,7 @@ def evaluate_model(
         sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
         steps: sampler steps (None: the sampler's default).
         guidance: guidance scale (None: the model's default).
+        class_guidance: per-class guidance ``{label: w}`` (None: the model's default, ``{}``: none).
         device: "auto", "cpu", "cuda", ...
         precision: "auto", "fp32", "bf16" or "fp16" (the network's arithmetic).
         batch_size: images per forward pass.
@@ -264,11 +272,12 @@ def evaluate_model(
         "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
+        "class_guidance": class_guidance,
         "device": device,
         "precision": precision,
         "batch_size": batch_size,
     }
-    images = _generate(model, reference.masks, [seed + i for i in range(n)], options, "generate", progress)
+    images = generated_images(model, reference.masks, [seed + i for i in range(n)], options, "generate", progress)
     generated = ImageSet(images, reference.masks, reference.particles)
     result = {
         "settings": {
@@ -278,6 +287,9 @@ def evaluate_model(
             "steps": steps,
             "sigma_grid": info.grid,
             "guidance": model.config.default_guidance if guidance is None else guidance,
+            "class_guidance": format_class_guidance(
+                model.config.default_class_guidance if class_guidance is None else class_guidance
+            ),
             "seed": seed,
             "reference_seeds": f"{HELD_OUT_SEED}..{HELD_OUT_SEED + n - 1}",
             "simulation": params.to_dict(),
@@ -290,7 +302,7 @@ def evaluate_model(
     if count > 0 and diversity_seeds >= 2:
         extra = [seed + s * _DIVERSITY_SEED_STRIDE + i for s in range(1, diversity_seeds) for i in range(count)]
         masks = np.concatenate([reference.masks[:count]] * (diversity_seeds - 1))
-        more = _generate(model, masks, extra, options, "diversity", progress)
+        more = generated_images(model, masks, extra, options, "diversity", progress)
         samples = np.concatenate([images[None, :count], more.reshape(diversity_seeds - 1, count, *images.shape[1:])])
         result["diversity"] = sample_diversity(samples.transpose(1, 0, 2, 3), float(np.std(reference.images)))
     count = min(edited_masks, n)
@@ -314,7 +326,8 @@ def _edited_mask_metrics(
         for m in reference.masks[:count]
     ]
     masks = np.stack([e.mask for e in edits])
-    images = _generate(model, masks, [seed + _EDIT_SEED_OFFSET + i for i in range(count)], options, "edits", progress)
+    seeds = [seed + _EDIT_SEED_OFFSET + i for i in range(count)]
+    images = generated_images(model, masks, seeds, options, "edits", progress)
     settings = detector_settings(params)
     detections = [detect_particles(image, settings).positions for image in images]
     edited = ImageSet.from_arrays(images, masks)
@@ -359,7 +372,10 @@ def metric_curves(
     c2st: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Metrics against steps for each sampler and against guidance scale, on one shared reference set."""
+    """Metrics against steps for each sampler and against guidance scale, on one shared reference set.
+
+    The steps curves use the model's guidance (with its per-class guidance); the guidance curve guides every
+    pixel with the one scale (no per-class guidance), so that it shows how each class responds to it."""
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n)
     common = {
@@ -383,7 +399,11 @@ def metric_curves(
     by_guidance = [
         {
             "guidance": g,
-            **_curve_point(evaluate_model(model, sampler=guidance_sampler, steps=guidance_steps, guidance=g, **common)),
+            **_curve_point(
+                evaluate_model(
+                    model, sampler=guidance_sampler, steps=guidance_steps, guidance=g, class_guidance={}, **common
+                )
+            ),
         }
         for g in guidances
     ]

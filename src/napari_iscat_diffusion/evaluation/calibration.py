@@ -1,0 +1,111 @@
+"""``calibrate_class_guidance``: the guidance scale at which each particle class's contrast matches the physics.
+
+One guidance scale rarely suits every class of a small model: it draws some classes too faint and others too
+bright (docs/model-card.md). The calibration generates one simulator set, held apart from the training,
+validation and evaluation seeds, at several uniform guidance scales and measures the peak-contrast distance
+of each class to the simulator's images. Particles of different classes lie apart, so each class's contrast
+depends on the scale around it only; the best scale per class becomes the model's per-class guidance
+(``ModelConfig.default_class_guidance``, applied by ``guidance.guidance_scale_map``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .evaluate import (
+    ImageSet,
+    detector_settings,
+    generated_images,
+    physics_statistics,
+    simulated_set,
+    simulation_parameters_for,
+)
+
+# Seeds of the calibration set: above the training (0, ...) and validation (1e9, ...) seeds of training/data.py
+# and below the evaluation's held-out (3e9) and floor (4e9) sets, so the evaluation stays independent of it.
+CALIBRATION_SEED = 2_000_000_000
+
+
+def calibrate_class_guidance(
+    model: Any,
+    *,
+    scales: Sequence[float] = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25),
+    n: int = 48,
+    size: int | tuple[int, int] = 128,
+    sampler: str = "dpmpp_2m",
+    steps: int | None = 20,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 8,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Per-class peak-contrast distance at each uniform guidance scale, and the best scale of each class.
+
+    Args:
+        model: a checkpoint loaded with ``load_checkpoint``, trained on simulator-like classes.
+        scales: uniform guidance scales to try (at least one, each >= 0).
+        n: masks (and simulator images) of the calibration set, from seeds ``CALIBRATION_SEED``, ...
+        size: image side or (H, W) in px.
+        sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
+        steps: sampler steps (None: the sampler's default).
+        seed: generation seed (image i gets ``seed + i``, at every scale).
+        device: "auto", "cpu", "cuda", ...
+        precision: "auto", "fp32", "bf16" or "fp16" (the network's arithmetic).
+        batch_size: images per forward pass.
+        progress: called with (stage, done, total) during generation.
+
+    Returns:
+        JSON-ready dict: ``settings``; ``contrast_w_rel`` ``{class: [W / reference spread per scale]}``;
+        ``median_ratio`` ``{class: [generated / reference median per scale]}``; ``best`` ``{class: scale}``
+        with the smallest distance (a class without particles in the set is left out).
+    """
+    scales = [float(s) for s in scales]
+    if not scales or any(not s >= 0 for s in scales):
+        raise ValueError(f"scales must be one or more guidance scales >= 0, got {scales}")
+    if n < 4:
+        raise ValueError(f"n must be at least 4, got {n}")
+    params = simulation_parameters_for(model, size)
+    reference = simulated_set(params, n, seed=CALIBRATION_SEED)
+    radius = detector_settings(params).psf_radius_px
+    options = {
+        "sampler": sampler,
+        "steps": steps,
+        "class_guidance": {},
+        "device": device,
+        "precision": precision,
+        "batch_size": batch_size,
+    }
+    distances: dict[str, list[float | None]] = {}
+    medians: dict[str, list[float | None]] = {}
+    seeds = [seed + i for i in range(n)]
+    for scale in scales:
+        uniform = {**options, "guidance": scale}
+        images = generated_images(model, reference.masks, seeds, uniform, f"w={scale:g}", progress)
+        contrast = physics_statistics(ImageSet(images, reference.masks, reference.particles), reference, radius)
+        for label, distance in contrast["peak_contrast"].items():
+            distances.setdefault(label, []).append(distance["relative_to_spread"])
+            ratio = None
+            if distance["relative_to_spread"] is not None and distance["reference_median"]:
+                ratio = distance["median"] / distance["reference_median"]
+            medians.setdefault(label, []).append(ratio)
+    best = {
+        label: scales[min((d, i) for i, d in enumerate(values) if d is not None)[1]]
+        for label, values in distances.items()
+        if any(d is not None for d in values)
+    }
+    return {
+        "settings": {
+            "n": n,
+            "image_size": list(reference.images.shape[1:]),
+            "sampler": sampler,
+            "steps": steps,
+            "seed": seed,
+            "reference_seeds": f"{CALIBRATION_SEED}..{CALIBRATION_SEED + n - 1}",
+            "scales": scales,
+        },
+        "contrast_w_rel": distances,
+        "median_ratio": medians,
+        "best": best,
+    }
