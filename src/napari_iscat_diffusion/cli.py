@@ -476,9 +476,9 @@ def _add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
         "--scales",
         type=float,
         nargs="+",
-        default=[1.0, 1.25, 1.5, 1.75, 2.0, 2.25],
+        default=None,
         metavar="W",
-        help="uniform guidance scales to try [1 1.25 1.5 1.75 2 2.25]",
+        help="uniform guidance scales to try [0.75 to 2.5 in steps of 0.25]",
     )
     _add_sampler_arguments(calibrate, guidance=False)
     calibrate.set_defaults(run=_run_calibrate)
@@ -490,7 +490,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     from .diffusion.checkpoint import load_checkpoint, save_checkpoint
     from .diffusion.guidance import format_class_guidance
-    from .evaluation import calibrate_class_guidance, run_metadata
+    from .evaluation import run_metadata
+    from .evaluation.calibration import DEFAULT_SCALES, calibrate_class_guidance
 
     for path in (args.out, args.save):
         if path is not None and path.exists():
@@ -498,7 +499,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     result = calibrate_class_guidance(
         model,
-        scales=args.scales,
+        scales=args.scales or DEFAULT_SCALES,
         n=args.n,
         sampler=args.sampler,
         steps=args.steps,
@@ -510,11 +511,14 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.out}")
+    scales = ", ".join(f"{s:g}" for s in result["settings"]["scales"])
     for label, distances in result["contrast_w_rel"].items():
         shown = ", ".join("-" if d is None else f"{d:.2f}" for d in distances)
-        print(f"class {label}: contrast W/spread at w = {', '.join(f'{s:g}' for s in args.scales)}: {shown}")
+        print(f"class {label}: contrast W/spread at w = {scales}: {shown}")
     best = {int(label): scale for label, scale in result["best"].items()}
     print(f"best per-class guidance: {format_class_guidance(best)}")
+    for label in result["at_grid_edge"]:
+        print(f"class {label}: the best scale is at the edge of --scales; its optimum may lie beyond it")
     if args.save is not None:
         config = dataclasses.replace(model.config, default_class_guidance=best)
         digest = save_checkpoint(args.save, model.net.cpu(), config)
