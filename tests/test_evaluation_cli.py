@@ -150,6 +150,8 @@ def test_calibration_measures_each_class_at_each_scale_and_picks_the_closest(tin
         assert len(distances) == 3 and len(result["median_ratio"][label]) == 3
         assert len(set(distances)) == 3  # the scale changes the contrast
         assert result["best"][label] == [0.0, 1.0, 2.0][distances.index(min(distances))]
+    assert set(result["reference_floor"]) == set(result["contrast_w_rel"])
+    assert all(d is None or d >= 0 for d in result["reference_floor"].values())
     assert result["at_grid_edge"] == [label for label, scale in result["best"].items() if scale != 1.0]
     with pytest.raises(ValueError, match="scales"):
         calibrate_class_guidance(model, scales=[], n=4)
@@ -165,6 +167,7 @@ def test_calibrate_command_writes_the_report_and_a_calibrated_checkpoint(tiny_ch
     assert calibrated.config.default_class_guidance == {int(k): v for k, v in report["best"].items()}
     printed = capsys.readouterr().out
     assert "best per-class guidance: " in printed
+    assert ("(two simulator sets: " in printed) == any(v is not None for v in report["reference_floor"].values())
     for label in report["best"]:  # with two scales every best scale lies on the grid's edge
         assert f"class {label}: the best scale is at the edge of --scales" in printed
     original = load_checkpoint(tiny_checkpoint)

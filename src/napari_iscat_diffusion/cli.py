@@ -514,7 +514,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     scales = ", ".join(f"{s:g}" for s in result["settings"]["scales"])
     for label, distances in result["contrast_w_rel"].items():
         shown = ", ".join("-" if d is None else f"{d:.2f}" for d in distances)
-        print(f"class {label}: contrast W/spread at w = {scales}: {shown}")
+        floor = result["reference_floor"].get(label)
+        floor_text = "" if floor is None else f" (two simulator sets: {floor:.2f})"
+        print(f"class {label}: contrast W/spread at w = {scales}: {shown}{floor_text}")
     best = {int(label): scale for label, scale in result["best"].items()}
     print(f"best per-class guidance: {format_class_guidance(best)}")
     for label in result["at_grid_edge"]:

@@ -18,6 +18,7 @@ from .evaluate import (
     detector_settings,
     generated_images,
     physics_statistics,
+    reference_floor,
     simulated_set,
     simulation_parameters_for,
 )
@@ -64,7 +65,9 @@ def calibrate_class_guidance(
         JSON-ready dict: ``settings``; ``contrast_w_rel`` ``{class: [W / reference spread per scale]}``;
         ``median_ratio`` ``{class: [generated / reference median per scale]}``; ``best`` ``{class: scale}``
         with the smallest distance (a class without particles in the set is left out); ``at_grid_edge``: the
-        classes whose best scale is the smallest or largest one tried (their optimum may lie outside the grid).
+        classes whose best scale is the smallest or largest one tried (their optimum may lie outside the grid);
+        ``reference_floor`` ``{class: W / reference spread}`` between a second simulator set and the reference,
+        the scatter of the distance at this ``n``: scales whose distances differ by less are not told apart.
     """
     scales = [float(s) for s in scales]
     if not scales or any(not s >= 0 for s in scales):
@@ -101,6 +104,7 @@ def calibrate_class_guidance(
         if any(d is not None for d in values)
     }
     edges = (min(scales), max(scales)) if len(scales) > 1 else ()
+    floor = reference_floor(reference, params)["peak_contrast"]
     return {
         "settings": {
             "n": n,
@@ -115,4 +119,5 @@ def calibrate_class_guidance(
         "median_ratio": medians,
         "best": best,
         "at_grid_edge": [label for label, scale in best.items() if scale in edges],
+        "reference_floor": {label: distance["relative_to_spread"] for label, distance in floor.items()},
     }
