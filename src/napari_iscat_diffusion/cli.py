@@ -470,7 +470,7 @@ def _add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
     )
     calibrate.add_argument("--out", type=Path, required=True, help="output JSON file (never overwritten)")
     calibrate.add_argument("--save", type=Path, default=None, help="write the calibrated checkpoint here (new file)")
-    calibrate.add_argument("--n", type=int, default=48, help="calibration masks [48]")
+    calibrate.add_argument("--n", type=int, default=None, help="calibration masks [144]")
     calibrate.add_argument("--size", type=int, default=128, help="image side in pixels [128]")
     calibrate.add_argument(
         "--scales",
@@ -478,7 +478,7 @@ def _add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         default=None,
         metavar="W",
-        help="uniform guidance scales to try [0.75 to 2.5 in steps of 0.25]",
+        help="uniform guidance scales to try [0.5 to 3 in steps of 0.5]",
     )
     _add_sampler_arguments(calibrate, guidance=False)
     calibrate.set_defaults(run=_run_calibrate)
@@ -491,7 +491,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .diffusion.checkpoint import load_checkpoint, save_checkpoint
     from .diffusion.guidance import format_class_guidance
     from .evaluation import run_metadata
-    from .evaluation.calibration import DEFAULT_SCALES, calibrate_class_guidance
+    from .evaluation.calibration import DEFAULT_N, DEFAULT_SCALES, calibrate_class_guidance
 
     for path in (args.out, args.save):
         if path is not None and path.exists():
@@ -500,7 +500,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     result = calibrate_class_guidance(
         model,
         scales=args.scales or DEFAULT_SCALES,
-        n=args.n,
+        n=DEFAULT_N if args.n is None else args.n,
         sampler=args.sampler,
         steps=args.steps,
         progress=_show_progress,

@@ -27,16 +27,18 @@ from .evaluate import (
 # and below the evaluation's held-out (3e9) and floor (4e9) sets, so the evaluation stays independent of it.
 CALIBRATION_SEED = 2_000_000_000
 
-# The bundled model's classes find their best scales between 1 and 2.5 (docs/model-card.md); a quarter step is
-# finer than the scatter of the contrast distance with 48 images.
-DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5)
+# 144 images: with 48, the distance's scatter between two simulator sets (reference_floor) reached 0.33 of the
+# reference spread for the bundled model's 600 nm class, and two of its best scales moved by 0.5 against 144 images
+# (docs/model-card.md). Half steps from 0.5 to 3 bracket that model's best scales (1-2) on both sides.
+DEFAULT_N = 144
+DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 
 
 def calibrate_class_guidance(
     model: Any,
     *,
     scales: Sequence[float] = DEFAULT_SCALES,
-    n: int = 48,
+    n: int = DEFAULT_N,
     size: int | tuple[int, int] = 128,
     sampler: str = "dpmpp_2m",
     steps: int | None = 20,
