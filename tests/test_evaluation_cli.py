@@ -7,7 +7,7 @@ import torch
 from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config
 
 from napari_iscat_diffusion.cli import main
-from napari_iscat_diffusion.diffusion import SAMPLERS, load_checkpoint
+from napari_iscat_diffusion.diffusion import SAMPLERS, get_sampler, load_checkpoint
 from napari_iscat_diffusion.evaluation import (
     CALIBRATION_SEED,
     calibrate_class_guidance,
@@ -137,12 +137,13 @@ def test_calibration_measures_each_class_at_each_scale_and_picks_the_closest(tin
         scales=[0.0, 1.0, 2.0],
         n=4,
         size=32,
-        steps=2,
+        steps=None,
         device="cpu",
         progress=lambda stage, done, total: stages.add(stage),
     )
     json.dumps(result, allow_nan=False)
     assert stages == {"w=0", "w=1", "w=2"}
+    assert result["settings"]["steps"] == get_sampler("dpmpp_2m").default_steps  # the report says what ran
     assert result["settings"]["reference_seeds"] == f"{CALIBRATION_SEED}..{CALIBRATION_SEED + 3}"
     measured = {label: d for label, d in result["contrast_w_rel"].items() if None not in d}
     assert measured and set(result["best"]) == set(measured)  # a class without particles gets no scale

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..diffusion.samplers import get_sampler
 from .evaluate import (
     ImageSet,
     detector_settings,
@@ -76,6 +77,7 @@ def calibrate_class_guidance(
         raise ValueError(f"scales must be one or more guidance scales >= 0, got {scales}")
     if n < 4:
         raise ValueError(f"n must be at least 4, got {n}")
+    steps = get_sampler(sampler).default_steps if steps is None else steps
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n, seed=CALIBRATION_SEED)
     radius = detector_settings(params).psf_radius_px
