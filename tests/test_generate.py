@@ -135,6 +135,14 @@ def test_class_guidance_guides_a_class_s_pixels_with_its_own_scale(model):
     assert not np.allclose(per_class, plain)
 
 
+def test_class_guidance_maps_reach_every_tile_of_a_tiled_mask(model):
+    everywhere_class_1 = np.ones((1, 40, 40), np.uint8)
+    tiled = {"steps": 2, "seed": 1, "tile_size": 16, "tile_overlap": 8}
+    uniform = generate(everywhere_class_1, model, guidance=3.0, class_guidance={}, **tiled)
+    assert np.array_equal(generate(everywhere_class_1, model, guidance=1.5, class_guidance={1: 3.0}, **tiled), uniform)
+    assert not np.allclose(generate(everywhere_class_1, model, guidance=1.5, class_guidance={}, **tiled), uniform)
+
+
 def test_class_guidance_defaults_to_the_model_value(tmp_path):
     calibrated = _tiny_model(tmp_path, class_guidance={2: 2.5})
     mask = _mask(2)
