@@ -369,6 +369,18 @@ def test_config_round_trip():
     assert minimal.default_class_guidance == {}
     # JSON keys are strings; the config holds int labels.
     assert data["default_class_guidance"] == {"2": 3.0} and config.default_class_guidance == {2: 3.0}
+    assert minimal.default_guidance_interval is None and data["default_guidance_interval"] is None
+
+
+@pytest.mark.parametrize(
+    ("interval", "stored", "held"),
+    [((2, 45), [2.0, 45.0], (2.0, 45.0)), ((2, math.inf), [2.0, None], (2.0, math.inf)), ((0, math.inf), None, None)],
+)
+def test_the_guidance_interval_round_trips_through_json(interval, stored, held):
+    config = make_config(default_guidance_interval=interval)
+    data = json.loads(json.dumps(config.to_dict(), allow_nan=False))  # an infinite end is stored as null
+    assert data["default_guidance_interval"] == stored
+    assert config.default_guidance_interval == held == ModelConfig.from_dict(data).default_guidance_interval
 
 
 @pytest.mark.parametrize(
@@ -393,6 +405,8 @@ def test_config_round_trip():
         ({"default_guidance": math.nan}, "default_guidance"),
         ({"default_class_guidance": {3: 1.0}}, "default_class_guidance: 3 is not a particle class"),
         ({"default_class_guidance": {1: -2.0}}, "default_class_guidance: the scale of class 1"),
+        ({"default_guidance_interval": (45, 2)}, "default_guidance_interval: expected 0 <= low < high"),
+        ({"default_guidance_interval": "2,45"}, "default_guidance_interval: expected two noise levels"),
         ({"class_names": ["spot"]}, "class_names"),
         ({"class_names": ["spot", ""]}, "class_names"),
         ({"training": {"loss": math.nan}}, "training"),

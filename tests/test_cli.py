@@ -65,7 +65,7 @@ def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 classes" in out and sha in out and "60 nm/px" in out
     assert '"base_channels": 8' in out and '"channel_mults": [1, 2]' in out and "parameterization: v" in out
-    assert "default guidance: 1, per class: none" in out
+    assert "default guidance: 1, per class: none, guided noise levels: all" in out
     (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
     assert main(["info", str(tmp_path / "model.pt")]) == 2
     assert "pickle" in capsys.readouterr().err
@@ -102,6 +102,17 @@ def test_generate_writes_one_image_per_mask_and_sample(tmp_path, capsys):
     assert exit_info.value.code == 2 and "'lots' (class 1) is not a number" in capsys.readouterr().err
     assert main([*args[:4], str(tmp_path / "bad.tif"), *args[5:], "--class-guidance", "4=2"]) == 2
     assert "4 is not a particle class" in capsys.readouterr().err and not (tmp_path / "bad.tif").exists()
+    limited = tmp_path / "limited.tif"
+    assert (
+        main([*args[:4], str(limited), *args[5:], "--steps", "2", "--guidance", "3", "--guidance-interval", "1e6,1e7"])
+        == 0
+    )
+    conditional = tmp_path / "conditional.tif"
+    assert main([*args[:4], str(conditional), *args[5:], "--steps", "2", "--guidance", "1"]) == 0
+    assert np.array_equal(tifffile.imread(limited), tifffile.imread(conditional))  # no step was guided
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args[:4], str(tmp_path / "bad.tif"), *args[5:], "--guidance-interval", "45,2"])
+    assert exit_info.value.code == 2 and "expected 0 <= low < high" in capsys.readouterr().err
 
 
 def test_generate_uses_the_bundled_default_or_says_there_is_none(tmp_path, monkeypatch, capsys):

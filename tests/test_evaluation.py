@@ -165,7 +165,12 @@ def test_distribution_distance_sees_a_scaled_contrast():
     scaled = distribution_distance(1.3 * reference, reference)
     assert scaled["wasserstein"] == pytest.approx(0.3 * reference.mean(), rel=1e-6)
     assert scaled["relative_to_spread"] > 0.5
+    assert scaled["range_ratio"] == pytest.approx(1.3) and 0.9 < same["range_ratio"] < 1.1
+    median = np.median(reference)
+    narrow = distribution_distance(median + 0.5 * (reference - median), reference)
+    assert narrow["range_ratio"] == pytest.approx(0.5) and narrow["median"] == pytest.approx(median)
     assert distribution_distance(np.zeros(0), reference)["wasserstein"] is None
+    assert distribution_distance(reference, np.full(10, 0.02))["range_ratio"] is None
 
 
 def test_simulator_against_itself_and_against_brighter_particles():

@@ -58,7 +58,7 @@ def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
     json.dumps(result, allow_nan=False)
     assert result["settings"]["n"] == 4 and result["settings"]["image_size"] == [32, 32]
     assert result["settings"]["steps"] == 2 and result["settings"]["sigma_grid"] == "logsnr"
-    assert result["settings"]["class_guidance"] == ""
+    assert result["settings"]["class_guidance"] == "" and result["settings"]["guidance_interval"] == "all"
     assert set(result) >= {
         "fidelity",
         "reference_fidelity",
@@ -148,7 +148,7 @@ def test_calibration_measures_each_class_at_each_scale_and_picks_the_closest(tin
     measured = {label: d for label, d in result["contrast_w_rel"].items() if None not in d}
     assert measured and set(result["best"]) == set(measured)  # a class without particles gets no scale
     for label, distances in measured.items():
-        assert len(distances) == 3 and len(result["median_ratio"][label]) == 3
+        assert len(distances) == 3 and len(result["median_ratio"][label]) == 3 == len(result["range_ratio"][label])
         assert len(set(distances)) == 3  # the scale changes the contrast
         assert result["best"][label] == [0.0, 1.0, 2.0][distances.index(min(distances))]
     assert set(result["reference_floor"]) == set(result["contrast_w_rel"])
@@ -168,6 +168,7 @@ def test_calibrate_command_writes_the_report_and_a_calibrated_checkpoint(tiny_ch
     assert calibrated.config.default_class_guidance == {int(k): v for k, v in report["best"].items()}
     printed = capsys.readouterr().out
     assert "best per-class guidance: " in printed
+    assert report["settings"]["guidance_interval"] == "all" and calibrated.config.default_guidance_interval is None
     assert ("(two simulator sets: " in printed) == any(v is not None for v in report["reference_floor"].values())
     for label in report["best"]:  # with two scales every best scale lies on the grid's edge
         assert f"class {label}: the best scale is at the edge of --scales" in printed
@@ -176,3 +177,10 @@ def test_calibrate_command_writes_the_report_and_a_calibrated_checkpoint(tiny_ch
         assert (calibrated.net.state_dict()[name] == tensor).all(), name
     assert main([*args, "--out", str(tmp_path / "other.json"), "--save", str(saved)]) == 2
     assert "already exists" in capsys.readouterr().err and not (tmp_path / "other.json").exists()
+    # Calibrated with a guidance interval, the checkpoint keeps the interval its scales were measured with.
+    limited_out, limited = tmp_path / "limited.json", tmp_path / "limited.safetensors"
+    extra = ["--scales", "1", "2", "--guidance-interval", "0.5,20", "--device", "cpu"]
+    assert main([*args, *extra, "--out", str(limited_out), "--save", str(limited)]) == 0
+    assert json.loads(limited_out.read_text())["settings"]["guidance_interval"] == "0.5,20"
+    assert load_checkpoint(limited).config.default_guidance_interval == (0.5, 20.0)
+    assert "guided at noise levels 0.5,20" in capsys.readouterr().out

@@ -148,6 +148,7 @@ def test_files_are_written_atomically(tmp_path, model, masks, monkeypatch):
         ({"sampler": "ddim"}, "sampler"),
         ({"guidance": 2.0}, "guidance"),
         ({"class_guidance": {1: 3.0}}, "class_guidance"),
+        ({"guidance_interval": (2.0, 45.0)}, "guidance_interval"),
         ({"seed": 7}, "seed"),
     ],
 )
@@ -160,23 +161,29 @@ def test_a_folder_with_another_export_refuses_other_settings(tmp_path, model, ma
     assert _files(tmp_path) == before
 
 
-def test_class_guidance_is_recorded_and_a_manifest_from_before_it_resumes(tmp_path, model, masks):
-    per_class = SamplerSettings(**{**SETTINGS.__dict__, "class_guidance": {1: 3.0}})
-    export_pairs(masks[:1], model, tmp_path / "a", per_class)
-    assert {row["class_guidance"] for row in _rows(tmp_path / "a")} == {"1=3"}
-    # A manifest written before per-class guidance existed has no such column: it was made without any.
+@pytest.mark.parametrize(
+    ("field", "value", "recorded", "default"),
+    [("class_guidance", {1: 3.0}, "1=3", ""), ("guidance_interval", (2.0, 45.0), "2,45", "all")],
+)
+def test_a_setting_is_recorded_and_a_manifest_from_before_its_column_resumes(
+    tmp_path, model, masks, field, value, recorded, default
+):
+    changed = SamplerSettings(**{**SETTINGS.__dict__, field: value})
+    export_pairs(masks[:1], model, tmp_path / "a", changed)
+    assert {row[field] for row in _rows(tmp_path / "a")} == {recorded}
+    # A manifest written before the setting existed has no such column: it was made with the default.
     export_pairs(masks[:1], model, tmp_path / "b", SETTINGS)
     rows = _rows(tmp_path / "b")
-    assert rows[0]["class_guidance"] == ""
-    old_fields = [f for f in export.MANIFEST_FIELDS if f != "class_guidance"]
+    assert rows[0][field] == default
+    old_fields = [f for f in export.MANIFEST_FIELDS if f != field]
     with open(tmp_path / "b" / MANIFEST, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=old_fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     summary = export_pairs(masks, model, tmp_path / "b", SETTINGS)
     assert (summary.written, summary.skipped) == (2, 1)
-    with pytest.raises(ExportError, match="class_guidance differ"):
-        export_pairs(masks, model, tmp_path / "b", per_class)
+    with pytest.raises(ExportError, match=f"{field} differ"):
+        export_pairs(masks, model, tmp_path / "b", changed)
 
 
 def test_other_pair_numbering_is_refused(tmp_path, model, masks):

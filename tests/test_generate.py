@@ -1,5 +1,5 @@
 """generate(): shapes, physical units, seeds, guidance batching and per-class guidance, progress and cancel,
-bad input."""
+bad input, guidance intervals."""
 
 import numpy as np
 import pytest
@@ -15,11 +15,22 @@ from napari_iscat_diffusion.diffusion import (
     load_checkpoint,
     save_checkpoint,
 )
+from napari_iscat_diffusion.diffusion.guidance import EVERY_NOISE_LEVEL
+from napari_iscat_diffusion.diffusion.samplers import sampling_sigmas
 from napari_iscat_diffusion.diffusion.schedules import linear_schedule
 
 
 def _tiny_model(
-    tmp_path, *, parameterization="v", channels=1, classes=2, mean=0.0, std=1.0, perturb=True, class_guidance=None
+    tmp_path,
+    *,
+    parameterization="v",
+    channels=1,
+    classes=2,
+    mean=0.0,
+    std=1.0,
+    perturb=True,
+    class_guidance=None,
+    guidance_interval=None,
 ):
     unet = tiny_unet_config(image_channels=channels, num_classes=classes)
     torch.manual_seed(0)
@@ -37,8 +48,10 @@ def _tiny_model(
         training_size=(32, 32),
         default_guidance=1.5,
         default_class_guidance=class_guidance or {},
+        default_guidance_interval=guidance_interval,
     )
-    path = tmp_path / f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}.safetensors"
+    name = f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}-{guidance_interval}"
+    path = tmp_path / f"{name}.safetensors"
     save_checkpoint(path, net, config)
     return load_checkpoint(path)
 
@@ -151,6 +164,28 @@ def test_class_guidance_defaults_to_the_model_value(tmp_path):
     assert not np.allclose(default, generate(mask, calibrated, steps=3, seed=1, class_guidance={}))
 
 
+def test_a_guidance_interval_guides_only_the_steps_inside_it(model):
+    mask = _mask(2)
+    everywhere = generate(mask, model, steps=4, seed=1, guidance=3.0)
+    assert np.array_equal(generate(mask, model, steps=4, seed=1, guidance=3.0, guidance_interval=(0, 1e9)), everywhere)
+    conditional = generate(mask, model, steps=4, seed=1, guidance=1.0)
+    none_inside = generate(mask, model, steps=4, seed=1, guidance=3.0, guidance_interval=(1e6, 1e7))
+    assert np.array_equal(none_inside, conditional)
+    sigmas = sampling_sigmas("dpmpp_2m", 4, model.schedule.sigma_min, model.schedule.sigma_max)
+    middle = (float(sigmas[2]), float(sigmas[1]))  # only the second step's sigma lies in (low, high]
+    some = generate(mask, model, steps=4, seed=1, guidance=3.0, guidance_interval=middle)
+    assert not np.allclose(some, everywhere) and not np.allclose(some, conditional)
+
+
+def test_the_guidance_interval_defaults_to_the_model_value(tmp_path):
+    limited = _tiny_model(tmp_path, guidance_interval=(1.0, 10.0))
+    assert limited.config.default_guidance_interval == (1.0, 10.0)
+    mask = _mask(2)
+    default = generate(mask, limited, steps=4, seed=1)
+    assert np.array_equal(default, generate(mask, limited, steps=4, seed=1, guidance_interval=(1.0, 10.0)))
+    assert not np.allclose(default, generate(mask, limited, steps=4, seed=1, guidance_interval=EVERY_NOISE_LEVEL))
+
+
 def test_progress_callback_counts_steps_over_batches(model):
     events = []
     generate(_mask(3), model, sampler="heun", steps=3, batch_size=2, callback=events.append)
@@ -187,6 +222,7 @@ def test_callback_can_cancel(model):
         ({"guidance": float("nan")}, "guidance"),
         ({"class_guidance": {3: 2.0}}, "3 is not a particle class; expected labels 1..2"),
         ({"class_guidance": {1: -1.0}}, "scale of class 1"),
+        ({"guidance_interval": (5.0, 1.0)}, "guidance interval: expected 0 <= low < high"),
     ],
 )
 def test_bad_arguments_are_rejected(model, kwargs, phrase):

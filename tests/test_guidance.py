@@ -1,16 +1,22 @@
 """Classifier-free guidance: which branches run, in how many forward passes, the guided combination, and
-per-class guidance (scale maps, parsing, validation)."""
+per-class guidance (scale maps, parsing, validation) and guidance limited to an interval of noise levels."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from napari_iscat_diffusion.diffusion.guidance import (
+    EVERY_NOISE_LEVEL,
     check_class_guidance,
+    check_guidance_interval,
     format_class_guidance,
+    format_guidance_interval,
     guidance_scale_map,
     guided_denoiser,
     parse_class_guidance,
+    parse_guidance_interval,
 )
 
 
@@ -147,3 +153,50 @@ def test_class_guidance_is_checked_against_the_model_classes(scales, message):
     with pytest.raises(ValueError, match=message):
         check_class_guidance(scales, 3)
     assert check_class_guidance({"3": 2, 1: 1.5}, 3) == {1: 1.5, 3: 2.0}
+
+
+def test_an_interval_guides_inside_it_and_runs_the_conditional_branch_alone_outside():
+    x, _, cond, null = _inputs()
+    reference = RecordingDenoiser()
+    for sigma_value, guided in [(5.0, True), (2.0, False), (20.0, True), (20.5, False)]:
+        sigma = torch.full((3,), sigma_value)
+        net = RecordingDenoiser()
+        out = guided_denoiser(net, cond, null, 2.5, interval=(2.0, 20.0))(x, sigma)
+        x0_cond, x0_uncond = reference(x, sigma, cond), reference(x, sigma, null)
+        if guided:  # low < sigma <= high: both branches in one batch
+            assert net.batch_sizes == [6]
+            torch.testing.assert_close(out, x0_uncond + 2.5 * (x0_cond - x0_uncond))
+        else:  # one pass, conditional
+            assert net.batch_sizes == [3]
+            assert torch.equal(out, x0_cond)
+
+
+def test_an_interval_applies_per_image_and_also_to_scale_zero():
+    x, _, cond, null = _inputs()
+    sigma = torch.tensor([1.0, 10.0, 100.0])
+    reference = RecordingDenoiser()
+    x0_cond, x0_uncond = reference(x, sigma, cond), reference(x, sigma, null)
+    out = guided_denoiser(RecordingDenoiser(), cond, null, 3.0, interval=(2.0, 20.0))(x, sigma)
+    torch.testing.assert_close(out[1], (x0_uncond + 3.0 * (x0_cond - x0_uncond))[1])
+    assert torch.equal(out[0], x0_cond[0]) and torch.equal(out[2], x0_cond[2])
+    # w = 0 is unconditional inside the interval only.
+    out = guided_denoiser(RecordingDenoiser(), cond, null, 0.0, interval=(2.0, 20.0))(x, sigma)
+    torch.testing.assert_close(out[1], x0_uncond[1])
+    assert torch.equal(out[0], x0_cond[0])
+
+
+def test_guidance_interval_text_round_trips_and_bad_intervals_say_what_is_wrong():
+    assert parse_guidance_interval("2,45") == (2.0, 45.0)
+    assert parse_guidance_interval(" 0.5 , inf ") == (0.5, math.inf)
+    assert parse_guidance_interval("all") == EVERY_NOISE_LEVEL == parse_guidance_interval("None")
+    assert format_guidance_interval((2, 45)) == "2,45" and format_guidance_interval(None) == "all"
+    assert format_guidance_interval(EVERY_NOISE_LEVEL) == "all"
+    assert parse_guidance_interval(format_guidance_interval((0.25, 1e3))) == (0.25, 1000.0)
+    for text in ("2", "2,45,50", "a,b", ""):
+        with pytest.raises(ValueError, match="write low,high"):
+            parse_guidance_interval(text)
+    for bad in [(5, 2), (-1, 2), (math.nan, 2), (2, math.nan), (math.inf, math.inf)]:
+        with pytest.raises(ValueError, match="expected 0 <= low < high"):
+            check_guidance_interval(bad)
+    with pytest.raises(ValueError, match="my interval: expected two noise levels"):
+        check_guidance_interval([1.0], name="my interval")

@@ -274,7 +274,7 @@ def test_class_guidance_is_filled_from_the_model_used_and_recorded(viewer_and_wi
     widget.sampler.class_guidance.setText("2=2.5")
     _run(qtbot, widget)
     layer = viewer.layers["synthetic (cells)"]
-    assert layer.metadata["class_guidance"] == "2=2.5"
+    assert layer.metadata["class_guidance"] == "2=2.5" and layer.metadata["guidance_interval"] == "all"
     expected = generate(_mask(), model, steps=2, guidance=1.5, class_guidance={2: 2.5}, seed=5, device="cpu")
     np.testing.assert_array_equal(layer.data, expected)
 

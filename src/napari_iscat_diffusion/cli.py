@@ -131,6 +131,7 @@ def _sampler_settings(args: argparse.Namespace, device: str) -> SamplerSettings:
         steps=args.steps,
         guidance=args.guidance,
         class_guidance=args.class_guidance,
+        guidance_interval=args.guidance_interval,
         seed=args.seed,
         device=device,
         precision=args.precision,
@@ -168,6 +169,14 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
             help="guidance around the particles of single classes, e.g. 1=1.0,3=2.0; 'none' for --guidance "
             "everywhere [the model's calibrated values]",
         )
+    parser.add_argument(
+        "--guidance-interval",
+        type=_guidance_interval_argument,
+        default=None,
+        metavar="LOW,HIGH",
+        help="guide only at noise levels LOW < sigma <= HIGH (normalised units), the other steps run one network "
+        "pass instead of two; 'all' for every step [the model's default]",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [auto]")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 [auto]")
@@ -180,6 +189,16 @@ def _class_guidance_argument(text: str) -> dict[int, float]:
 
     try:
         return parse_class_guidance(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _guidance_interval_argument(text: str) -> tuple[float, float]:
+    """--guidance-interval parsed, with the parser's own message on a bad value."""
+    from .diffusion.guidance import parse_guidance_interval
+
+    try:
+        return parse_guidance_interval(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -361,7 +380,7 @@ def _run_info(args: argparse.Namespace) -> int:
     import json
 
     from .diffusion.checkpoint import load_checkpoint
-    from .diffusion.guidance import format_class_guidance
+    from .diffusion.guidance import format_class_guidance, format_guidance_interval
 
     if args.checkpoint is None:
         return _print_environment()
@@ -376,7 +395,10 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"model: {json.dumps(architecture)}")
     print(f"parameterization: {model.config.parameterization}, schedule: {json.dumps(model.config.schedule)}")
     per_class = format_class_guidance(model.config.default_class_guidance) or "none"
-    print(f"default guidance: {model.config.default_guidance:g}, per class: {per_class}")
+    interval = format_guidance_interval(model.config.default_guidance_interval)
+    print(
+        f"default guidance: {model.config.default_guidance:g}, per class: {per_class}, guided noise levels: {interval}"
+    )
     return 0
 
 
@@ -444,6 +466,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         class_guidance=args.class_guidance,
+        guidance_interval=args.guidance_interval,
         progress=_show_progress,
         **options,
     )
@@ -489,7 +512,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     import json
 
     from .diffusion.checkpoint import load_checkpoint, save_checkpoint
-    from .diffusion.guidance import format_class_guidance
+    from .diffusion.guidance import format_class_guidance, format_guidance_interval
     from .evaluation import run_metadata
     from .evaluation.calibration import DEFAULT_N, DEFAULT_SCALES, calibrate_class_guidance
 
@@ -503,6 +526,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         n=DEFAULT_N if args.n is None else args.n,
         sampler=args.sampler,
         steps=args.steps,
+        guidance_interval=args.guidance_interval,
         progress=_show_progress,
         **_measurement_options(args),
     )
@@ -522,9 +546,13 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     for label in result["at_grid_edge"]:
         print(f"class {label}: the best scale is at the edge of --scales; its optimum may lie beyond it")
     if args.save is not None:
-        config = dataclasses.replace(model.config, default_class_guidance=best)
+        interval = model.config.default_guidance_interval if args.guidance_interval is None else args.guidance_interval
+        config = dataclasses.replace(model.config, default_class_guidance=best, default_guidance_interval=interval)
         digest = save_checkpoint(args.save, model.net.cpu(), config)
-        print(f"wrote {args.save} (sha256 {digest[:12]}) with per-class guidance {format_class_guidance(best)}")
+        print(
+            f"wrote {args.save} (sha256 {digest[:12]}) with per-class guidance {format_class_guidance(best)}, "
+            f"guided at noise levels {format_guidance_interval(config.default_guidance_interval)}"
+        )
     return 0
 
 

@@ -44,13 +44,17 @@ MANIFEST_FIELDS = (
     "steps",
     "guidance",
     "class_guidance",
+    "guidance_interval",
     "precision",
     "package_version",
 )
 # A folder holds one export: rows must agree on these, so that a resumed run cannot mix settings.
-_SETTINGS_FIELDS = ("checkpoint_sha256", "sampler", "steps", "guidance", "class_guidance")
-# Fields that may be empty in a complete row ("" class guidance: one scale everywhere).
-_OPTIONAL_FIELDS = ("checkpoint", "class_guidance")
+_SETTINGS_FIELDS = ("checkpoint_sha256", "sampler", "steps", "guidance", "class_guidance", "guidance_interval")
+# Fields that may be empty in a complete row ("" class guidance: one scale everywhere) or missing in a manifest
+# written before they existed.
+_OPTIONAL_FIELDS = ("checkpoint", "class_guidance", "guidance_interval")
+# What a manifest without a settings column was made with (a missing class guidance reads "" already).
+_BEFORE_COLUMN = {"guidance_interval": "all"}
 
 
 class ExportError(ValueError):
@@ -190,8 +194,7 @@ def merge_manifests(folder: Path) -> Path:
 
 def _check_same_settings(folder: Path, rows: Mapping[str, dict], expected: dict, first_seed: int) -> None:
     for row in rows.values():
-        # A manifest from before per-class guidance has no such column: it was made with none.
-        different = [f for f in _SETTINGS_FIELDS if str(row.get(f) or "") != str(expected[f])]
+        different = [f for f in _SETTINGS_FIELDS if str(row.get(f) or _BEFORE_COLUMN.get(f, "")) != str(expected[f])]
         if int(row["seed"]) - int(row["pair"]) != first_seed:
             different.append("seed")
         if different:
@@ -307,6 +310,7 @@ def export_pairs(
                 steps=settings.steps,
                 guidance=settings.guidance,
                 class_guidance=settings.class_guidance,
+                guidance_interval=settings.guidance_interval,
                 seed=seeds,
                 device=settings.device,
                 precision=settings.precision,

@@ -14,7 +14,12 @@ import numpy as np
 
 from . import __version__
 from .diffusion import SAMPLERS, GenerationProgress, LoadedModel, generate, validate_mask
-from .diffusion.guidance import check_class_guidance, format_class_guidance
+from .diffusion.guidance import (
+    check_class_guidance,
+    check_guidance_interval,
+    format_class_guidance,
+    format_guidance_interval,
+)
 
 # Robust half-width of the displayed range: this percentile of |image - median| keeps a few bright
 # particles from washing out the background while the range stays symmetric (iSCAT contrast has both signs).
@@ -23,13 +28,14 @@ _CONTRAST_PERCENTILE = 99.5
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampler, steps (None: its default), guidance and per-class guidance ``{label: w}`` (None: the model's),
-    first seed, device, precision, batch size."""
+    """Sampler, steps (None: its default), guidance, per-class guidance ``{label: w}`` and the noise levels
+    ``(sigma_low, sigma_high)`` that are guided (None: the model's), first seed, device, precision, batch size."""
 
     sampler: str = "dpmpp_2m"
     steps: int | None = None
     guidance: float | None = None
     class_guidance: Mapping[int, float] | None = None
+    guidance_interval: tuple[float, float] | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -41,7 +47,12 @@ class SamplerSettings:
         guidance = model.config.default_guidance if self.guidance is None else float(self.guidance)
         class_guidance = model.config.default_class_guidance if self.class_guidance is None else self.class_guidance
         class_guidance = check_class_guidance(class_guidance, model.config.num_classes)
-        return dataclasses.replace(self, steps=steps, guidance=guidance, class_guidance=class_guidance)
+        interval = check_guidance_interval(
+            model.config.default_guidance_interval if self.guidance_interval is None else self.guidance_interval
+        )
+        return dataclasses.replace(
+            self, steps=steps, guidance=guidance, class_guidance=class_guidance, guidance_interval=interval
+        )
 
 
 def provenance(model: LoadedModel, settings: SamplerSettings, *, seed: int, source: str) -> dict:
@@ -55,6 +66,7 @@ def provenance(model: LoadedModel, settings: SamplerSettings, *, seed: int, sour
         "steps": settings.steps,
         "guidance": settings.guidance,
         "class_guidance": format_class_guidance(settings.class_guidance),
+        "guidance_interval": format_guidance_interval(settings.guidance_interval),
         "precision": settings.precision,
         "package_version": __version__,
         "source_mask": source,
@@ -118,6 +130,7 @@ def synthesize(
         steps=s.steps,
         guidance=s.guidance,
         class_guidance=s.class_guidance,
+        guidance_interval=s.guidance_interval,
         seed=s.seed,
         device=s.device,
         precision=s.precision,

@@ -27,7 +27,7 @@ from .. import __version__
 from ..io.atomic import atomic_write_bytes
 from .denoiser import DiscreteTimeDenoiser
 from .device import resolve_device
-from .guidance import check_class_guidance
+from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
 from .parameterization import PARAMETERIZATIONS
 from .schedules import DiscreteSchedule, schedule_from_config
 from .unet import ConditionalUNet, UNetConfig
@@ -42,6 +42,7 @@ _OPTIONAL_FIELDS = (
     "training_size",
     "default_guidance",
     "default_class_guidance",
+    "default_guidance_interval",
     "class_names",
     "training",
 )
@@ -53,6 +54,10 @@ _RESAVE = "Export the model again with napari_iscat_diffusion.diffusion.checkpoi
 
 class CheckpointError(ValueError):
     """A file could not be loaded as a model checkpoint; the message says why and what to do."""
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _is_real(value: object) -> bool:
@@ -83,6 +88,9 @@ class ModelConfig:
         default_guidance: classifier-free guidance scale used when the caller gives none.
         default_class_guidance: per-class scales ``{label: w}`` used around those classes' particles when the
             caller gives none (``guidance.guidance_scale_map``); empty: every class at ``default_guidance``.
+        default_guidance_interval: ``(sigma_low, sigma_high)``, the noise levels (normalised units) at which the
+            sampler guides when the caller does not say (``guidance.guided_denoiser``); None: every level. In
+            JSON a high end of None stands for infinity.
         class_names: one name per particle class (K names), optional.
         training: free-form JSON summary of the training run (steps, data, metrics).
 
@@ -98,6 +106,7 @@ class ModelConfig:
     training_size: tuple[int, int] | None = None
     default_guidance: float = 1.0
     default_class_guidance: dict[int, float] = field(default_factory=dict)
+    default_guidance_interval: tuple[float, float] | None = None
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
 
@@ -137,6 +146,7 @@ class ModelConfig:
         self.default_class_guidance = check_class_guidance(
             self.default_class_guidance, self.num_classes, name="default_class_guidance"
         )
+        self.default_guidance_interval = self._checked_guidance_interval()
         if self.class_names is not None:
             names = self.class_names
             if (
@@ -149,6 +159,15 @@ class ModelConfig:
                 )
             self.class_names = list(names)
         self.training = _json_copy("training", self.training)
+
+    def _checked_guidance_interval(self) -> tuple[float, float] | None:
+        interval = self.default_guidance_interval
+        if interval is None:
+            return None
+        if isinstance(interval, (list, tuple)) and len(interval) == 2 and interval[1] is None:
+            interval = (interval[0], math.inf)
+        interval = check_guidance_interval(interval, name="default_guidance_interval")
+        return None if interval == EVERY_NOISE_LEVEL else interval
 
     def _checked_normalization(self) -> dict:
         norm = self.normalization
@@ -188,6 +207,9 @@ class ModelConfig:
             "training_size": None if self.training_size is None else list(self.training_size),
             "default_guidance": self.default_guidance,
             "default_class_guidance": {str(k): w for k, w in self.default_class_guidance.items()},
+            "default_guidance_interval": None
+            if self.default_guidance_interval is None
+            else [self.default_guidance_interval[0], _finite_or_none(self.default_guidance_interval[1])],
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
         }

@@ -14,7 +14,7 @@ from .checkpoint import LoadedModel
 from .conditioning import encode_condition, null_condition, validate_mask
 from .denoiser import ConditionalDenoiser
 from .device import resolve_device
-from .guidance import check_class_guidance, guidance_scale_map, guided_denoiser
+from .guidance import check_class_guidance, check_guidance_interval, guidance_scale_map, guided_denoiser
 from .samplers import SamplingCancelled, get_sampler, sampling_sigmas
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
@@ -58,6 +58,7 @@ def generate(
     steps: int | None = None,
     guidance: float | None = None,
     class_guidance: Mapping[int, float] | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     seed: int | Sequence[int] = 0,
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -79,6 +80,10 @@ def generate(
         class_guidance: per-class scales ``{label: w}`` that replace ``guidance`` around the particles of
             those classes (``guidance.guidance_scale_map``); None takes the model's
             ``default_class_guidance``, ``{}`` guides every pixel with ``guidance``.
+        guidance_interval: (sigma_low, sigma_high), noise levels in the model's normalised units: guide only
+            where ``sigma_low < sigma <= sigma_high`` and run the conditional branch alone at the other steps,
+            which then cost one network pass instead of two (``guidance.guided_denoiser``); None takes the
+            model's ``default_guidance_interval``, ``guidance.EVERY_NOISE_LEVEL`` guides every step.
         seed: an int (image i gets seed + i) or one seed per image. The same seed and mask give
             the same image whatever the batch size.
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
@@ -119,6 +124,9 @@ def generate(
     class_scales = check_class_guidance(
         config.default_class_guidance if class_guidance is None else class_guidance, config.num_classes
     )
+    interval = check_guidance_interval(
+        config.default_guidance_interval if guidance_interval is None else guidance_interval
+    )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if tile_size == "auto":
@@ -158,7 +166,7 @@ def generate(
                 cond = encode_condition(batch_labels, config.num_classes)
                 scale_map = guidance_scale_map(labels[indices.start : indices.stop], guidance, class_scales)
                 scale = guidance if scale_map is None else torch.from_numpy(scale_map).to(torch_device)
-                denoise = guided_denoiser(cond_denoise, cond, null_condition(cond), scale)
+                denoise = guided_denoiser(cond_denoise, cond, null_condition(cond), scale, interval)
 
                 def on_step(step: int, _x: torch.Tensor, denoised: torch.Tensor, indices: range = indices) -> bool:
                     nonlocal completed, finished

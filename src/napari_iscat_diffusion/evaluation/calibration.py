@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..diffusion.guidance import check_guidance_interval, format_guidance_interval
 from ..diffusion.samplers import get_sampler
 from .evaluate import (
     ImageSet,
@@ -43,6 +44,7 @@ def calibrate_class_guidance(
     size: int | tuple[int, int] = 128,
     sampler: str = "dpmpp_2m",
     steps: int | None = 20,
+    guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
     device: str = "auto",
     precision: str = "auto",
@@ -58,6 +60,8 @@ def calibrate_class_guidance(
         size: image side or (H, W) in px.
         sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
         steps: sampler steps (None: the sampler's default).
+        guidance_interval: noise levels (sigma_low, sigma_high) at which to guide (None: the model's default;
+            ``guidance.EVERY_NOISE_LEVEL``: every step). Calibrate with the interval the scales will be used with.
         seed: generation seed (image i gets ``seed + i``, at every scale).
         device: "auto", "cpu", "cuda", ...
         precision: "auto", "fp32", "bf16" or "fp16" (the network's arithmetic).
@@ -66,7 +70,8 @@ def calibrate_class_guidance(
 
     Returns:
         JSON-ready dict: ``settings``; ``contrast_w_rel`` ``{class: [W / reference spread per scale]}``;
-        ``median_ratio`` ``{class: [generated / reference median per scale]}``; ``best`` ``{class: scale}``
+        ``median_ratio`` ``{class: [generated / reference median per scale]}``; ``range_ratio`` ``{class: [generated
+        / reference 10-90 % range per scale]}``; ``best`` ``{class: scale}``
         with the smallest distance (a class without particles in the set is left out); ``at_grid_edge``: the
         classes whose best scale is the smallest or largest one tried (their optimum may lie outside the grid);
         ``reference_floor`` ``{class: W / reference spread}`` between a second simulator set and the reference,
@@ -78,6 +83,9 @@ def calibrate_class_guidance(
     if n < 4:
         raise ValueError(f"n must be at least 4, got {n}")
     steps = get_sampler(sampler).default_steps if steps is None else steps
+    interval = check_guidance_interval(
+        model.config.default_guidance_interval if guidance_interval is None else guidance_interval
+    )
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n, seed=CALIBRATION_SEED)
     radius = detector_settings(params).psf_radius_px
@@ -85,12 +93,14 @@ def calibrate_class_guidance(
         "sampler": sampler,
         "steps": steps,
         "class_guidance": {},
+        "guidance_interval": interval,
         "device": device,
         "precision": precision,
         "batch_size": batch_size,
     }
     distances: dict[str, list[float | None]] = {}
     medians: dict[str, list[float | None]] = {}
+    ranges: dict[str, list[float | None]] = {}
     seeds = [seed + i for i in range(n)]
     for scale in scales:
         uniform = {**options, "guidance": scale}
@@ -102,6 +112,7 @@ def calibrate_class_guidance(
             if distance["relative_to_spread"] is not None and distance["reference_median"]:
                 ratio = distance["median"] / distance["reference_median"]
             medians.setdefault(label, []).append(ratio)
+            ranges.setdefault(label, []).append(distance["range_ratio"])
     best = {
         label: scales[min((d, i) for i, d in enumerate(values) if d is not None)[1]]
         for label, values in distances.items()
@@ -115,12 +126,14 @@ def calibrate_class_guidance(
             "image_size": list(reference.images.shape[1:]),
             "sampler": sampler,
             "steps": steps,
+            "guidance_interval": format_guidance_interval(interval),
             "seed": seed,
             "reference_seeds": f"{CALIBRATION_SEED}..{CALIBRATION_SEED + n - 1}",
             "scales": scales,
         },
         "contrast_w_rel": distances,
         "median_ratio": medians,
+        "range_ratio": ranges,
         "best": best,
         "at_grid_edge": [label for label, scale in best.items() if scale in edges],
         "reference_floor": {label: distance["relative_to_spread"] for label, distance in floor.items()},

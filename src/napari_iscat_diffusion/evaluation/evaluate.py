@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..diffusion.generate import generate
-from ..diffusion.guidance import format_class_guidance
+from ..diffusion.guidance import format_class_guidance, format_guidance_interval
 from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..io.atomic import atomic_write_text
 from ..iscat.simulate import SimulationParameters, simulate
@@ -226,6 +226,7 @@ def evaluate_model(
     steps: int | None = 20,
     guidance: float | None = None,
     class_guidance: dict[int, float] | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
     device: str = "auto",
     precision: str = "auto",
@@ -249,6 +250,8 @@ def evaluate_model(
         steps: sampler steps (None: the sampler's default).
         guidance: guidance scale (None: the model's default).
         class_guidance: per-class guidance ``{label: w}`` (None: the model's default, ``{}``: none).
+        guidance_interval: the guided noise levels (sigma_low, sigma_high) (None: the model's default,
+            ``guidance.EVERY_NOISE_LEVEL``: every step).
         device: "auto", "cpu", "cuda", ...
         precision: "auto", "fp32", "bf16" or "fp16" (the network's arithmetic).
         batch_size: images per forward pass.
@@ -273,6 +276,7 @@ def evaluate_model(
         "steps": steps,
         "guidance": guidance,
         "class_guidance": class_guidance,
+        "guidance_interval": guidance_interval,
         "device": device,
         "precision": precision,
         "batch_size": batch_size,
@@ -289,6 +293,9 @@ def evaluate_model(
             "guidance": model.config.default_guidance if guidance is None else guidance,
             "class_guidance": format_class_guidance(
                 model.config.default_class_guidance if class_guidance is None else class_guidance
+            ),
+            "guidance_interval": format_guidance_interval(
+                model.config.default_guidance_interval if guidance_interval is None else guidance_interval
             ),
             "seed": seed,
             "reference_seeds": f"{HELD_OUT_SEED}..{HELD_OUT_SEED + n - 1}",

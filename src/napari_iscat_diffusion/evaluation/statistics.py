@@ -85,20 +85,25 @@ def spectrum_distance(power: np.ndarray, reference_power: np.ndarray) -> float:
 
 def distribution_distance(values: np.ndarray, reference: np.ndarray) -> dict[str, float | int | None]:
     """Wasserstein-1 distance between two samples (same units as the values), relative to the reference's
-    spread (std) and median, with both medians; None where a sample is empty."""
+    spread (std) and median, with both medians and ``range_ratio``, the 10-90 % range of the values over that of
+    the reference (below 1: drawn too narrow); None where a sample is empty or the reference range is 0."""
     values = np.asarray(values, np.float64)
     reference = np.asarray(reference, np.float64)
     values, reference = values[np.isfinite(values)], reference[np.isfinite(reference)]
     out: dict[str, float | int | None] = {"count": int(values.size), "reference_count": int(reference.size)}
     if values.size == 0 or reference.size == 0:
-        return {**out, "wasserstein": None, "relative_to_spread": None, "relative_to_median": None}
+        return {**out, "wasserstein": None, "relative_to_spread": None, "relative_to_median": None, "range_ratio": None}
     distance = float(wasserstein_distance(values, reference))
     spread, median = float(np.std(reference)), float(np.median(reference))
+    reference_range = float(np.subtract(*np.percentile(reference, [90, 10])))
     return {
         **out,
         "wasserstein": distance,
         "relative_to_spread": distance / spread if spread > 0 else None,
         "relative_to_median": distance / abs(median) if median != 0 else None,
+        "range_ratio": float(np.subtract(*np.percentile(values, [90, 10]))) / reference_range
+        if reference_range > 0
+        else None,
         "median": float(np.median(values)),
         "reference_median": median,
     }
