@@ -1,6 +1,8 @@
 """generate(): shapes, physical units, seeds, guidance batching and per-class guidance, progress and cancel,
 bad input, guidance intervals."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,26 @@ def test_a_guidance_interval_guides_only_the_steps_inside_it(model):
     middle = (float(sigmas[2]), float(sigmas[1]))  # only the second step's sigma lies in (low, high]
     some = generate(mask, model, steps=4, seed=1, guidance=3.0, guidance_interval=middle)
     assert not np.allclose(some, everywhere) and not np.allclose(some, conditional)
+
+
+def test_the_ends_of_a_guidance_interval_reach_the_multistep_sampler_as_breaks(model, monkeypatch):
+    import dataclasses
+
+    from napari_iscat_diffusion.diffusion import samplers
+
+    seen = []
+    info = samplers.SAMPLERS["dpmpp_2m"]
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("breaks"))
+        return info.function(*args, **kwargs)
+
+    monkeypatch.setitem(samplers.SAMPLERS, "dpmpp_2m", dataclasses.replace(info, function=recording))
+    generate(_mask(), model, steps=2, guidance=3.0, guidance_interval=(2.0, math.inf))
+    generate(_mask(), model, steps=2, guidance=3.0, guidance_interval=(2.0, 45.0))
+    generate(_mask(), model, steps=2, guidance=1.0, guidance_interval=(2.0, 45.0))  # nothing is guided: no jump
+    generate(_mask(), model, steps=2, guidance=3.0)
+    assert seen == [[2.0], [2.0, 45.0], None, []]
 
 
 def test_the_guidance_interval_defaults_to_the_model_value(tmp_path):

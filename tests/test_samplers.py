@@ -235,6 +235,27 @@ def test_sampler_ends_on_a_nonzero_final_sigma():
     torch.testing.assert_close(out, x0 + 0.1 * (x - x0))
 
 
+def test_dpm_solver_does_not_extrapolate_across_a_break_in_the_denoiser():
+    # A denoiser that jumps from 2 to 5 below sigma 3, as guidance does at the top of a guidance interval.
+    def jumping(x, sigma):
+        return torch.where(sigma.view(-1, 1, 1, 1) > 3.0, 2.0, 5.0) * torch.ones_like(x)
+
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    # From sigma 2 on the prediction is the constant 5, for which first-order steps are exact:
+    # x(0.5) = 5 + (x(2) - 5) * 0.5 / 2, where x(2) comes from the two steps predicting 2.
+    x2 = 2 + (0 - 2) * 2 / 8
+    expected = 5 + (x2 - 5) * 0.5 / 2
+    out = sample_dpmpp_2m(jumping, x, sigmas, breaks=[3.0])
+    torch.testing.assert_close(out, torch.full_like(x, expected))
+    # Without the break, the step at sigma 2 extrapolates the jump from 2 to 5 and overshoots it.
+    assert not torch.allclose(sample_dpmpp_2m(jumping, x, sigmas), out)
+    # A break outside the steps changes nothing.
+    torch.testing.assert_close(
+        sample_dpmpp_2m(gaussian_denoiser, x, sigmas, breaks=[100.0]), sample_dpmpp_2m(gaussian_denoiser, x, sigmas)
+    )
+
+
 @pytest.mark.parametrize("name", ["ddpm", "ddim_eta1"])
 def test_noise_of_an_image_depends_on_its_own_generator_only(name):
     sampler = ALL_SAMPLERS[name]
@@ -281,6 +302,7 @@ def test_registry():
     assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
     assert [info.label for info in SAMPLERS.values()] == ["DDPM", "DDIM", "DPM-Solver++ 2M", "Euler", "Heun"]
     assert SAMPLERS["heun"].evals_per_step == 2
+    assert [name for name, info in SAMPLERS.items() if info.multistep] == ["dpmpp_2m"]
     assert get_sampler("ddim").function is sample_ddim
     with pytest.raises(ValueError, match="ddpm, ddim, dpmpp_2m, euler, heun"):
         get_sampler("plms")

@@ -140,6 +140,9 @@ def generate(
 
     schedule = model.schedule
     sigmas = sampling_sigmas(sampler, steps, schedule.sigma_min, schedule.sigma_max, schedule=schedule)
+    # Where guidance switches on or off the guided prediction jumps; a multistep sampler must not extrapolate across.
+    guides = guidance != 1.0 or any(scale != 1.0 for scale in class_scales.values())
+    breaks = {"breaks": [level for level in interval if 0 < level < math.inf]} if info.multistep and guides else {}
     model.net.to(torch_device)
     finished = 0  # sampler steps finished in the current batch
     cond_denoise = model.denoiser()
@@ -177,7 +180,7 @@ def generate(
                     report = GenerationProgress(completed, total, step, indices, denoised, mean, std)
                     return bool(callback(report))
 
-                sample = info.function(denoise, x, sigmas, generators=generators, callback=on_step)
+                sample = info.function(denoise, x, sigmas, generators=generators, callback=on_step, **breaks)
                 outputs.append(_to_physical(sample, mean, std))
     finally:
         if torch_device.type == "cuda":

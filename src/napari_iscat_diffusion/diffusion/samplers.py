@@ -202,18 +202,23 @@ def sample_dpmpp_2m(
     *,
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
+    breaks: Sequence[float] = (),
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in ``t = -log(sigma)``, as in k-diffusion.
 
     The first step is first order; later steps extrapolate the prediction linearly from the last
     two. A step to sigma = 0 returns the prediction. Deterministic (``generators`` is unused).
+    ``breaks`` are noise levels at which the denoiser jumps (the ends of a guidance interval): the first
+    evaluation at or below a break is not extrapolated from the one above it, since the extrapolation would
+    treat the jump as a trend and overshoot it by half; that step is first order.
     Returns the sample at ``sigmas[-1]``.
     """
     values = _sigma_list(sigmas)
     previous: torch.Tensor | None = None
     for i, (sigma, sigma_next) in enumerate(pairwise(values)):
         denoised = denoise(x, _sigma_batch(x, sigma))
-        if previous is None or sigma_next == 0:
+        crossed = i > 0 and any(sigma <= level < values[i - 1] for level in breaks)
+        if previous is None or sigma_next == 0 or crossed:
             x = _first_order_step(x, denoised, sigma, sigma_next)
         else:
             h = math.log(sigma / sigma_next)
@@ -238,6 +243,8 @@ class SamplerInfo:
         grid: default sigma grid, ``"discrete"`` (spaced training timesteps), ``"logsnr"`` (uniform in log-SNR)
             or ``"karras"``.
         evals_per_step: denoiser calls per step.
+        multistep: reuses predictions of earlier steps, so it takes ``breaks``, the noise levels at which the
+            denoiser jumps (see ``sample_dpmpp_2m``).
     """
 
     name: str
@@ -246,6 +253,7 @@ class SamplerInfo:
     default_steps: int
     grid: GridKind
     evals_per_step: int
+    multistep: bool = False
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -253,7 +261,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     for info in (
         SamplerInfo("ddpm", "DDPM", sample_ddpm, 100, "discrete", 1),
         SamplerInfo("ddim", "DDIM", sample_ddim, 50, "discrete", 1),
-        SamplerInfo("dpmpp_2m", "DPM-Solver++ 2M", sample_dpmpp_2m, 20, "logsnr", 1),
+        SamplerInfo("dpmpp_2m", "DPM-Solver++ 2M", sample_dpmpp_2m, 20, "logsnr", 1, multistep=True),
         SamplerInfo("euler", "Euler", sample_euler, 40, "logsnr", 1),
         SamplerInfo("heun", "Heun", sample_heun, 20, "logsnr", 2),
     )
