@@ -193,6 +193,7 @@ def guided_denoiser(
     if cond.shape != null_cond.shape:
         raise ValueError(f"cond and null_cond differ in shape: {tuple(cond.shape)} and {tuple(null_cond.shape)}")
     low, high = check_guidance_interval(interval)
+    everywhere = (low, high) == EVERY_NOISE_LEVEL
     if isinstance(scale, torch.Tensor):
         expected = (cond.shape[0], 1, *cond.shape[2:])
         if tuple(scale.shape) != expected:
@@ -207,7 +208,7 @@ def guided_denoiser(
 
             return conditional
 
-        if scale == 0.0 and (low, high) == EVERY_NOISE_LEVEL:
+        if scale == 0.0 and everywhere:
 
             def unconditional(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
                 return cond_denoise(x, sigma, null_cond)
@@ -217,12 +218,13 @@ def guided_denoiser(
     both = torch.cat([cond, null_cond])
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        inside = (sigma > low) & (sigma <= high)
-        if not bool(inside.any()):
+        # Every level guided: no test of sigma, whose bool() would wait for the device at every step.
+        inside = None if everywhere else (sigma > low) & (sigma <= high)
+        if inside is not None and not bool(inside.any()):
             return cond_denoise(x, sigma, cond)
         x0_cond, x0_uncond = cond_denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
         x0 = x0_uncond + scale * (x0_cond - x0_uncond)
-        if bool(inside.all()):
+        if inside is None or bool(inside.all()):
             return x0
         return torch.where(inside.view(-1, *[1] * (x.ndim - 1)), x0, x0_cond)
 
