@@ -21,7 +21,6 @@ import torch
 from common import benchmark_model, blob_mask, machine_info, write_results
 from napari_iscat_diffusion.diffusion import generate, resolve_device
 from napari_iscat_diffusion.diffusion.guidance import EVERY_NOISE_LEVEL, parse_guidance_interval
-from napari_iscat_diffusion.diffusion.samplers import sampling_sigmas
 
 
 def guided_steps(sigmas: torch.Tensor, interval: tuple[float, float]) -> int:
@@ -51,8 +50,7 @@ def main() -> None:
     model, description = benchmark_model(args.quick, args.model)
     masks = [blob_mask(size, model.config.num_classes, seed=i) for i in range(args.batch)]
     settings = {"every step": EVERY_NOISE_LEVEL, "interval": args.interval}
-    schedule = model.schedule
-    sigmas = sampling_sigmas("dpmpp_2m", steps, schedule.sigma_min, schedule.sigma_max, schedule=schedule)
+    sigmas = model.sampling_sigmas("dpmpp_2m", steps)
 
     def run(interval: tuple[float, float]) -> float:
         start = time.perf_counter()

@@ -370,6 +370,13 @@ def test_config_round_trip():
     # JSON keys are strings; the config holds int labels.
     assert data["default_class_guidance"] == {"2": 3.0} and config.default_class_guidance == {2: 3.0}
     assert minimal.default_guidance_interval is None and data["default_guidance_interval"] is None
+    assert minimal.sampling_sigma_max is None and data["sampling_sigma_max"] is None
+
+
+def test_the_sampling_sigma_max_round_trips_through_json():
+    config = make_config(sampling_sigma_max=2000)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["sampling_sigma_max"] == 2000.0 and ModelConfig.from_dict(data).sampling_sigma_max == 2000.0
 
 
 @pytest.mark.parametrize(
@@ -407,6 +414,9 @@ def test_the_guidance_interval_round_trips_through_json(interval, stored, held):
         ({"default_class_guidance": {1: -2.0}}, "default_class_guidance: the scale of class 1"),
         ({"default_guidance_interval": (45, 2)}, "default_guidance_interval: expected 0 <= low < high"),
         ({"default_guidance_interval": "2,45"}, "default_guidance_interval: expected two noise levels"),
+        ({"sampling_sigma_max": 0.0}, "sampling_sigma_max: must be a finite noise level above"),
+        ({"sampling_sigma_max": math.inf}, "sampling_sigma_max"),
+        ({"sampling_sigma_max": "2000"}, "sampling_sigma_max"),
         ({"class_names": ["spot"]}, "class_names"),
         ({"class_names": ["spot", ""]}, "class_names"),
         ({"training": {"loss": math.nan}}, "training"),

@@ -10,6 +10,7 @@ from tests.tiny_models import save_tiny_checkpoint
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion.cli import main
+from napari_iscat_diffusion.diffusion import load_checkpoint
 from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
 
 
@@ -66,6 +67,7 @@ def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
     assert "2 classes" in out and sha in out and "60 nm/px" in out
     assert '"base_channels": 8' in out and '"channel_mults": [1, 2]' in out and "parameterization: v" in out
     assert "default guidance: 1, per class: none, guided noise levels: all" in out
+    assert f"DPM-Solver++, Euler and Heun start at sigma {load_checkpoint(path).schedule.sigma_max:g}" in out
     (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
     assert main(["info", str(tmp_path / "model.pt")]) == 2
     assert "pickle" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from training import train
 from training.config import ConfigError, TrainConfig, load_config
+from training.export import build_model_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "training" / "configs").glob("*.yaml"))
 
@@ -79,3 +80,12 @@ def test_main_rejects_a_bad_key_before_training(tmp_path: Path, capsys: pytest.C
     assert train.main([f"run_dir={run_dir}", "train.stepz=3"]) == 2
     assert "error: unknown config key train.stepz" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_the_export_section_sets_where_the_samplers_start(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {steps: 1}\n")
+    config = load_config(path, ["export.sampling_sigma_max=2000"])
+    normalization = {"mean": [0.0], "std": [1.0]}
+    assert build_model_config(config, normalization).sampling_sigma_max == 2000.0
+    assert build_model_config(load_config(path), normalization).sampling_sigma_max is None

@@ -33,6 +33,7 @@ def _tiny_model(
     perturb=True,
     class_guidance=None,
     guidance_interval=None,
+    sigma_max=None,
 ):
     unet = tiny_unet_config(image_channels=channels, num_classes=classes)
     torch.manual_seed(0)
@@ -51,8 +52,9 @@ def _tiny_model(
         default_guidance=1.5,
         default_class_guidance=class_guidance or {},
         default_guidance_interval=guidance_interval,
+        sampling_sigma_max=sigma_max,
     )
-    name = f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}-{guidance_interval}"
+    name = f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}-{guidance_interval}-{sigma_max}"
     path = tmp_path / f"{name}.safetensors"
     save_checkpoint(path, net, config)
     return load_checkpoint(path)
@@ -206,6 +208,22 @@ def test_the_guidance_interval_defaults_to_the_model_value(tmp_path):
     default = generate(mask, limited, steps=4, seed=1)
     assert np.array_equal(default, generate(mask, limited, steps=4, seed=1, guidance_interval=(1.0, 10.0)))
     assert not np.allclose(default, generate(mask, limited, steps=4, seed=1, guidance_interval=EVERY_NOISE_LEVEL))
+
+
+def test_the_continuous_sigma_grids_start_at_the_model_sampling_sigma_max(tmp_path, model):
+    capped = _tiny_model(tmp_path, sigma_max=20.0)
+    top = model.schedule.sigma_max
+    for sampler in ("dpmpp_2m", "euler", "heun"):
+        assert float(model.sampling_sigmas(sampler, 8)[0]) == pytest.approx(top)
+        grid = capped.sampling_sigmas(sampler, 8)
+        assert float(grid[0]) == pytest.approx(20.0) and float(grid[-1]) == 0.0 and len(grid) == 9
+    # DDPM steps on the training timesteps: the cap does not apply.
+    assert torch.equal(capped.sampling_sigmas("ddpm", 8), model.sampling_sigmas("ddpm", 8))
+    above = _tiny_model(tmp_path, sigma_max=10 * top)
+    assert torch.equal(above.sampling_sigmas("dpmpp_2m", 8), model.sampling_sigmas("dpmpp_2m", 8))
+    mask = _mask(2)
+    assert np.array_equal(generate(mask, above, steps=4, seed=1), generate(mask, model, steps=4, seed=1))
+    assert not np.allclose(generate(mask, capped, steps=4, seed=1), generate(mask, model, steps=4, seed=1))
 
 
 def test_progress_callback_counts_steps_over_batches(model):

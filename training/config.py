@@ -143,11 +143,14 @@ class CheckpointConfig:
 
 @dataclass
 class ExportConfig:
-    """The model file for the plugin (EMA weights), written at the end; ``path`` None is run_dir/model.safetensors."""
+    """The model file for the plugin (EMA weights), written at the end; ``path`` None is run_dir/model.safetensors.
+    ``sampling_sigma_max`` (normalised units; None: the schedule's highest) is where the continuous-sigma
+    samplers start (``ModelConfig.sampling_sigma_max``)."""
 
     path: str | None = None
     fp16: bool = False
     default_guidance: float = 1.0
+    sampling_sigma_max: float | None = None
 
 
 @dataclass

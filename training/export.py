@@ -31,6 +31,7 @@ def build_model_config(
         pixel_size_nm=pixel_size_nm,
         training_size=None if config.data.crop_size is None else tuple(config.data.crop_size),
         default_guidance=config.export.default_guidance,
+        sampling_sigma_max=config.export.sampling_sigma_max,
         class_names=class_names,
         training=summary or {},
     )

@@ -29,6 +29,7 @@ from .denoiser import DiscreteTimeDenoiser
 from .device import resolve_device
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
 from .parameterization import PARAMETERIZATIONS
+from .samplers import sampling_sigmas
 from .schedules import DiscreteSchedule, schedule_from_config
 from .unet import ConditionalUNet, UNetConfig
 
@@ -43,6 +44,7 @@ _OPTIONAL_FIELDS = (
     "default_guidance",
     "default_class_guidance",
     "default_guidance_interval",
+    "sampling_sigma_max",
     "class_names",
     "training",
 )
@@ -91,6 +93,10 @@ class ModelConfig:
         default_guidance_interval: ``(sigma_low, sigma_high)``, the noise levels (normalised units) at which the
             sampler guides when the caller does not say (``guidance.guided_denoiser``); None: every level. In
             JSON a high end of None stands for infinity.
+        sampling_sigma_max: the noise level (normalised units) at which the samplers on a continuous sigma
+            grid (DPM-Solver++, Euler, Heun) start; None: the schedule's highest. Above a few hundred times the
+            data's largest features the image is pure noise and steps there are wasted. DDPM and DDIM step
+            on the training timesteps and always start at the last one.
         class_names: one name per particle class (K names), optional.
         training: free-form JSON summary of the training run (steps, data, metrics).
 
@@ -107,6 +113,7 @@ class ModelConfig:
     default_guidance: float = 1.0
     default_class_guidance: dict[int, float] = field(default_factory=dict)
     default_guidance_interval: tuple[float, float] | None = None
+    sampling_sigma_max: float | None = None
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
 
@@ -147,6 +154,14 @@ class ModelConfig:
             self.default_class_guidance, self.num_classes, name="default_class_guidance"
         )
         self.default_guidance_interval = self._checked_guidance_interval()
+        if self.sampling_sigma_max is not None:
+            sigma_min = schedule_from_config(self.schedule).sigma_min
+            if not _is_real(self.sampling_sigma_max) or self.sampling_sigma_max <= sigma_min:
+                raise ValueError(
+                    f"sampling_sigma_max: must be a finite noise level above the schedule's lowest ({sigma_min:.3g}) "
+                    f"or None, got {self.sampling_sigma_max!r}"
+                )
+            self.sampling_sigma_max = float(self.sampling_sigma_max)
         if self.class_names is not None:
             names = self.class_names
             if (
@@ -210,6 +225,7 @@ class ModelConfig:
             "default_guidance_interval": None
             if self.default_guidance_interval is None
             else [self.default_guidance_interval[0], _finite_or_none(self.default_guidance_interval[1])],
+            "sampling_sigma_max": self.sampling_sigma_max,
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
         }
@@ -254,6 +270,15 @@ class LoadedModel:
     def schedule(self) -> DiscreteSchedule:
         """The training noise schedule, rebuilt from the config."""
         return schedule_from_config(self.config.schedule)
+
+    def sampling_sigmas(self, sampler: str, steps: int) -> torch.Tensor:
+        """The noise levels (normalised units, float64, decreasing, ending at 0) that ``sampler`` steps through
+        in ``steps`` steps on this model's schedule, starting at ``config.sampling_sigma_max`` where set."""
+        schedule = self.schedule
+        sigma_max = schedule.sigma_max
+        if self.config.sampling_sigma_max is not None:
+            sigma_max = min(sigma_max, self.config.sampling_sigma_max)
+        return sampling_sigmas(sampler, steps, schedule.sigma_min, sigma_max, schedule=schedule)
 
     def denoiser(self) -> DiscreteTimeDenoiser:
         """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the network."""

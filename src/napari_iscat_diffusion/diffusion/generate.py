@@ -15,7 +15,7 @@ from .conditioning import encode_condition, null_condition, validate_mask
 from .denoiser import ConditionalDenoiser
 from .device import resolve_device
 from .guidance import check_class_guidance, check_guidance_interval, guidance_scale_map, guided_denoiser
-from .samplers import SamplingCancelled, get_sampler, sampling_sigmas
+from .samplers import SamplingCancelled, get_sampler
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -138,8 +138,7 @@ def generate(
     torch_device = resolve_device(device)
     autocast = _autocast(torch_device, precision)
 
-    schedule = model.schedule
-    sigmas = sampling_sigmas(sampler, steps, schedule.sigma_min, schedule.sigma_max, schedule=schedule)
+    sigmas = model.sampling_sigmas(sampler, steps)
     # Where guidance switches on or off the guided prediction jumps; a multistep sampler must not extrapolate across.
     guides = guidance != 1.0 or any(scale != 1.0 for scale in class_scales.values())
     breaks = {"breaks": [level for level in interval if 0 < level < math.inf]} if info.multistep and guides else {}
