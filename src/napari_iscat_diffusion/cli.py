@@ -399,7 +399,7 @@ def _run_info(args: argparse.Namespace) -> int:
     print(
         f"default guidance: {model.config.default_guidance:g}, per class: {per_class}, guided noise levels: {interval}"
     )
-    print(f"DPM-Solver++, Euler and Heun start at sigma {float(model.sampling_sigmas('dpmpp_2m', 2)[0]):g}")
+    print(f"DPM-Solver++, Euler and Heun start at sigma {model.sampling_sigma_max:g}")
     return 0
 
 

@@ -125,7 +125,7 @@ class ModelConfig:
         if type(steps) is not int or not 2 <= steps <= _MAX_TIMESTEPS:
             raise ValueError(f"schedule: num_timesteps must be an integer from 2 to {_MAX_TIMESTEPS}, got {steps!r}")
         try:
-            schedule_from_config(self.schedule)
+            schedule = schedule_from_config(self.schedule)
         except (ValueError, TypeError, ArithmeticError, RuntimeError) as err:
             raise ValueError(f"schedule: {err}") from err
         if self.parameterization not in PARAMETERIZATIONS:
@@ -154,14 +154,7 @@ class ModelConfig:
             self.default_class_guidance, self.num_classes, name="default_class_guidance"
         )
         self.default_guidance_interval = self._checked_guidance_interval()
-        if self.sampling_sigma_max is not None:
-            sigma_min = schedule_from_config(self.schedule).sigma_min
-            if not _is_real(self.sampling_sigma_max) or self.sampling_sigma_max <= sigma_min:
-                raise ValueError(
-                    f"sampling_sigma_max: must be a finite noise level above the schedule's lowest ({sigma_min:.3g}) "
-                    f"or None, got {self.sampling_sigma_max!r}"
-                )
-            self.sampling_sigma_max = float(self.sampling_sigma_max)
+        self.sampling_sigma_max = self._checked_sampling_sigma_max(schedule.sigma_min)
         if self.class_names is not None:
             names = self.class_names
             if (
@@ -183,6 +176,17 @@ class ModelConfig:
             interval = (interval[0], math.inf)
         interval = check_guidance_interval(interval, name="default_guidance_interval")
         return None if interval == EVERY_NOISE_LEVEL else interval
+
+    def _checked_sampling_sigma_max(self, sigma_min: float) -> float | None:
+        start = self.sampling_sigma_max
+        if start is None:
+            return None
+        if not _is_real(start) or start <= sigma_min:
+            raise ValueError(
+                f"sampling_sigma_max: must be a finite noise level above the schedule's lowest ({sigma_min:.3g}) "
+                f"or None, got {start!r}"
+            )
+        return float(start)
 
     def _checked_normalization(self) -> dict:
         norm = self.normalization
@@ -271,14 +275,18 @@ class LoadedModel:
         """The training noise schedule, rebuilt from the config."""
         return schedule_from_config(self.config.schedule)
 
+    @property
+    def sampling_sigma_max(self) -> float:
+        """The noise level (normalised units) where DPM-Solver++, Euler and Heun start: the schedule's highest,
+        or ``config.sampling_sigma_max`` where that is lower."""
+        top = self.schedule.sigma_max
+        return top if self.config.sampling_sigma_max is None else min(top, self.config.sampling_sigma_max)
+
     def sampling_sigmas(self, sampler: str, steps: int) -> torch.Tensor:
         """The noise levels (normalised units, float64, decreasing, ending at 0) that ``sampler`` steps through
-        in ``steps`` steps on this model's schedule, starting at ``config.sampling_sigma_max`` where set."""
+        in ``steps`` steps on this model's schedule, from :attr:`sampling_sigma_max` on a continuous grid."""
         schedule = self.schedule
-        sigma_max = schedule.sigma_max
-        if self.config.sampling_sigma_max is not None:
-            sigma_max = min(sigma_max, self.config.sampling_sigma_max)
-        return sampling_sigmas(sampler, steps, schedule.sigma_min, sigma_max, schedule=schedule)
+        return sampling_sigmas(sampler, steps, schedule.sigma_min, self.sampling_sigma_max, schedule=schedule)
 
     def denoiser(self) -> DiscreteTimeDenoiser:
         """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the network."""
