@@ -6,7 +6,7 @@ default-config network, or ``--model``), the first ``generate()`` call (which pa
 kernel selection, allocator warm-up) and a second identical call. Results go to
 ``benchmarks/results/first_image.json``.
 
-    python benchmarks/bench_first_image.py            # 256x256 mask, 20 DPM-Solver++ steps, guidance 1.5
+    python benchmarks/bench_first_image.py            # 256x256 mask, DPM-Solver++, the model's steps and guidance
     python benchmarks/bench_first_image.py --quick    # tiny network, 64x64, 2 steps
 """
 
@@ -31,27 +31,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny network, 64x64 mask, 2 steps")
     parser.add_argument("--size", type=int, default=None, help="mask side (default 256)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     size = args.size or (64 if args.quick else 256)
-    steps = args.steps or (2 if args.quick else 20)
     device = resolve_device(args.device)
 
     start = time.perf_counter()
     model, description = benchmark_model(args.quick, args.model)
     model.net.to(device)
     load_seconds = time.perf_counter() - start
+    steps = args.steps or (2 if args.quick else model.default_steps(args.sampler))
+    guidance = model.config.default_guidance if args.guidance is None else args.guidance
 
     mask = blob_mask(size, model.config.num_classes)
     timings = []
     for _ in range(2):
         start = time.perf_counter()
-        generate(mask, model, sampler=args.sampler, steps=steps, guidance=args.guidance, device=device)
+        generate(mask, model, sampler=args.sampler, steps=steps, guidance=guidance, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings.append(time.perf_counter() - start)
@@ -60,7 +61,7 @@ def main() -> None:
         "size": size,
         "sampler": args.sampler,
         "steps": steps,
-        "guidance": args.guidance,
+        "guidance": guidance,
         "device": str(device),
         "import_seconds": import_seconds,
         "load_seconds": load_seconds,
@@ -70,7 +71,7 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
     }
     print(
-        f"{description}, {size}x{size}, {steps} {args.sampler} steps, guidance {args.guidance}, {device}:\n"
+        f"{description}, {size}x{size}, {steps} {args.sampler} steps, guidance {guidance:g}, {device}:\n"
         f"  import {import_seconds:.2f} s + load {load_seconds:.2f} s + first generate {timings[0]:.2f} s "
         f"= first image after {result['first_image_seconds']:.2f} s; second generate {timings[1]:.2f} s"
     )

@@ -371,12 +371,20 @@ def test_config_round_trip():
     assert data["default_class_guidance"] == {"2": 3.0} and config.default_class_guidance == {2: 3.0}
     assert minimal.default_guidance_interval is None and data["default_guidance_interval"] is None
     assert minimal.sampling_sigma_max is None and data["sampling_sigma_max"] is None
+    assert minimal.default_steps == {} and data["default_steps"] == {}
 
 
 def test_the_sampling_sigma_max_round_trips_through_json():
     config = make_config(sampling_sigma_max=2000)
     data = json.loads(json.dumps(config.to_dict()))
     assert data["sampling_sigma_max"] == 2000.0 and ModelConfig.from_dict(data).sampling_sigma_max == 2000.0
+
+
+def test_the_default_steps_round_trip_through_json_in_sampler_order():
+    config = make_config(default_steps={"heun": 8, "dpmpp_2m": 10})
+    data = json.loads(json.dumps(config.to_dict()))
+    assert list(data["default_steps"].items()) == [("dpmpp_2m", 10), ("heun", 8)]
+    assert ModelConfig.from_dict(data).default_steps == {"dpmpp_2m": 10, "heun": 8}
 
 
 @pytest.mark.parametrize(
@@ -417,6 +425,11 @@ def test_the_guidance_interval_round_trips_through_json(interval, stored, held):
         ({"sampling_sigma_max": 0.0}, "sampling_sigma_max: must be a finite noise level above"),
         ({"sampling_sigma_max": math.inf}, "sampling_sigma_max"),
         ({"sampling_sigma_max": "2000"}, "sampling_sigma_max"),
+        ({"default_steps": {"plms": 10}}, "default_steps: unknown sampler(s) ['plms']"),
+        ({"default_steps": {"dpmpp_2m": 0}}, "default_steps: dpmpp_2m must be a whole number of steps >= 1"),
+        ({"default_steps": {"dpmpp_2m": 10.0}}, "default_steps: dpmpp_2m"),
+        ({"default_steps": {"dpmpp_2m": True}}, "default_steps: dpmpp_2m"),
+        ({"default_steps": [10]}, "default_steps: must be a dict"),
         ({"class_names": ["spot"]}, "class_names"),
         ({"class_names": ["spot", ""]}, "class_names"),
         ({"training": {"loss": math.nan}}, "training"),

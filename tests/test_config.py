@@ -82,10 +82,14 @@ def test_main_rejects_a_bad_key_before_training(tmp_path: Path, capsys: pytest.C
     assert not run_dir.exists()
 
 
-def test_the_export_section_sets_where_the_samplers_start(tmp_path: Path) -> None:
+def test_the_export_section_sets_where_the_samplers_start_and_their_steps(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("train: {steps: 1}\n")
-    config = load_config(path, ["export.sampling_sigma_max=2000"])
+    config = load_config(path, ["export.sampling_sigma_max=2000", "export.default_steps={dpmpp_2m: 10}"])
     normalization = {"mean": [0.0], "std": [1.0]}
-    assert build_model_config(config, normalization).sampling_sigma_max == 2000.0
-    assert build_model_config(load_config(path), normalization).sampling_sigma_max is None
+    exported = build_model_config(config, normalization)
+    assert exported.sampling_sigma_max == 2000.0 and exported.default_steps == {"dpmpp_2m": 10}
+    plain = build_model_config(load_config(path), normalization)
+    assert plain.sampling_sigma_max is None and plain.default_steps == {}
+    with pytest.raises(ValueError, match="default_steps: unknown sampler"):
+        build_model_config(load_config(path, ["export.default_steps={dpm: 10}"]), normalization)

@@ -78,13 +78,18 @@ def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
     assert result["diversity"]["relative"] > 0
 
 
-def test_evaluate_model_records_the_samplers_default_steps(tiny_checkpoint):
+def test_evaluate_model_records_the_default_steps_and_where_the_grid_starts(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint)
     options = {"n": 4, "size": 32, "device": "cpu", "diversity_masks": 0, "edited_masks": 0, "c2st": False}
-    result = evaluate_model(model, sampler="euler", steps=None, floor=False, **options)
+    result = evaluate_model(model, sampler="euler", floor=False, **options)
     assert result["settings"]["steps"] == SAMPLERS["euler"].default_steps == 40
     assert result["settings"]["sigma_grid"] == SAMPLERS["euler"].grid
+    assert result["settings"]["sigma_start"] == pytest.approx(model.schedule.sigma_max)
     assert "reference_floor" not in result
+    model.config.default_steps = {"euler": 3}
+    model.config.sampling_sigma_max = 50.0
+    result = evaluate_model(model, sampler="euler", floor=False, **options)
+    assert result["settings"]["steps"] == 3 and result["settings"]["sigma_start"] == pytest.approx(50.0)
 
 
 def test_metric_curves_and_their_files(tiny_checkpoint, tmp_path):

@@ -34,6 +34,7 @@ def _tiny_model(
     class_guidance=None,
     guidance_interval=None,
     sigma_max=None,
+    default_steps=None,
 ):
     unet = tiny_unet_config(image_channels=channels, num_classes=classes)
     torch.manual_seed(0)
@@ -53,8 +54,12 @@ def _tiny_model(
         default_class_guidance=class_guidance or {},
         default_guidance_interval=guidance_interval,
         sampling_sigma_max=sigma_max,
+        default_steps=default_steps or {},
     )
-    name = f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}-{guidance_interval}-{sigma_max}"
+    name = (
+        f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}-{guidance_interval}-{sigma_max}"
+        f"-{sorted((default_steps or {}).items())}"
+    )
     path = tmp_path / f"{name}.safetensors"
     save_checkpoint(path, net, config)
     return load_checkpoint(path)
@@ -224,6 +229,23 @@ def test_the_continuous_sigma_grids_start_at_the_model_sampling_sigma_max(tmp_pa
     mask = _mask(2)
     assert np.array_equal(generate(mask, above, steps=4, seed=1), generate(mask, model, steps=4, seed=1))
     assert not np.allclose(generate(mask, capped, steps=4, seed=1), generate(mask, model, steps=4, seed=1))
+
+
+def test_steps_default_to_the_model_value_for_the_sampler(tmp_path, model):
+    fewer = _tiny_model(tmp_path, default_steps={"dpmpp_2m": 3})
+    assert fewer.default_steps("dpmpp_2m") == 3
+    assert fewer.default_steps("euler") == model.default_steps("euler") == SAMPLERS["euler"].default_steps
+    assert model.default_steps("dpmpp_2m") == SAMPLERS["dpmpp_2m"].default_steps
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        fewer.default_steps("plms")
+    events = []
+    mask = _mask()
+    image = generate(mask, fewer, seed=1, callback=events.append)
+    assert [e.step for e in events] == [0, 1, 2]
+    assert np.array_equal(image, generate(mask, fewer, steps=3, seed=1))
+    events.clear()
+    generate(mask, fewer, sampler="euler", seed=1, callback=events.append)
+    assert len(events) == SAMPLERS["euler"].default_steps
 
 
 def test_progress_callback_counts_steps_over_batches(model):

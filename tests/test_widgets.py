@@ -1,5 +1,6 @@
 """The Generate dock widget in a real napari viewer (Qt under Xvfb) with a tiny untrained model."""
 
+import dataclasses
 import time
 
 import napari
@@ -10,7 +11,7 @@ from qtpy.QtCore import QTimer
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion._widgets import _controls
-from napari_iscat_diffusion.diffusion import SamplingCancelled, generate, load_checkpoint
+from napari_iscat_diffusion.diffusion import SAMPLERS, SamplingCancelled, generate, load_checkpoint, save_checkpoint
 
 PLUGIN = "napari-iscat-diffusion"
 TIMEOUT_MS = 60_000
@@ -268,6 +269,7 @@ def test_class_guidance_is_filled_from_the_model_used_and_recorded(viewer_and_wi
     model.config.default_class_guidance = {2: 3.0}
     widget.sampler.use_model_defaults(model)
     assert widget.sampler.class_guidance.text() == "2=3"
+    widget.sampler.steps.setValue(2)
     _pick(widget, viewer.add_labels(_mask(), name="cells"))
     widget.sampler.seed.setValue(5)
     widget.sampler.guidance.setValue(1.5)
@@ -277,6 +279,25 @@ def test_class_guidance_is_filled_from_the_model_used_and_recorded(viewer_and_wi
     assert layer.metadata["class_guidance"] == "2=2.5" and layer.metadata["guidance_interval"] == "all"
     expected = generate(_mask(), model, steps=2, guidance=1.5, class_guidance={2: 2.5}, seed=5, device="cpu")
     np.testing.assert_array_equal(layer.data, expected)
+
+
+def test_steps_follow_the_default_steps_of_the_chosen_model_and_sampler(viewer_and_widget, bundled_tiny, tmp_path):
+    _, widget = viewer_and_widget
+    tiny = load_checkpoint(bundled_tiny)
+    fewer = tmp_path / "fewer.safetensors"
+    save_checkpoint(fewer, tiny.net, dataclasses.replace(tiny.config, default_steps={"dpmpp_2m": 7}))
+    assert widget.sampler.sampler.currentData() == "dpmpp_2m"
+    widget.checkpoint.set_path(fewer)
+    assert widget.sampler.steps.value() == 7
+    widget.sampler.steps.setValue(3)
+    widget.checkpoint.combo.activated.emit(widget.checkpoint.combo.currentIndex())  # the same model again
+    assert widget.sampler.steps.value() == 3
+    widget.sampler.sampler.setCurrentIndex(widget.sampler.sampler.findData("euler"))
+    assert widget.sampler.steps.value() == SAMPLERS["euler"].default_steps
+    widget.sampler.sampler.setCurrentIndex(widget.sampler.sampler.findData("dpmpp_2m"))
+    assert widget.sampler.steps.value() == 7
+    widget.checkpoint.set_path(bundled_tiny)
+    assert widget.sampler.steps.value() == SAMPLERS["dpmpp_2m"].default_steps
 
 
 @pytest.mark.parametrize(("text", "words"), [("2=much", ("'much'", "class 2")), ("5=2", ("5", "labels 1..2"))])
@@ -310,6 +331,7 @@ def test_a_bad_checkpoint_gives_a_notification_and_the_viewer_keeps_working(
     widget.generate_button.click()
     assert "No model loaded" in notifications()[-1].message and widget.job is None
     widget.checkpoint.set_path(bundled_tiny)  # choosing a good file again makes it work
+    widget.sampler.steps.setValue(2)
     _run(qtbot, widget)
     assert "synthetic (m)" in viewer.layers
 

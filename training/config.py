@@ -145,12 +145,14 @@ class CheckpointConfig:
 class ExportConfig:
     """The model file for the plugin (EMA weights), written at the end; ``path`` None is run_dir/model.safetensors.
     ``sampling_sigma_max`` (normalised units; None: the schedule's highest) is where the continuous-sigma
-    samplers start (``ModelConfig.sampling_sigma_max``)."""
+    samplers start (``ModelConfig.sampling_sigma_max``); ``default_steps`` (``{sampler name: steps}``) the step
+    counts used when a user gives none (``ModelConfig.default_steps``)."""
 
     path: str | None = None
     fp16: bool = False
     default_guidance: float = 1.0
     sampling_sigma_max: float | None = None
+    default_steps: dict = field(default_factory=dict)
 
 
 @dataclass

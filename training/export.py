@@ -32,6 +32,7 @@ def build_model_config(
         training_size=None if config.data.crop_size is None else tuple(config.data.crop_size),
         default_guidance=config.export.default_guidance,
         sampling_sigma_max=config.export.sampling_sigma_max,
+        default_steps=config.export.default_steps,
         class_names=class_names,
         training=summary or {},
     )

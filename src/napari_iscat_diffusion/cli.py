@@ -158,7 +158,7 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
         "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
     )
     parser.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler or heun [dpmpp_2m]")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps [the sampler's default]")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps [the model's default for the sampler]")
     if guidance:
         parser.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")
         parser.add_argument(
@@ -381,6 +381,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
     from .diffusion.checkpoint import load_checkpoint
     from .diffusion.guidance import format_class_guidance, format_guidance_interval
+    from .diffusion.samplers import SAMPLERS
 
     if args.checkpoint is None:
         return _print_environment()
@@ -400,6 +401,7 @@ def _run_info(args: argparse.Namespace) -> int:
         f"default guidance: {model.config.default_guidance:g}, per class: {per_class}, guided noise levels: {interval}"
     )
     print(f"DPM-Solver++, Euler and Heun start at sigma {model.sampling_sigma_max:g}")
+    print("default steps: " + ", ".join(f"{name} {model.default_steps(name)}" for name in SAMPLERS))
     return 0
 
 

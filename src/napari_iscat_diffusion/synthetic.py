@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import __version__
-from .diffusion import SAMPLERS, GenerationProgress, LoadedModel, generate, validate_mask
+from .diffusion import GenerationProgress, LoadedModel, generate, validate_mask
 from .diffusion.guidance import (
     check_class_guidance,
     check_guidance_interval,
@@ -28,8 +28,9 @@ _CONTRAST_PERCENTILE = 99.5
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampler, steps (None: its default), guidance, per-class guidance ``{label: w}`` and the noise levels
-    ``(sigma_low, sigma_high)`` that are guided (None: the model's), first seed, device, precision, batch size."""
+    """Sampler, steps (None: the model's default for the sampler), guidance, per-class guidance ``{label: w}`` and
+    the noise levels ``(sigma_low, sigma_high)`` that are guided (None: the model's), first seed, device,
+    precision, batch size."""
 
     sampler: str = "dpmpp_2m"
     steps: int | None = None
@@ -43,7 +44,7 @@ class SamplerSettings:
 
     def resolved(self, model: LoadedModel) -> SamplerSettings:
         """These settings with the defaults filled in (the values that provenance records)."""
-        steps = SAMPLERS[self.sampler].default_steps if self.steps is None else int(self.steps)
+        steps = model.default_steps(self.sampler) if self.steps is None else int(self.steps)
         guidance = model.config.default_guidance if self.guidance is None else float(self.guidance)
         class_guidance = model.config.default_class_guidance if self.class_guidance is None else self.class_guidance
         class_guidance = check_class_guidance(class_guidance, model.config.num_classes)

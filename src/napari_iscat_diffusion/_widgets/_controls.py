@@ -142,6 +142,8 @@ class CheckpointChooser(QWidget):
                 self._model, self._loaded_from = None, None
                 self.summary.setText("No model loaded.")
                 show_error(str(error))
+        else:  # the model in use was chosen again: keep the settings the user has made for it
+            return
         self.changed.emit()
 
 
@@ -182,15 +184,19 @@ class SamplerControls(QWidget):
         layout.addRow("Seed", seed_row)
         layout.addRow("Device", self.device)
         layout.addRow("Precision", self.precision)
+        self._model: LoadedModel | None = None
         self.sampler.currentIndexChanged.connect(self._default_steps)
         self._default_steps()
 
     def _default_steps(self, _index: int = 0) -> None:
-        self.steps.setValue(SAMPLERS[self.sampler.currentData()].default_steps)
+        name = self.sampler.currentData()
+        self.steps.setValue(SAMPLERS[name].default_steps if self._model is None else self._model.default_steps(name))
 
     def use_model_defaults(self, model: LoadedModel | None) -> None:
-        """Show the model's default guidance and per-class guidance."""
+        """Show the model's default steps for the chosen sampler, its default guidance and per-class guidance."""
         if model is not None:
+            self._model = model
+            self._default_steps()
             self.guidance.setValue(model.config.default_guidance)
             self.class_guidance.setText(format_class_guidance(model.config.default_class_guidance))
 

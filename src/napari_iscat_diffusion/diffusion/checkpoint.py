@@ -29,7 +29,7 @@ from .denoiser import DiscreteTimeDenoiser
 from .device import resolve_device
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
 from .parameterization import PARAMETERIZATIONS
-from .samplers import sampling_sigmas
+from .samplers import SAMPLERS, get_sampler, sampling_sigmas
 from .schedules import DiscreteSchedule, schedule_from_config
 from .unet import ConditionalUNet, UNetConfig
 
@@ -45,6 +45,7 @@ _OPTIONAL_FIELDS = (
     "default_class_guidance",
     "default_guidance_interval",
     "sampling_sigma_max",
+    "default_steps",
     "class_names",
     "training",
 )
@@ -97,6 +98,9 @@ class ModelConfig:
             grid (DPM-Solver++, Euler, Heun) start; None: the schedule's highest. Above a few hundred times the
             data's largest features the image is pure noise and steps there are wasted. DDPM and DDIM step
             on the training timesteps and always start at the last one.
+        default_steps: ``{sampler name: steps}``, the step count used with that sampler when the caller gives
+            none; a sampler not named takes its own default (``samplers.SAMPLERS``). A checkpoint whose grid
+            starts lower (``sampling_sigma_max``) reaches the same quality in fewer steps.
         class_names: one name per particle class (K names), optional.
         training: free-form JSON summary of the training run (steps, data, metrics).
 
@@ -114,6 +118,7 @@ class ModelConfig:
     default_class_guidance: dict[int, float] = field(default_factory=dict)
     default_guidance_interval: tuple[float, float] | None = None
     sampling_sigma_max: float | None = None
+    default_steps: dict[str, int] = field(default_factory=dict)
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
 
@@ -155,6 +160,7 @@ class ModelConfig:
         )
         self.default_guidance_interval = self._checked_guidance_interval()
         self.sampling_sigma_max = self._checked_sampling_sigma_max(schedule.sigma_min)
+        self.default_steps = self._checked_default_steps()
         if self.class_names is not None:
             names = self.class_names
             if (
@@ -187,6 +193,18 @@ class ModelConfig:
                 f"or None, got {start!r}"
             )
         return float(start)
+
+    def _checked_default_steps(self) -> dict[str, int]:
+        steps = self.default_steps
+        if not isinstance(steps, dict):
+            raise ValueError(f"default_steps: must be a dict {{sampler name: steps}}, got {steps!r}")
+        unknown = sorted(str(name) for name in steps if name not in SAMPLERS)
+        if unknown:
+            raise ValueError(f"default_steps: unknown sampler(s) {unknown}; expected names from {', '.join(SAMPLERS)}")
+        for name, count in steps.items():
+            if type(count) is not int or count < 1:
+                raise ValueError(f"default_steps: {name} must be a whole number of steps >= 1, got {count!r}")
+        return {name: steps[name] for name in SAMPLERS if name in steps}
 
     def _checked_normalization(self) -> dict:
         norm = self.normalization
@@ -230,6 +248,7 @@ class ModelConfig:
             if self.default_guidance_interval is None
             else [self.default_guidance_interval[0], _finite_or_none(self.default_guidance_interval[1])],
             "sampling_sigma_max": self.sampling_sigma_max,
+            "default_steps": dict(self.default_steps),
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
         }
@@ -281,6 +300,11 @@ class LoadedModel:
         or ``config.sampling_sigma_max`` where that is lower."""
         top = self.schedule.sigma_max
         return top if self.config.sampling_sigma_max is None else min(top, self.config.sampling_sigma_max)
+
+    def default_steps(self, sampler: str) -> int:
+        """The step count used with ``sampler`` when none is given: ``config.default_steps[sampler]`` where the
+        checkpoint names one, else the sampler's own default. Raises ValueError for an unknown sampler."""
+        return self.config.default_steps.get(sampler, get_sampler(sampler).default_steps)
 
     def sampling_sigmas(self, sampler: str, steps: int) -> torch.Tensor:
         """The noise levels (normalised units, float64, decreasing, ending at 0) that ``sampler`` steps through

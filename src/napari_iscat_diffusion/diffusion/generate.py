@@ -74,7 +74,7 @@ def generate(
         mask: label image (H, W) or batch (N, H, W); 0 = background, 1..K = particle classes.
         model: a checkpoint loaded with ``load_checkpoint``.
         sampler: one of ``samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp_2m", "euler", "heun").
-        steps: sampler steps; None takes the sampler's default.
+        steps: sampler steps; None takes the model's default for the sampler (``LoadedModel.default_steps``).
         guidance: classifier-free guidance scale w (1 = conditional only, 0 = unconditional);
             None takes the model's default.
         class_guidance: per-class scales ``{label: w}`` that replace ``guidance`` around the particles of
@@ -115,7 +115,7 @@ def generate(
     labels = validate_mask(mask, config.num_classes)
     num_images = labels.shape[0]
     info = get_sampler(sampler)
-    steps = info.default_steps if steps is None else int(steps)
+    steps = model.default_steps(sampler) if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     guidance = config.default_guidance if guidance is None else float(guidance)

@@ -239,7 +239,7 @@ class SamplerInfo:
         name: registry key.
         label: human-readable name.
         function: the sampler function.
-        default_steps: number of steps used when none is given.
+        default_steps: number of steps used when neither the caller nor the checkpoint gives one.
         grid: default sigma grid, ``"discrete"`` (spaced training timesteps), ``"logsnr"`` (uniform in log-SNR)
             or ``"karras"``.
         evals_per_step: denoiser calls per step.

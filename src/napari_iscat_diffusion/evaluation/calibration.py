@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..diffusion.guidance import check_guidance_interval, format_guidance_interval
-from ..diffusion.samplers import get_sampler
 from .evaluate import (
     ImageSet,
     detector_settings,
@@ -43,7 +42,7 @@ def calibrate_class_guidance(
     n: int = DEFAULT_N,
     size: int | tuple[int, int] = 128,
     sampler: str = "dpmpp_2m",
-    steps: int | None = 20,
+    steps: int | None = None,
     guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
     device: str = "auto",
@@ -59,7 +58,7 @@ def calibrate_class_guidance(
         n: masks (and simulator images) of the calibration set, from seeds ``CALIBRATION_SEED``, ...
         size: image side or (H, W) in px.
         sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
-        steps: sampler steps (None: the sampler's default).
+        steps: sampler steps (None: the model's default for the sampler, ``LoadedModel.default_steps``).
         guidance_interval: noise levels (sigma_low, sigma_high) at which to guide (None: the model's default;
             ``guidance.EVERY_NOISE_LEVEL``: every step). Calibrate with the interval the scales will be used with.
         seed: generation seed (image i gets ``seed + i``, at every scale).
@@ -82,7 +81,7 @@ def calibrate_class_guidance(
         raise ValueError(f"scales must be one or more guidance scales >= 0, got {scales}")
     if n < 4:
         raise ValueError(f"n must be at least 4, got {n}")
-    steps = get_sampler(sampler).default_steps if steps is None else steps
+    steps = model.default_steps(sampler) if steps is None else steps
     interval = check_guidance_interval(
         model.config.default_guidance_interval if guidance_interval is None else guidance_interval
     )

@@ -223,7 +223,7 @@ def evaluate_model(
     n: int = 64,
     size: int | tuple[int, int] = 128,
     sampler: str = "dpmpp_2m",
-    steps: int | None = 20,
+    steps: int | None = None,
     guidance: float | None = None,
     class_guidance: dict[int, float] | None = None,
     guidance_interval: tuple[float, float] | None = None,
@@ -247,7 +247,7 @@ def evaluate_model(
         n: masks (and reference images).
         size: image side or (H, W) in px.
         sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
-        steps: sampler steps (None: the sampler's default).
+        steps: sampler steps (None: the model's default for the sampler, ``LoadedModel.default_steps``).
         guidance: guidance scale (None: the model's default).
         class_guidance: per-class guidance ``{label: w}`` (None: the model's default, ``{}``: none).
         guidance_interval: the guided noise levels (sigma_low, sigma_high) (None: the model's default,
@@ -267,7 +267,7 @@ def evaluate_model(
         progress: called with (stage, done, total) during generation.
     """
     info = get_sampler(sampler)
-    steps = info.default_steps if steps is None else steps
+    steps = model.default_steps(sampler) if steps is None else steps
     params = params or simulation_parameters_for(model, size)
     reference = reference or simulated_set(params, n)
     n = len(reference.images)
@@ -290,6 +290,7 @@ def evaluate_model(
             "sampler": sampler,
             "steps": steps,
             "sigma_grid": info.grid,
+            "sigma_start": float(model.sampling_sigmas(sampler, steps)[0]),
             "guidance": model.config.default_guidance if guidance is None else guidance,
             "class_guidance": format_class_guidance(
                 model.config.default_class_guidance if class_guidance is None else class_guidance
