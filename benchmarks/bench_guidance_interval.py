@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
-from common import benchmark_model, blob_mask, machine_info, write_results
+from common import benchmark_model, blob_mask, guided_steps, machine_info, write_results
 from napari_iscat_diffusion.diffusion import generate, resolve_device
 from napari_iscat_diffusion.diffusion.guidance import EVERY_NOISE_LEVEL, parse_guidance_interval
-
-
-def guided_steps(sigmas: torch.Tensor, interval: tuple[float, float]) -> int:
-    """How many of a sampler's network evaluations (at ``sigmas[:-1]``) fall inside the guidance interval."""
-    low, high = interval
-    return sum(1 for sigma in sigmas[:-1].tolist() if low < sigma <= high)
 
 
 def main() -> None:

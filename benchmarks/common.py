@@ -100,6 +100,12 @@ def benchmark_model(quick: bool, path: Path | None = None) -> tuple[LoadedModel,
     return fresh_model(default_model_unet()), "freshly initialised default-config network"
 
 
+def guided_steps(sigmas: torch.Tensor, interval: tuple[float, float]) -> int:
+    """How many of a sampler's network evaluations (at ``sigmas[:-1]``) fall inside the guidance interval."""
+    low, high = interval
+    return sum(1 for sigma in sigmas[:-1].tolist() if low < sigma <= high)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
