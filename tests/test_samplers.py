@@ -20,6 +20,7 @@ from napari_iscat_diffusion.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_heun,
     sampling_sigmas,
@@ -63,7 +64,7 @@ def grid(kind, num_steps):
 
 # Steps for the moment test: second-order samplers are within 0.5% of the exact standard deviation
 # at 50 steps, first-order ones (error about 2/n relative) need a few hundred.
-MOMENT_STEPS = {"ddpm": 300, "ddim": 300, "euler": 300, "dpmpp_2m": 50, "heun": 50}
+MOMENT_STEPS = {"ddpm": 300, "ddim": 300, "euler": 300, "dpmpp_2m": 50, "dpmpp_2m_sde": 100, "heun": 50}
 
 
 @pytest.mark.parametrize("grid_kind", ["logsnr", "karras", "discrete"])
@@ -179,6 +180,7 @@ ALL_SAMPLERS = {
     "ddim": sample_ddim,
     "ddim_eta1": functools.partial(sample_ddim, eta=1.0),
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "euler": sample_euler,
     "heun": sample_heun,
 }
@@ -256,7 +258,24 @@ def test_dpm_solver_does_not_extrapolate_across_a_break_in_the_denoiser():
     )
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim_eta1"])
+def test_dpm_solver_sde_step_keeps_part_of_the_noise_level_and_draws_the_rest_afresh():
+    # One step from sigma 4 to 1 with eta = 1 goes to sigma_down = 1 * (1 / 4) = 0.25 and adds fresh noise of
+    # sigma_up = sqrt(1 - 0.25^2) from the image's generator.
+    sigmas = torch.tensor([4.0, 1.0], dtype=torch.float64)
+    x = initial_noise((1, 1, 4, 4), 4.0, dtype=torch.float64)
+    out = sample_dpmpp_2m_sde(gaussian_denoiser, x, sigmas, generators=[torch.Generator().manual_seed(5)])
+    x0 = gaussian_denoiser(x, sigmas[:1])
+    z = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(5)).double()
+    torch.testing.assert_close(out, x0 + (0.25 / 4) * (x - x0) + math.sqrt(1 - 0.25**2) * z)
+    # eta = 0 is the ODE solver, without fresh noise.
+    torch.testing.assert_close(
+        sample_dpmpp_2m(gaussian_denoiser, x, sigmas, eta=0.0), x0 + (1 / 4) * (x - x0), rtol=1e-12, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="eta"):
+        sample_dpmpp_2m(gaussian_denoiser, x, sigmas, eta=-1.0)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim_eta1", "dpmpp_2m_sde"])
 def test_noise_of_an_image_depends_on_its_own_generator_only(name):
     sampler = ALL_SAMPLERS[name]
     sigmas = grid("discrete", 10)
@@ -299,12 +318,13 @@ def test_bad_sigmas_and_eta_are_rejected():
 
 
 def test_registry():
-    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
-    assert [info.label for info in SAMPLERS.values()] == ["DDPM", "DDIM", "DPM-Solver++ 2M", "Euler", "Heun"]
+    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler", "heun"]
+    labels = ["DDPM", "DDIM", "DPM-Solver++ 2M", "DPM-Solver++ 2M SDE", "Euler", "Heun"]
+    assert [info.label for info in SAMPLERS.values()] == labels
     assert SAMPLERS["heun"].evals_per_step == 2
-    assert [name for name, info in SAMPLERS.items() if info.multistep] == ["dpmpp_2m"]
+    assert [name for name, info in SAMPLERS.items() if info.multistep] == ["dpmpp_2m", "dpmpp_2m_sde"]
     assert get_sampler("ddim").function is sample_ddim
-    with pytest.raises(ValueError, match="ddpm, ddim, dpmpp_2m, euler, heun"):
+    with pytest.raises(ValueError, match="ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler, heun"):
         get_sampler("plms")
 
 
@@ -366,5 +386,5 @@ def test_sampling_sigmas_options_and_errors():
         sampling_sigmas("ddpm", 8, SIGMA_MIN, SIGMA_MAX)
     with pytest.raises(ValueError, match="unknown sigma grid"):
         sampling_sigmas("ddpm", 8, SIGMA_MIN, SIGMA_MAX, schedule=SCHEDULE, grid="exponential")
-    with pytest.raises(ValueError, match="expected one of ddpm, ddim, dpmpp_2m, euler, heun"):
+    with pytest.raises(ValueError, match="expected one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler, heun"):
         sampling_sigmas("lms", 8, SIGMA_MIN, SIGMA_MAX)

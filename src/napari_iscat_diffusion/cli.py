@@ -157,7 +157,9 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
     parser.add_argument(
         "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
     )
-    parser.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler or heun [dpmpp_2m]")
+    parser.add_argument(
+        "--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler or heun [dpmpp_2m]"
+    )
     parser.add_argument("--steps", type=int, default=None, help="sampler steps [the model's default for the sampler]")
     if guidance:
         parser.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")

@@ -73,7 +73,8 @@ def generate(
     Args:
         mask: label image (H, W) or batch (N, H, W); 0 = background, 1..K = particle classes.
         model: a checkpoint loaded with ``load_checkpoint``.
-        sampler: one of ``samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp_2m", "euler", "heun").
+        sampler: one of ``samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler",
+            "heun").
         steps: sampler steps; None takes the model's default for the sampler (``LoadedModel.default_steps``).
         guidance: classifier-free guidance scale w (1 = conditional only, 0 = unconditional);
             None takes the model's default.

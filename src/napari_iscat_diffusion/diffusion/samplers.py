@@ -1,4 +1,4 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ (2M), Euler and Heun as small functions over a denoiser.
+"""Samplers: DDPM, DDIM, DPM-Solver++ (2M, ODE and SDE), Euler and Heun as small functions over a denoiser.
 
 Every sampler has the signature ``sample_name(denoise, x, sigmas, *, generators=None,
 callback=None, **options) -> x0`` (the design of k-diffusion's ``sampling.py``):
@@ -203,32 +203,54 @@ def sample_dpmpp_2m(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     breaks: Sequence[float] = (),
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in ``t = -log(sigma)``, as in k-diffusion.
 
     The first step is first order; later steps extrapolate the prediction linearly from the last
-    two. A step to sigma = 0 returns the prediction. Deterministic (``generators`` is unused).
-    ``breaks`` are noise levels at which the denoiser jumps (the ends of a guidance interval): the first
-    evaluation at or below a break is not extrapolated from the one above it, since the extrapolation would
-    treat the jump as a trend and overshoot it by half; that step is first order.
-    Returns the sample at ``sigmas[-1]``.
+    two. A step to sigma = 0 returns the prediction. ``breaks`` are noise levels at which the denoiser
+    jumps (the ends of a guidance interval): the first evaluation at or below a break is not extrapolated
+    from the one above it, since the extrapolation would treat the jump as a trend and overshoot it by half;
+    that step is first order.
+
+    ``eta = 0`` solves the probability-flow ODE and is deterministic (``generators`` is unused). ``eta > 0``
+    is the SDE variant (k-diffusion's ``sample_dpmpp_2m_sde``, midpoint form): each step goes to
+    ``sigma_down = sigma' (sigma' / sigma)^eta`` and adds fresh noise of ``sigma_up = sqrt(sigma'^2 -
+    sigma_down^2)`` from ``generators`` (one per image); with ``eta = 1`` that is the reverse SDE, whose
+    noise corrects errors of earlier steps. Returns the sample at ``sigmas[-1]``.
     """
+    if not eta >= 0:
+        raise ValueError(f"eta must be non-negative, got {eta}")
     values = _sigma_list(sigmas)
     previous: torch.Tensor | None = None
     for i, (sigma, sigma_next) in enumerate(pairwise(values)):
         denoised = denoise(x, _sigma_batch(x, sigma))
         crossed = i > 0 and any(sigma <= level < values[i - 1] for level in breaks)
-        if previous is None or sigma_next == 0 or crossed:
-            x = _first_order_step(x, denoised, sigma, sigma_next)
-        else:
-            h = math.log(sigma / sigma_next)
-            h_last = math.log(values[i - 1] / sigma)
-            half_inv_r = h / (2 * h_last)
-            extrapolated = (1 + half_inv_r) * denoised - half_inv_r * previous
-            x = _first_order_step(x, extrapolated, sigma, sigma_next)
+        target = denoised
+        if previous is not None and sigma_next > 0 and not crossed:
+            half_inv_r = math.log(sigma / sigma_next) / (2 * math.log(values[i - 1] / sigma))
+            target = (1 + half_inv_r) * denoised - half_inv_r * previous
+        sigma_down = sigma_next * (sigma_next / sigma) ** eta
+        x = _first_order_step(x, target, sigma, sigma_down)
+        if sigma_down < sigma_next:
+            x = x + math.sqrt(sigma_next**2 - sigma_down**2) * randn_per_image(x, generators)
         previous = denoised
         _report(callback, i, x, denoised)
     return x
+
+
+def sample_dpmpp_2m_sde(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    breaks: Sequence[float] = (),
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE: ``sample_dpmpp_2m`` with ``eta = 1``, fresh noise from ``generators`` at every
+    step. Returns the sample at ``sigmas[-1]``."""
+    return sample_dpmpp_2m(denoise, x, sigmas, generators=generators, callback=callback, breaks=breaks, eta=1.0)
 
 
 @dataclass(frozen=True)
@@ -262,6 +284,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
         SamplerInfo("ddpm", "DDPM", sample_ddpm, 100, "discrete", 1),
         SamplerInfo("ddim", "DDIM", sample_ddim, 50, "discrete", 1),
         SamplerInfo("dpmpp_2m", "DPM-Solver++ 2M", sample_dpmpp_2m, 20, "logsnr", 1, multistep=True),
+        SamplerInfo("dpmpp_2m_sde", "DPM-Solver++ 2M SDE", sample_dpmpp_2m_sde, 20, "logsnr", 1, multistep=True),
         SamplerInfo("euler", "Euler", sample_euler, 40, "logsnr", 1),
         SamplerInfo("heun", "Heun", sample_heun, 20, "logsnr", 2),
     )
