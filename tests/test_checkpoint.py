@@ -372,12 +372,20 @@ def test_config_round_trip():
     assert minimal.default_guidance_interval is None and data["default_guidance_interval"] is None
     assert minimal.sampling_sigma_max is None and data["sampling_sigma_max"] is None
     assert minimal.default_steps == {} and data["default_steps"] == {}
+    assert minimal.default_sampler is None and minimal.sde_sigma_min is None
 
 
 def test_the_sampling_sigma_max_round_trips_through_json():
     config = make_config(sampling_sigma_max=2000)
     data = json.loads(json.dumps(config.to_dict()))
     assert data["sampling_sigma_max"] == 2000.0 and ModelConfig.from_dict(data).sampling_sigma_max == 2000.0
+
+
+def test_the_default_sampler_and_sde_sigma_min_round_trip_through_json():
+    config = make_config(default_sampler="dpmpp_2m_sde", sde_sigma_min=2)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["default_sampler"] == "dpmpp_2m_sde" and data["sde_sigma_min"] == 2.0
+    assert ModelConfig.from_dict(data) == config
 
 
 def test_the_default_steps_round_trip_through_json_in_sampler_order():
@@ -430,6 +438,9 @@ def test_the_guidance_interval_round_trips_through_json(interval, stored, held):
         ({"default_steps": {"dpmpp_2m": 10.0}}, "default_steps: dpmpp_2m"),
         ({"default_steps": {"dpmpp_2m": True}}, "default_steps: dpmpp_2m"),
         ({"default_steps": [10]}, "default_steps: must be a dict"),
+        ({"default_sampler": "plms"}, "default_sampler: unknown sampler 'plms'"),
+        ({"sde_sigma_min": -1.0}, "sde_sigma_min: must be a finite noise level >= 0"),
+        ({"sde_sigma_min": math.nan}, "sde_sigma_min"),
         ({"class_names": ["spot"]}, "class_names"),
         ({"class_names": ["spot", ""]}, "class_names"),
         ({"training": {"loss": math.nan}}, "training"),

@@ -85,11 +85,18 @@ def test_main_rejects_a_bad_key_before_training(tmp_path: Path, capsys: pytest.C
 def test_the_export_section_sets_where_the_samplers_start_and_their_steps(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("train: {steps: 1}\n")
-    config = load_config(path, ["export.sampling_sigma_max=2000", "export.default_steps={dpmpp_2m: 10}"])
+    overrides = [
+        "export.sampling_sigma_max=2000",
+        "export.default_steps={dpmpp_2m_sde: 10}",
+        "export.default_sampler=dpmpp_2m_sde",
+        "export.sde_sigma_min=2",
+    ]
     normalization = {"mean": [0.0], "std": [1.0]}
-    exported = build_model_config(config, normalization)
-    assert exported.sampling_sigma_max == 2000.0 and exported.default_steps == {"dpmpp_2m": 10}
+    exported = build_model_config(load_config(path, overrides), normalization)
+    assert exported.sampling_sigma_max == 2000.0 and exported.default_steps == {"dpmpp_2m_sde": 10}
+    assert exported.default_sampler == "dpmpp_2m_sde" and exported.sde_sigma_min == 2.0
     plain = build_model_config(load_config(path), normalization)
     assert plain.sampling_sigma_max is None and plain.default_steps == {}
+    assert plain.default_sampler is None and plain.sde_sigma_min is None
     with pytest.raises(ValueError, match="default_steps: unknown sampler"):
         build_model_config(load_config(path, ["export.default_steps={dpm: 10}"]), normalization)

@@ -35,6 +35,8 @@ def _tiny_model(
     guidance_interval=None,
     sigma_max=None,
     default_steps=None,
+    default_sampler=None,
+    sde_sigma_min=None,
 ):
     unet = tiny_unet_config(image_channels=channels, num_classes=classes)
     torch.manual_seed(0)
@@ -55,10 +57,12 @@ def _tiny_model(
         default_guidance_interval=guidance_interval,
         sampling_sigma_max=sigma_max,
         default_steps=default_steps or {},
+        default_sampler=default_sampler,
+        sde_sigma_min=sde_sigma_min,
     )
     name = (
         f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}-{guidance_interval}-{sigma_max}"
-        f"-{sorted((default_steps or {}).items())}"
+        f"-{sorted((default_steps or {}).items())}-{default_sampler}-{sde_sigma_min}"
     )
     path = tmp_path / f"{name}.safetensors"
     save_checkpoint(path, net, config)
@@ -246,6 +250,22 @@ def test_steps_default_to_the_model_value_for_the_sampler(tmp_path, model):
     events.clear()
     generate(mask, fewer, sampler="euler", seed=1, callback=events.append)
     assert len(events) == SAMPLERS["euler"].default_steps
+
+
+def test_the_model_chooses_the_sampler_and_where_its_sde_noise_stops(tmp_path, model):
+    sde = _tiny_model(tmp_path, default_sampler="dpmpp_2m_sde", sde_sigma_min=5.0)
+    assert sde.default_sampler == "dpmpp_2m_sde" and model.default_sampler == "dpmpp_2m"
+    assert sde.sampler_options("dpmpp_2m_sde") == {"noise_sigma_min": 5.0} and sde.sampler_options("dpmpp_2m") == {}
+    assert model.sampler_options("dpmpp_2m_sde") == {}
+    mask = _mask(2)
+    default = generate(mask, sde, steps=4, seed=1)
+    assert np.array_equal(default, generate(mask, sde, sampler="dpmpp_2m_sde", steps=4, seed=1))
+    noise_everywhere = generate(mask, model, sampler="dpmpp_2m_sde", steps=4, seed=1)
+    ode = generate(mask, model, sampler="dpmpp_2m", steps=4, seed=1)
+    assert not np.allclose(default, noise_everywhere) and not np.allclose(default, ode)
+    # Above every step's end the SDE sampler is the ODE solver.
+    no_noise = _tiny_model(tmp_path, sde_sigma_min=1e9)
+    np.testing.assert_allclose(generate(mask, no_noise, sampler="dpmpp_2m_sde", steps=4, seed=1), ode, atol=1e-6)
 
 
 def test_progress_callback_counts_steps_over_batches(model):

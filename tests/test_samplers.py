@@ -275,6 +275,20 @@ def test_dpm_solver_sde_step_keeps_part_of_the_noise_level_and_draws_the_rest_af
         sample_dpmpp_2m(gaussian_denoiser, x, sigmas, eta=-1.0)
 
 
+def test_dpm_solver_sde_adds_noise_only_on_steps_that_end_above_noise_sigma_min():
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    x = initial_noise((1, 1, 4, 4), 8.0, dtype=torch.float64)
+    # Only the step ending at 4 lies above 2: the image's generator gives exactly one draw.
+    generator = torch.Generator().manual_seed(3)
+    sample_dpmpp_2m_sde(gaussian_denoiser, x, sigmas, generators=[generator], noise_sigma_min=2.0)
+    after_one_draw = torch.Generator().manual_seed(3)
+    torch.randn(1, 4, 4, generator=after_one_draw)
+    assert torch.equal(generator.get_state(), after_one_draw.get_state())
+    # Above every step it is the ODE solver.
+    ode = sample_dpmpp_2m_sde(gaussian_denoiser, x, sigmas, generators=[generator], noise_sigma_min=100.0)
+    torch.testing.assert_close(ode, sample_dpmpp_2m(gaussian_denoiser, x, sigmas), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["ddpm", "ddim_eta1", "dpmpp_2m_sde"])
 def test_noise_of_an_image_depends_on_its_own_generator_only(name):
     sampler = ALL_SAMPLERS[name]

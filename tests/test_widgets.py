@@ -281,13 +281,17 @@ def test_class_guidance_is_filled_from_the_model_used_and_recorded(viewer_and_wi
     np.testing.assert_array_equal(layer.data, expected)
 
 
-def test_steps_follow_the_default_steps_of_the_chosen_model_and_sampler(viewer_and_widget, bundled_tiny, tmp_path):
+def test_sampler_and_steps_follow_the_defaults_of_the_chosen_model(viewer_and_widget, bundled_tiny, tmp_path):
     _, widget = viewer_and_widget
     tiny = load_checkpoint(bundled_tiny)
     fewer = tmp_path / "fewer.safetensors"
-    save_checkpoint(fewer, tiny.net, dataclasses.replace(tiny.config, default_steps={"dpmpp_2m": 7}))
+    config = dataclasses.replace(tiny.config, default_steps={"dpmpp_2m": 7}, default_sampler="dpmpp_2m_sde")
+    save_checkpoint(fewer, tiny.net, config)
     assert widget.sampler.sampler.currentData() == "dpmpp_2m"
     widget.checkpoint.set_path(fewer)
+    assert widget.sampler.sampler.currentData() == "dpmpp_2m_sde"
+    assert widget.sampler.steps.value() == SAMPLERS["dpmpp_2m_sde"].default_steps
+    widget.sampler.sampler.setCurrentIndex(widget.sampler.sampler.findData("dpmpp_2m"))
     assert widget.sampler.steps.value() == 7
     widget.sampler.steps.setValue(3)
     widget.checkpoint.combo.activated.emit(widget.checkpoint.combo.currentIndex())  # the same model again
@@ -297,6 +301,7 @@ def test_steps_follow_the_default_steps_of_the_chosen_model_and_sampler(viewer_a
     widget.sampler.sampler.setCurrentIndex(widget.sampler.sampler.findData("dpmpp_2m"))
     assert widget.sampler.steps.value() == 7
     widget.checkpoint.set_path(bundled_tiny)
+    assert widget.sampler.sampler.currentData() == "dpmpp_2m"
     assert widget.sampler.steps.value() == SAMPLERS["dpmpp_2m"].default_steps
 
 

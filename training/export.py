@@ -33,6 +33,8 @@ def build_model_config(
         default_guidance=config.export.default_guidance,
         sampling_sigma_max=config.export.sampling_sigma_max,
         default_steps=config.export.default_steps,
+        default_sampler=config.export.default_sampler,
+        sde_sigma_min=config.export.sde_sigma_min,
         class_names=class_names,
         training=summary or {},
     )

@@ -158,7 +158,7 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
         "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
     )
     parser.add_argument(
-        "--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler or heun [dpmpp_2m]"
+        "--sampler", default=None, help="ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler or heun [the model's default]"
     )
     parser.add_argument("--steps", type=int, default=None, help="sampler steps [the model's default for the sampler]")
     if guidance:
@@ -404,6 +404,9 @@ def _run_info(args: argparse.Namespace) -> int:
     )
     print(f"DPM-Solver++, Euler and Heun start at sigma {model.sampling_sigma_max:g}")
     print("default steps: " + ", ".join(f"{name} {model.default_steps(name)}" for name in SAMPLERS))
+    sde = model.config.sde_sigma_min
+    noise = "every step" if sde is None else f"steps ending above sigma {sde:g}"
+    print(f"default sampler: {model.default_sampler}; the SDE samplers add fresh noise on {noise}")
     return 0
 
 

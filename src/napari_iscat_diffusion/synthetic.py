@@ -28,11 +28,11 @@ _CONTRAST_PERCENTILE = 99.5
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampler, steps (None: the model's default for the sampler), guidance, per-class guidance ``{label: w}`` and
-    the noise levels ``(sigma_low, sigma_high)`` that are guided (None: the model's), first seed, device,
-    precision, batch size."""
+    """Sampler (None: the model's default), steps (None: the model's default for the sampler), guidance,
+    per-class guidance ``{label: w}`` and the noise levels ``(sigma_low, sigma_high)`` that are guided (None: the
+    model's), first seed, device, precision, batch size."""
 
-    sampler: str = "dpmpp_2m"
+    sampler: str | None = None
     steps: int | None = None
     guidance: float | None = None
     class_guidance: Mapping[int, float] | None = None
@@ -44,7 +44,8 @@ class SamplerSettings:
 
     def resolved(self, model: LoadedModel) -> SamplerSettings:
         """These settings with the defaults filled in (the values that provenance records)."""
-        steps = model.default_steps(self.sampler) if self.steps is None else int(self.steps)
+        sampler = model.default_sampler if self.sampler is None else self.sampler
+        steps = model.default_steps(sampler) if self.steps is None else int(self.steps)
         guidance = model.config.default_guidance if self.guidance is None else float(self.guidance)
         class_guidance = model.config.default_class_guidance if self.class_guidance is None else self.class_guidance
         class_guidance = check_class_guidance(class_guidance, model.config.num_classes)
@@ -52,7 +53,12 @@ class SamplerSettings:
             model.config.default_guidance_interval if self.guidance_interval is None else self.guidance_interval
         )
         return dataclasses.replace(
-            self, steps=steps, guidance=guidance, class_guidance=class_guidance, guidance_interval=interval
+            self,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            class_guidance=class_guidance,
+            guidance_interval=interval,
         )
 
 

@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 from ..diffusion import SAMPLERS, CheckpointError, LoadedModel, SamplingCancelled, available_devices, load_checkpoint
 from ..diffusion.generate import PRECISIONS
 from ..diffusion.guidance import format_class_guidance, parse_class_guidance
+from ..diffusion.samplers import DEFAULT_SAMPLER
 from ..models import bundled_checkpoints
 from ..synthetic import SamplerSettings
 from ._job import Job, Outcome, Report
@@ -156,7 +157,7 @@ class SamplerControls(QWidget):
         self.sampler = QComboBox()
         for name, info in SAMPLERS.items():
             self.sampler.addItem(info.label, name)
-        self.sampler.setCurrentIndex(list(SAMPLERS).index("dpmpp_2m"))
+        self.sampler.setCurrentIndex(list(SAMPLERS).index(DEFAULT_SAMPLER))
         self.steps = QSpinBox(minimum=1, maximum=1000)
         self.guidance = QDoubleSpinBox(minimum=0.0, maximum=20.0, singleStep=0.25, decimals=2, value=1.0)
         self.class_guidance = QLineEdit()
@@ -193,9 +194,10 @@ class SamplerControls(QWidget):
         self.steps.setValue(SAMPLERS[name].default_steps if self._model is None else self._model.default_steps(name))
 
     def use_model_defaults(self, model: LoadedModel | None) -> None:
-        """Show the model's default steps for the chosen sampler, its default guidance and per-class guidance."""
+        """Show the model's default sampler with its default steps, guidance and per-class guidance."""
         if model is not None:
             self._model = model
+            self.sampler.setCurrentIndex(self.sampler.findData(model.default_sampler))
             self._default_steps()
             self.guidance.setValue(model.config.default_guidance)
             self.class_guidance.setText(format_class_guidance(model.config.default_class_guidance))

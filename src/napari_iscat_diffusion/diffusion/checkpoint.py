@@ -29,7 +29,7 @@ from .denoiser import DiscreteTimeDenoiser
 from .device import resolve_device
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
 from .parameterization import PARAMETERIZATIONS
-from .samplers import SAMPLERS, get_sampler, sampling_sigmas
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, get_sampler, sampling_sigmas
 from .schedules import DiscreteSchedule, schedule_from_config
 from .unet import ConditionalUNet, UNetConfig
 
@@ -46,6 +46,8 @@ _OPTIONAL_FIELDS = (
     "default_guidance_interval",
     "sampling_sigma_max",
     "default_steps",
+    "default_sampler",
+    "sde_sigma_min",
     "class_names",
     "training",
 )
@@ -101,6 +103,9 @@ class ModelConfig:
         default_steps: ``{sampler name: steps}``, the step count used with that sampler when the caller gives
             none; a sampler not named takes its own default (``samplers.SAMPLERS``). A checkpoint whose grid
             starts lower (``sampling_sigma_max``) reaches the same quality in fewer steps.
+        default_sampler: the sampler used when the caller names none; None: DPM-Solver++ 2M (``DEFAULT_SAMPLER``).
+        sde_sigma_min: the noise level (normalised units) at and below which the SDE samplers (DPM-Solver++ 2M
+            SDE) follow the ODE instead of adding fresh noise; None: they add it on every step.
         class_names: one name per particle class (K names), optional.
         training: free-form JSON summary of the training run (steps, data, metrics).
 
@@ -119,6 +124,8 @@ class ModelConfig:
     default_guidance_interval: tuple[float, float] | None = None
     sampling_sigma_max: float | None = None
     default_steps: dict[str, int] = field(default_factory=dict)
+    default_sampler: str | None = None
+    sde_sigma_min: float | None = None
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
 
@@ -161,6 +168,16 @@ class ModelConfig:
         self.default_guidance_interval = self._checked_guidance_interval()
         self.sampling_sigma_max = self._checked_sampling_sigma_max(schedule.sigma_min)
         self.default_steps = self._checked_default_steps()
+        if self.default_sampler is not None and self.default_sampler not in SAMPLERS:
+            raise ValueError(
+                f"default_sampler: unknown sampler {self.default_sampler!r}; expected one of {', '.join(SAMPLERS)}"
+            )
+        if self.sde_sigma_min is not None:
+            if not _is_real(self.sde_sigma_min) or self.sde_sigma_min < 0:
+                raise ValueError(
+                    f"sde_sigma_min: must be a finite noise level >= 0 or None, got {self.sde_sigma_min!r}"
+                )
+            self.sde_sigma_min = float(self.sde_sigma_min)
         if self.class_names is not None:
             names = self.class_names
             if (
@@ -249,6 +266,8 @@ class ModelConfig:
             else [self.default_guidance_interval[0], _finite_or_none(self.default_guidance_interval[1])],
             "sampling_sigma_max": self.sampling_sigma_max,
             "default_steps": dict(self.default_steps),
+            "default_sampler": self.default_sampler,
+            "sde_sigma_min": self.sde_sigma_min,
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
         }
@@ -300,6 +319,18 @@ class LoadedModel:
         or ``config.sampling_sigma_max`` where that is lower."""
         top = self.schedule.sigma_max
         return top if self.config.sampling_sigma_max is None else min(top, self.config.sampling_sigma_max)
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler used when the caller names none: ``config.default_sampler``, else ``DEFAULT_SAMPLER``."""
+        return self.config.default_sampler or DEFAULT_SAMPLER
+
+    def sampler_options(self, sampler: str) -> dict:
+        """The keyword options this model sets for ``sampler`` (``noise_sigma_min`` for an SDE sampler when the
+        config has ``sde_sigma_min``); raises ValueError for an unknown sampler."""
+        if get_sampler(sampler).sde and self.config.sde_sigma_min is not None:
+            return {"noise_sigma_min": self.config.sde_sigma_min}
+        return {}
 
     def default_steps(self, sampler: str) -> int:
         """The step count used with ``sampler`` when none is given: ``config.default_steps[sampler]`` where the

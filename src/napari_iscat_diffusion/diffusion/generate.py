@@ -54,7 +54,7 @@ def generate(
     mask: np.ndarray,
     model: LoadedModel,
     *,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     class_guidance: Mapping[int, float] | None = None,
@@ -74,7 +74,7 @@ def generate(
         mask: label image (H, W) or batch (N, H, W); 0 = background, 1..K = particle classes.
         model: a checkpoint loaded with ``load_checkpoint``.
         sampler: one of ``samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler",
-            "heun").
+            "heun"); None takes the model's default (``LoadedModel.default_sampler``).
         steps: sampler steps; None takes the model's default for the sampler (``LoadedModel.default_steps``).
         guidance: classifier-free guidance scale w (1 = conditional only, 0 = unconditional);
             None takes the model's default.
@@ -115,6 +115,7 @@ def generate(
     config = model.config
     labels = validate_mask(mask, config.num_classes)
     num_images = labels.shape[0]
+    sampler = model.default_sampler if sampler is None else sampler
     info = get_sampler(sampler)
     steps = model.default_steps(sampler) if steps is None else int(steps)
     if steps < 1:
@@ -142,7 +143,9 @@ def generate(
     sigmas = model.sampling_sigmas(sampler, steps)
     # Where guidance switches on or off the guided prediction jumps; a multistep sampler must not extrapolate across.
     guides = guidance != 1.0 or any(scale != 1.0 for scale in class_scales.values())
-    breaks = {"breaks": [level for level in interval if 0 < level < math.inf]} if info.multistep and guides else {}
+    options = model.sampler_options(sampler)
+    if info.multistep and guides:
+        options["breaks"] = [level for level in interval if 0 < level < math.inf]
     model.net.to(torch_device)
     finished = 0  # sampler steps finished in the current batch
     cond_denoise = model.denoiser()
@@ -180,7 +183,7 @@ def generate(
                     report = GenerationProgress(completed, total, step, indices, denoised, mean, std)
                     return bool(callback(report))
 
-                sample = info.function(denoise, x, sigmas, generators=generators, callback=on_step, **breaks)
+                sample = info.function(denoise, x, sigmas, generators=generators, callback=on_step, **options)
                 outputs.append(_to_physical(sample, mean, std))
     finally:
         if torch_device.type == "cuda":

@@ -204,6 +204,7 @@ def sample_dpmpp_2m(
     callback: Callback | None = None,
     breaks: Sequence[float] = (),
     eta: float = 0.0,
+    noise_sigma_min: float = 0.0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in ``t = -log(sigma)``, as in k-diffusion.
 
@@ -217,7 +218,9 @@ def sample_dpmpp_2m(
     is the SDE variant (k-diffusion's ``sample_dpmpp_2m_sde``, midpoint form): each step goes to
     ``sigma_down = sigma' (sigma' / sigma)^eta`` and adds fresh noise of ``sigma_up = sqrt(sigma'^2 -
     sigma_down^2)`` from ``generators`` (one per image); with ``eta = 1`` that is the reverse SDE, whose
-    noise corrects errors of earlier steps. Returns the sample at ``sigmas[-1]``.
+    noise corrects errors of earlier steps. Steps that end at or below ``noise_sigma_min`` follow the ODE
+    (Karras et al. 2022's S_tmin): there the image's finest texture forms, and noise added by a coarse grid's
+    last steps is not removed again. Returns the sample at ``sigmas[-1]``.
     """
     if not eta >= 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
@@ -230,7 +233,7 @@ def sample_dpmpp_2m(
         if previous is not None and sigma_next > 0 and not crossed:
             half_inv_r = math.log(sigma / sigma_next) / (2 * math.log(values[i - 1] / sigma))
             target = (1 + half_inv_r) * denoised - half_inv_r * previous
-        sigma_down = sigma_next * (sigma_next / sigma) ** eta
+        sigma_down = sigma_next * (sigma_next / sigma) ** (eta if sigma_next > noise_sigma_min else 0.0)
         x = _first_order_step(x, target, sigma, sigma_down)
         if sigma_down < sigma_next:
             x = x + math.sqrt(sigma_next**2 - sigma_down**2) * randn_per_image(x, generators)
@@ -247,10 +250,14 @@ def sample_dpmpp_2m_sde(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     breaks: Sequence[float] = (),
+    noise_sigma_min: float = 0.0,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE: ``sample_dpmpp_2m`` with ``eta = 1``, fresh noise from ``generators`` at every
-    step. Returns the sample at ``sigmas[-1]``."""
-    return sample_dpmpp_2m(denoise, x, sigmas, generators=generators, callback=callback, breaks=breaks, eta=1.0)
+    """DPM-Solver++(2M) SDE: ``sample_dpmpp_2m`` with ``eta = 1``, fresh noise from ``generators`` on every
+    step that ends above ``noise_sigma_min``. Returns the sample at ``sigmas[-1]``."""
+    return sample_dpmpp_2m(
+        denoise, x, sigmas, generators=generators, callback=callback, breaks=breaks, eta=1.0,
+        noise_sigma_min=noise_sigma_min,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -267,6 +274,8 @@ class SamplerInfo:
         evals_per_step: denoiser calls per step.
         multistep: reuses predictions of earlier steps, so it takes ``breaks``, the noise levels at which the
             denoiser jumps (see ``sample_dpmpp_2m``).
+        sde: adds fresh noise on its steps and takes ``noise_sigma_min``, the noise level at and below which
+            it follows the ODE instead (see ``sample_dpmpp_2m``).
     """
 
     name: str
@@ -276,6 +285,7 @@ class SamplerInfo:
     grid: GridKind
     evals_per_step: int
     multistep: bool = False
+    sde: bool = False
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -284,11 +294,17 @@ SAMPLERS: dict[str, SamplerInfo] = {
         SamplerInfo("ddpm", "DDPM", sample_ddpm, 100, "discrete", 1),
         SamplerInfo("ddim", "DDIM", sample_ddim, 50, "discrete", 1),
         SamplerInfo("dpmpp_2m", "DPM-Solver++ 2M", sample_dpmpp_2m, 20, "logsnr", 1, multistep=True),
-        SamplerInfo("dpmpp_2m_sde", "DPM-Solver++ 2M SDE", sample_dpmpp_2m_sde, 20, "logsnr", 1, multistep=True),
+        SamplerInfo(
+            "dpmpp_2m_sde", "DPM-Solver++ 2M SDE", sample_dpmpp_2m_sde, 20, "logsnr", 1, multistep=True, sde=True
+        ),
         SamplerInfo("euler", "Euler", sample_euler, 40, "logsnr", 1),
         SamplerInfo("heun", "Heun", sample_heun, 20, "logsnr", 2),
     )
 }
+
+
+# The sampler of a checkpoint that names none (``ModelConfig.default_sampler``).
+DEFAULT_SAMPLER = "dpmpp_2m"
 
 
 def get_sampler(name: str) -> SamplerInfo:

@@ -41,7 +41,7 @@ def calibrate_class_guidance(
     scales: Sequence[float] = DEFAULT_SCALES,
     n: int = DEFAULT_N,
     size: int | tuple[int, int] = 128,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int | None = None,
     guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
@@ -57,7 +57,7 @@ def calibrate_class_guidance(
         scales: uniform guidance scales to try (at least one, each >= 0).
         n: masks (and simulator images) of the calibration set, from seeds ``CALIBRATION_SEED``, ...
         size: image side or (H, W) in px.
-        sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
+        sampler: sampler name (see ``diffusion.samplers.SAMPLERS``; None: the model's default).
         steps: sampler steps (None: the model's default for the sampler, ``LoadedModel.default_steps``).
         guidance_interval: noise levels (sigma_low, sigma_high) at which to guide (None: the model's default;
             ``guidance.EVERY_NOISE_LEVEL``: every step). Calibrate with the interval the scales will be used with.
@@ -81,6 +81,7 @@ def calibrate_class_guidance(
         raise ValueError(f"scales must be one or more guidance scales >= 0, got {scales}")
     if n < 4:
         raise ValueError(f"n must be at least 4, got {n}")
+    sampler = model.default_sampler if sampler is None else sampler
     steps = model.default_steps(sampler) if steps is None else steps
     interval = check_guidance_interval(
         model.config.default_guidance_interval if guidance_interval is None else guidance_interval

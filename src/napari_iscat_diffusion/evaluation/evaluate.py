@@ -222,7 +222,7 @@ def evaluate_model(
     *,
     n: int = 64,
     size: int | tuple[int, int] = 128,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     class_guidance: dict[int, float] | None = None,
@@ -246,7 +246,7 @@ def evaluate_model(
         model: a checkpoint loaded with ``load_checkpoint``.
         n: masks (and reference images).
         size: image side or (H, W) in px.
-        sampler: sampler name (see ``diffusion.samplers.SAMPLERS``).
+        sampler: sampler name (see ``diffusion.samplers.SAMPLERS``; None: the model's default).
         steps: sampler steps (None: the model's default for the sampler, ``LoadedModel.default_steps``).
         guidance: guidance scale (None: the model's default).
         class_guidance: per-class guidance ``{label: w}`` (None: the model's default, ``{}``: none).
@@ -266,6 +266,7 @@ def evaluate_model(
         reference: a precomputed reference set for ``params`` (curves reuse one).
         progress: called with (stage, done, total) during generation.
     """
+    sampler = model.default_sampler if sampler is None else sampler
     info = get_sampler(sampler)
     steps = model.default_steps(sampler) if steps is None else steps
     params = params or simulation_parameters_for(model, size)
@@ -291,6 +292,7 @@ def evaluate_model(
             "steps": steps,
             "sigma_grid": info.grid,
             "sigma_start": float(model.sampling_sigmas(sampler, steps)[0]),
+            "sampler_options": model.sampler_options(sampler),
             "guidance": model.config.default_guidance if guidance is None else guidance,
             "class_guidance": format_class_guidance(
                 model.config.default_class_guidance if class_guidance is None else class_guidance
