@@ -6,7 +6,7 @@ default-config network, or ``--model``), the first ``generate()`` call (which pa
 kernel selection, allocator warm-up) and a second identical call. Results go to
 ``benchmarks/results/first_image.json``.
 
-    python benchmarks/bench_first_image.py            # 256x256 mask, DPM-Solver++, the model's steps and guidance
+    python benchmarks/bench_first_image.py            # 256x256 mask, the model's sampler, steps and guidance
     python benchmarks/bench_first_image.py --quick    # tiny network, 64x64, 2 steps
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny network, 64x64 mask, 2 steps")
     parser.add_argument("--size", type=int, default=None, help="mask side (default 256)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--sampler", default=None, help="sampler (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint")
@@ -45,21 +45,22 @@ def main() -> None:
     model, description = benchmark_model(args.quick, args.model)
     model.net.to(device)
     load_seconds = time.perf_counter() - start
-    steps = args.steps or (2 if args.quick else model.default_steps(args.sampler))
+    sampler = args.sampler or model.default_sampler
+    steps = args.steps or (2 if args.quick else model.default_steps(sampler))
     guidance = model.config.default_guidance if args.guidance is None else args.guidance
 
     mask = blob_mask(size, model.config.num_classes)
     timings = []
     for _ in range(2):
         start = time.perf_counter()
-        generate(mask, model, sampler=args.sampler, steps=steps, guidance=guidance, device=device)
+        generate(mask, model, sampler=sampler, steps=steps, guidance=guidance, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings.append(time.perf_counter() - start)
     result = {
         "model": description,
         "size": size,
-        "sampler": args.sampler,
+        "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
         "device": str(device),
@@ -71,7 +72,7 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
     }
     print(
-        f"{description}, {size}x{size}, {steps} {args.sampler} steps, guidance {guidance:g}, {device}:\n"
+        f"{description}, {size}x{size}, {steps} {sampler} steps, guidance {guidance:g}, {device}:\n"
         f"  import {import_seconds:.2f} s + load {load_seconds:.2f} s + first generate {timings[0]:.2f} s "
         f"= first image after {result['first_image_seconds']:.2f} s; second generate {timings[1]:.2f} s"
     )
