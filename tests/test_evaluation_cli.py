@@ -116,6 +116,16 @@ def test_metric_curves_and_their_files(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "curves" / "curves.json").read_text())["steps"]["ddim"][1]["steps"] == 2
 
 
+def test_the_guidance_curve_runs_the_models_default_sampler_and_steps(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    model.config.default_sampler = "euler"
+    model.config.default_steps = {"euler": 2}
+    curves = metric_curves(
+        model, samplers=["euler"], steps=[1], guidances=[1.0], n=4, size=32, device="cpu", c2st=False
+    )
+    assert (curves["guidance"]["sampler"], curves["guidance"]["steps"]) == ("euler", 2)
+
+
 def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "results.json"
     args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--size", "32", "--steps", "2"]

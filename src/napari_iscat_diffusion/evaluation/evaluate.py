@@ -371,8 +371,8 @@ def metric_curves(
     samplers: Sequence[str] | None = None,
     steps: Sequence[int] = (5, 10, 20, 50),
     guidances: Sequence[float] = (0.0, 1.0, 1.5, 2.0, 3.0),
-    guidance_sampler: str = "dpmpp_2m",
-    guidance_steps: int = 20,
+    guidance_sampler: str | None = None,
+    guidance_steps: int | None = None,
     n: int = 16,
     size: int | tuple[int, int] = 64,
     seed: int = 0,
@@ -385,7 +385,11 @@ def metric_curves(
     """Metrics against steps for each sampler and against guidance scale, on one shared reference set.
 
     The steps curves use the model's guidance (with its per-class guidance); the guidance curve guides every
-    pixel with the one scale (no per-class guidance), so that it shows how each class responds to it."""
+    pixel with the one scale (no per-class guidance), so that it shows how each class responds to it. The
+    guidance curve runs ``guidance_sampler`` at ``guidance_steps`` (None: the model's default sampler and its
+    default steps for it)."""
+    guidance_sampler = guidance_sampler or model.default_sampler
+    guidance_steps = guidance_steps or model.default_steps(guidance_sampler)
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n)
     common = {
