@@ -591,7 +591,9 @@ def _evaluation_summary(metrics: dict) -> str:
         for k in contrast
     ]
     if "c2st" in metrics:
-        lines.append(f"C2ST accuracy {metrics['c2st']['accuracy']:.3f} (0.5: indistinguishable)")
+        chance = metrics["reference_floor"].get("c2st")
+        chance_text = "0.5: indistinguishable" if chance is None else f"two simulator sets: {chance['accuracy']:.3f}"
+        lines.append(f"C2ST accuracy {metrics['c2st']['accuracy']:.3f} ({chance_text})")
     return "\n".join(lines)
 
 

@@ -145,19 +145,29 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
     }
 
 
-def reference_floor(reference: ImageSet, params: SimulationParameters, seed: int = FLOOR_SEED) -> dict[str, Any]:
+def reference_floor(
+    reference: ImageSet,
+    params: SimulationParameters,
+    seed: int = FLOOR_SEED,
+    *,
+    c2st_seed: int | None = None,
+) -> dict[str, Any]:
     """Physics statistics of a second, independent simulator set (masks and images from seeds ``seed``, ...)
     against ``reference``: the values that sampling alone gives at this number of images, so that a model's
     distance reads against the smallest one it could reach (peak contrast per class, background noise
-    ratio, spectrum distance in decades)."""
+    ratio, spectrum distance in decades). With ``c2st_seed`` also the two-sample classifier's accuracy
+    between the two simulator sets (``c2st``, trained with that seed), its chance level at this size."""
     other = simulated_set(params, len(reference.images), seed)
     stats = physics_statistics(other, reference, detector_settings(params).psf_radius_px)
-    return {
+    out = {
         "seeds": f"{seed}..{seed + len(reference.images) - 1}",
         "peak_contrast": stats["peak_contrast"],
         "background_noise": stats["background_noise"],
         "spectrum_distance_decades": stats["power_spectrum"]["distance_decades"],
     }
+    if c2st_seed is not None:
+        out["c2st"] = classifier_two_sample_test(other.images, reference.images, seed=c2st_seed).to_dict()
+    return out
 
 
 def compare_image_sets(
@@ -307,7 +317,7 @@ def evaluate_model(
         **compare_image_sets(generated, reference, params, seed=seed, c2st=c2st),
     }
     if floor:
-        result["reference_floor"] = reference_floor(reference, params)
+        result["reference_floor"] = reference_floor(reference, params, c2st_seed=seed if c2st else None)
     count = min(diversity_masks, n)
     if count > 0 and diversity_seeds >= 2:
         extra = [seed + s * _DIVERSITY_SEED_STRIDE + i for s in range(1, diversity_seeds) for i in range(count)]
