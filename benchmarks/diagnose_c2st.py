@@ -1,0 +1,93 @@
+"""What the classifier two-sample test sees: C2ST accuracy on filtered and masked views of the same images.
+
+Generates the evaluation's held-out masks (``evaluate_model``'s seeds, so the images are those of
+``iscat-diffusion evaluate --n N``) with a checkpoint's defaults or ``--sampler``/``--steps``, then runs
+the classifier two-sample test against the simulator's images on views that keep one kind of
+information each: the images as they are; the fine texture (the image minus its Gaussian blur of
+``--sigma`` px); the coarse structure (the blur); the background only (pixels within ``--radius`` PSF
+radii of a mask blob set to 0 in both sets); the particles only (everything else set to 0). A view the
+classifier still wins on holds the difference. Also runs the test between two simulator sets (the
+chance level). Writes ``benchmarks/results/c2st_diagnosis.json`` with the machine's description.
+
+    python benchmarks/diagnose_c2st.py --n 288            # bundled model, 128x128
+    python benchmarks/diagnose_c2st.py --sampler dpmpp_2m --steps 20 --out OUT.json
+    python benchmarks/diagnose_c2st.py --quick            # tiny untrained network, 8 masks of 32 px
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from common import benchmark_model, machine_info, write_results
+from napari_iscat_diffusion.diffusion import resolve_device
+from napari_iscat_diffusion.evaluation.c2st import classifier_two_sample_test
+from napari_iscat_diffusion.evaluation.evaluate import (
+    FLOOR_SEED,
+    detector_settings,
+    generated_images,
+    simulated_set,
+    simulation_parameters_for,
+)
+
+
+def views(images: np.ndarray, masks: np.ndarray, sigma_px: float, radius_px: float) -> dict[str, np.ndarray]:
+    """The views of images (N, H, W) that the test compares: as they are, fine texture, coarse structure,
+    background only and particles only (``radius_px`` around the mask's blobs)."""
+    blurred = np.stack([ndimage.gaussian_filter(image, sigma_px) for image in images])
+    near = np.stack([ndimage.distance_transform_edt(mask == 0) <= radius_px for mask in masks])
+    return {
+        "as is": images,
+        f"fine texture (minus blur of {sigma_px:g} px)": images - blurred,
+        f"coarse structure (blur of {sigma_px:g} px)": blurred,
+        f"background only (> {radius_px:.1f} px from blobs)": np.where(near, 0.0, images).astype(np.float32),
+        f"particles only (<= {radius_px:.1f} px from blobs)": np.where(near, images, 0.0).astype(np.float32),
+    }
+
+
+def main() -> None:
+    """Generate, run the test on each view, print and save the accuracies."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny untrained network, 8 masks of 32 px")
+    parser.add_argument("--n", type=int, default=288, help="held-out masks [288]")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels [128]")
+    parser.add_argument("--sigma", type=float, default=1.5, help="blur that splits fine from coarse, px [1.5]")
+    parser.add_argument("--radius", type=float, default=2.0, help="particle surroundings, PSF radii [2]")
+    parser.add_argument("--sampler", default=None, help="sampler [the model's]")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps [the model's for the sampler]")
+    parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint [bundled]")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    n, size = (8, 32) if args.quick else (args.n, args.size)
+    device = resolve_device(args.device)
+    model, description = benchmark_model(args.quick, args.model)
+    params = simulation_parameters_for(model, size)
+    reference = simulated_set(params, n)
+    other = simulated_set(params, n, FLOOR_SEED)
+    sampler = args.sampler or model.default_sampler
+    steps = 2 if args.quick else args.steps or model.default_steps(sampler)
+    options = {"sampler": sampler, "steps": steps, "device": device, "batch_size": 4}
+    generated = generated_images(model, reference.masks, list(range(n)), options, "generate", None)
+    radius_px = args.radius * detector_settings(params).psf_radius_px
+    model_views = views(generated, reference.masks, args.sigma, radius_px)
+    reference_views = views(reference.images, reference.masks, args.sigma, radius_px)
+    other_views = views(other.images, other.masks, args.sigma, radius_px)
+    results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps, "views": {}}
+    print(f"{description}, {n} masks of {size} px, {steps} {sampler} steps: C2ST accuracy (95 % interval)")
+    for name in model_views:
+        against_model = classifier_two_sample_test(model_views[name], reference_views[name]).to_dict()
+        chance = classifier_two_sample_test(other_views[name], reference_views[name]).to_dict()
+        results["views"][name] = {"model": against_model, "two_simulator_sets": chance}
+        print(
+            f"  {name}: model {against_model['accuracy']:.3f} ({against_model['ci_low']:.2f}-"
+            f"{against_model['ci_high']:.2f}), two simulator sets {chance['accuracy']:.3f}"
+        )
+    write_results("c2st_diagnosis", machine_info(device), results, args.out)
+
+
+if __name__ == "__main__":
+    main()
