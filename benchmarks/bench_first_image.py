@@ -45,8 +45,7 @@ def main() -> None:
     model, description = benchmark_model(args.quick, args.model)
     model.net.to(device)
     load_seconds = time.perf_counter() - start
-    sampler = args.sampler or model.default_sampler
-    steps = args.steps or (2 if args.quick else model.default_steps(sampler))
+    sampler, steps = model.sampler_and_steps(args.sampler, 2 if args.quick and args.steps is None else args.steps)
     guidance = model.config.default_guidance if args.guidance is None else args.guidance
 
     mask = blob_mask(size, model.config.num_classes)

@@ -68,8 +68,7 @@ def main() -> None:
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n)
     other = simulated_set(params, n, FLOOR_SEED)
-    sampler = args.sampler or model.default_sampler
-    steps = 2 if args.quick else args.steps or model.default_steps(sampler)
+    sampler, steps = model.sampler_and_steps(args.sampler, 2 if args.quick else args.steps)
     options = {"sampler": sampler, "steps": steps, "device": device, "batch_size": 4}
     generated = generated_images(model, reference.masks, list(range(n)), options, "generate", None)
     radius_px = args.radius * detector_settings(params).psf_radius_px

@@ -44,8 +44,7 @@ class SamplerSettings:
 
     def resolved(self, model: LoadedModel) -> SamplerSettings:
         """These settings with the defaults filled in (the values that provenance records)."""
-        sampler = model.default_sampler if self.sampler is None else self.sampler
-        steps = model.default_steps(sampler) if self.steps is None else int(self.steps)
+        sampler, steps = model.sampler_and_steps(self.sampler, self.steps)
         guidance = model.config.default_guidance if self.guidance is None else float(self.guidance)
         class_guidance = model.config.default_class_guidance if self.class_guidance is None else self.class_guidance
         class_guidance = check_class_guidance(class_guidance, model.config.num_classes)

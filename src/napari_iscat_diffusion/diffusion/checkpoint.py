@@ -337,6 +337,12 @@ class LoadedModel:
         checkpoint names one, else the sampler's own default. Raises ValueError for an unknown sampler."""
         return self.config.default_steps.get(sampler, get_sampler(sampler).default_steps)
 
+    def sampler_and_steps(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """``(sampler, steps)`` with the model's defaults where None: ``default_sampler`` and
+        ``default_steps(sampler)``. Raises ValueError for an unknown sampler."""
+        sampler = self.default_sampler if sampler is None else sampler
+        return sampler, self.default_steps(sampler) if steps is None else int(steps)
+
     def sampling_sigmas(self, sampler: str, steps: int) -> torch.Tensor:
         """The noise levels (normalised units, float64, decreasing, ending at 0) that ``sampler`` steps through
         in ``steps`` steps on this model's schedule, from :attr:`sampling_sigma_max` on a continuous grid."""

@@ -115,9 +115,8 @@ def generate(
     config = model.config
     labels = validate_mask(mask, config.num_classes)
     num_images = labels.shape[0]
-    sampler = model.default_sampler if sampler is None else sampler
+    sampler, steps = model.sampler_and_steps(sampler, steps)
     info = get_sampler(sampler)
-    steps = model.default_steps(sampler) if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     guidance = config.default_guidance if guidance is None else float(guidance)

@@ -81,8 +81,7 @@ def calibrate_class_guidance(
         raise ValueError(f"scales must be one or more guidance scales >= 0, got {scales}")
     if n < 4:
         raise ValueError(f"n must be at least 4, got {n}")
-    sampler = model.default_sampler if sampler is None else sampler
-    steps = model.default_steps(sampler) if steps is None else steps
+    sampler, steps = model.sampler_and_steps(sampler, steps)
     interval = check_guidance_interval(
         model.config.default_guidance_interval if guidance_interval is None else guidance_interval
     )

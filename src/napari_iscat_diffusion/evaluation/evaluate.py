@@ -276,9 +276,8 @@ def evaluate_model(
         reference: a precomputed reference set for ``params`` (curves reuse one).
         progress: called with (stage, done, total) during generation.
     """
-    sampler = model.default_sampler if sampler is None else sampler
+    sampler, steps = model.sampler_and_steps(sampler, steps)
     info = get_sampler(sampler)
-    steps = model.default_steps(sampler) if steps is None else steps
     params = params or simulation_parameters_for(model, size)
     reference = reference or simulated_set(params, n)
     n = len(reference.images)
@@ -398,8 +397,7 @@ def metric_curves(
     pixel with the one scale (no per-class guidance), so that it shows how each class responds to it. The
     guidance curve runs ``guidance_sampler`` at ``guidance_steps`` (None: the model's default sampler and its
     default steps for it)."""
-    guidance_sampler = guidance_sampler or model.default_sampler
-    guidance_steps = guidance_steps or model.default_steps(guidance_sampler)
+    guidance_sampler, guidance_steps = model.sampler_and_steps(guidance_sampler, guidance_steps)
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n)
     common = {
