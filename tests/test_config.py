@@ -82,7 +82,7 @@ def test_main_rejects_a_bad_key_before_training(tmp_path: Path, capsys: pytest.C
     assert not run_dir.exists()
 
 
-def test_the_export_section_sets_where_the_samplers_start_and_their_steps(tmp_path: Path) -> None:
+def test_the_export_section_sets_the_sampling_and_guidance_defaults(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("train: {steps: 1}\n")
     overrides = [
@@ -90,13 +90,19 @@ def test_the_export_section_sets_where_the_samplers_start_and_their_steps(tmp_pa
         "export.default_steps={dpmpp_2m_sde: 10}",
         "export.default_sampler=dpmpp_2m_sde",
         "export.sde_sigma_min=2",
+        "export.default_class_guidance={1: 1, 2: 2.5}",
+        "export.default_guidance_interval=[0, 150]",
     ]
     normalization = {"mean": [0.0], "std": [1.0]}
     exported = build_model_config(load_config(path, overrides), normalization)
     assert exported.sampling_sigma_max == 2000.0 and exported.default_steps == {"dpmpp_2m_sde": 10}
     assert exported.default_sampler == "dpmpp_2m_sde" and exported.sde_sigma_min == 2.0
+    assert exported.default_class_guidance == {1: 1.0, 2: 2.5} and exported.default_guidance_interval == (0.0, 150.0)
     plain = build_model_config(load_config(path), normalization)
     assert plain.sampling_sigma_max is None and plain.default_steps == {}
     assert plain.default_sampler is None and plain.sde_sigma_min is None
+    assert plain.default_class_guidance == {} and plain.default_guidance_interval is None
     with pytest.raises(ValueError, match="default_steps: unknown sampler"):
         build_model_config(load_config(path, ["export.default_steps={dpm: 10}"]), normalization)
+    with pytest.raises(ValueError, match="default_class_guidance: 4 is not a particle class"):
+        build_model_config(load_config(path, ["export.default_class_guidance={4: 2}"]), normalization)

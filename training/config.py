@@ -147,7 +147,9 @@ class ExportConfig:
     ``sampling_sigma_max`` (normalised units; None: the schedule's highest) is where the continuous-sigma
     samplers start (``ModelConfig.sampling_sigma_max``); ``default_steps`` (``{sampler name: steps}``) the step
     counts used when a user gives none (``ModelConfig.default_steps``); ``default_sampler`` (None: DPM-Solver++ 2M)
-    and ``sde_sigma_min`` (None: every step) go to the same-named ``ModelConfig`` fields."""
+    and ``sde_sigma_min`` (None: every step) go to the same-named ``ModelConfig`` fields, as do
+    ``default_class_guidance`` (``{label: scale}``, e.g. from ``iscat-diffusion calibrate``) and
+    ``default_guidance_interval`` (``[sigma_low, sigma_high]`` in normalised units; None: every step)."""
 
     path: str | None = None
     fp16: bool = False
@@ -156,6 +158,8 @@ class ExportConfig:
     default_steps: dict = field(default_factory=dict)
     default_sampler: str | None = None
     sde_sigma_min: float | None = None
+    default_class_guidance: dict = field(default_factory=dict)
+    default_guidance_interval: tuple[float, float] | None = None
 
 
 @dataclass

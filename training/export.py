@@ -31,6 +31,8 @@ def build_model_config(
         pixel_size_nm=pixel_size_nm,
         training_size=None if config.data.crop_size is None else tuple(config.data.crop_size),
         default_guidance=config.export.default_guidance,
+        default_class_guidance=config.export.default_class_guidance,
+        default_guidance_interval=config.export.default_guidance_interval,
         sampling_sigma_max=config.export.sampling_sigma_max,
         default_steps=config.export.default_steps,
         default_sampler=config.export.default_sampler,
