@@ -442,7 +442,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         "a classifier two-sample test, diversity and edited masks. See docs/evaluation.md.",
     )
     evaluate.add_argument("--out", type=Path, required=True, help="output JSON file (never overwritten)")
-    evaluate.add_argument("--n", type=int, default=64, help="held-out masks and reference images [64]")
+    evaluate.add_argument("--n", type=int, default=None, help="held-out masks and reference images [288]")
     evaluate.add_argument("--size", type=int, default=128, help="image side in pixels [128]")
     _add_sampler_arguments(evaluate)
     evaluate.add_argument(
@@ -459,9 +459,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from .diffusion.checkpoint import load_checkpoint
     from .evaluation import evaluate_model, metric_curves, run_metadata, write_curves
+    from .evaluation.evaluate import DEFAULT_N
 
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out")
+    args.n = DEFAULT_N if args.n is None else args.n
     if args.n < 4 or args.curves_n < 4:
         raise ValueError(f"--n and --curves-n must be at least 4, got {args.n} and {args.curves_n}")
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
