@@ -53,6 +53,8 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("train.batch_size=0", r"train\.batch_size: must be >= 1, got 0"),
         ("checkpoint.keep_last=0", r"checkpoint\.keep_last: must be >= 1"),
         ("train.cond_drop_prob=1.5", r"train\.cond_drop_prob: must be a probability"),
+        ("train.particle_loss_weight=-1", r"train\.particle_loss_weight: must be >= 0"),
+        ("train.particle_loss_radius_px=-2", r"train\.particle_loss_radius_px: must be >= 0 pixels"),
         ("optim.lr=nan", r"optim\.lr: must be a positive number"),
         ("log.sampler=magic", r"log\.sampler: unknown sampler 'magic'"),
         ("model.schedule={name: quadratic}", r"model\.schedule: unknown noise schedule"),

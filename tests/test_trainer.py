@@ -15,6 +15,7 @@ import tifffile
 import torch
 from tests.tiny_training import tiny_config, tiny_overrides, tiny_trainer
 from training import train
+from training import trainer as trainer_module
 from training.config import ConfigError
 from training.state import list_states, load_state, state_path
 from training.trainer import NonFiniteLossError, lr_factor
@@ -217,3 +218,22 @@ def test_early_stopping_ends_the_run_with_a_checkpoint(tmp_path: Path, monkeypat
     assert summary["stopped_early"] and summary["steps"] == 4
     assert summary["best_step"] == 2 and summary["best_val_loss"] == 0.5
     assert [step for step, _ in list_states(tmp_path / "checkpoints")] == [4, 2, 1]
+
+
+def test_the_particle_loss_weight_reaches_the_training_and_validation_losses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    real = trainer_module.diffusion_loss
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["particle_weight"], kwargs["particle_radius_px"], kwargs.get("timesteps") is None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", recording)
+    config = tiny_config(tmp_path, "train.steps=1", "train.particle_loss_weight=9", "train.particle_loss_radius_px=3")
+    trainer = tiny_trainer(config)
+    trainer.fit()
+    trainer.validate()
+    assert {(w, r) for w, r, _ in seen} == {(9.0, 3)}
+    assert {training for _, _, training in seen} == {True, False}  # both a training and a validation call

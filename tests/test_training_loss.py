@@ -1,8 +1,8 @@
-"""The training loss: targets match the parameterisation, condition dropout, min-SNR weighting."""
+"""The training loss: targets match the parameterisation, condition dropout, min-SNR and particle weighting."""
 
 import pytest
 import torch
-from training.losses import _min_snr_weight, diffusion_loss
+from training.losses import _min_snr_weight, diffusion_loss, particle_neighbourhood
 
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition
 from napari_iscat_diffusion.diffusion.parameterization import PARAMETERIZATIONS, target_from_x0_eps
@@ -71,3 +71,55 @@ def test_min_snr_weights():
     # high-SNR (low-noise) images are down-weighted for eps prediction, low-SNR ones keep weight 1
     eps_weights = _min_snr_weight(alpha_bar, 5.0, "eps")
     assert eps_weights[0] < 0.06 and eps_weights[2] == 1.0
+
+
+def test_particle_neighbourhood_dilates_the_labelled_pixels_of_the_condition():
+    labels = torch.zeros(2, 12, 12, dtype=torch.long)
+    labels[0, 5, 5] = 2
+    cond = encode_condition(labels, 2)
+    near = particle_neighbourhood(cond, 2)
+    assert near.shape == (2, 1, 12, 12)
+    expected = torch.zeros(12, 12)
+    expected[3:8, 3:8] = 1
+    assert torch.equal(near[0, 0], expected)
+    assert near[1].sum() == 0  # an image without particles
+    assert particle_neighbourhood(cond, 0)[0, 0].sum() == 1
+    assert particle_neighbourhood(torch.zeros_like(cond), 2).sum() == 0  # the null condition
+
+
+class _ErrsAt(_Oracle):
+    """An exact oracle plus an error of 1 wherever ``where`` is true."""
+
+    def __init__(self, schedule, x0, where):
+        super().__init__(schedule, x0, "v")
+        self.where = where
+
+    def forward(self, x_t, t, cond):
+        return super().forward(x_t, t, cond) + self.where.float()
+
+
+@pytest.mark.parametrize("error_near_particles", [True, False])
+def test_particle_weight_counts_the_pixels_near_particles_more(error_near_particles):
+    schedule = cosine_schedule(1000)
+    x0 = torch.zeros(1, 1, 12, 12)
+    labels = torch.zeros(1, 12, 12, dtype=torch.long)
+    labels[0, 5, 5] = 1
+    cond = encode_condition(labels, 2)
+    near = particle_neighbourhood(cond, 1).bool()
+    where = near if error_near_particles else ~near
+    n_near, n_far = 9, 144 - 9
+
+    def loss(weight, drop=0.0):
+        net = _ErrsAt(schedule, x0, where)
+        g = torch.Generator().manual_seed(3)
+        return diffusion_loss(
+            net, schedule, "v", x0, cond, generator=g, particle_weight=weight, particle_radius_px=1, cond_drop_prob=drop
+        ).item()
+
+    plain = (n_near if error_near_particles else n_far) / 144
+    assert loss(0.0) == pytest.approx(plain)
+    weighted = (10 * n_near if error_near_particles else n_far) / (10 * n_near + n_far)
+    assert loss(9.0) == pytest.approx(weighted)
+    assert (loss(9.0) > plain) == error_near_particles
+    # A dropped condition shows the network no particles, so no pixel may weigh more.
+    assert loss(9.0, drop=1.0) == pytest.approx(plain)

@@ -93,13 +93,17 @@ class OptimConfig:
 @dataclass
 class TrainSection:
     """The loop. ``batch_size`` is per process and micro-step: one optimiser step sees
-    ``batch_size * grad_accum * world_size`` images. ``precision``: "auto" is bf16 autocast on CUDA, fp32 on CPU."""
+    ``batch_size * grad_accum * world_size`` images. ``precision``: "auto" is bf16 autocast on CUDA, fp32 on CPU.
+    ``particle_loss_weight``: pixels within ``particle_loss_radius_px`` (px) of a mask particle count
+    ``1 + particle_loss_weight`` times in the loss (training and validation); 0 weighs every pixel the same."""
 
     steps: int = 5000
     batch_size: int = 16
     grad_accum: int = 1
     cond_drop_prob: float = 0.1
     min_snr_gamma: float | None = 5.0
+    particle_loss_weight: float = 0.0
+    particle_loss_radius_px: int = 4
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite: int = 10
@@ -249,6 +253,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.grad_accum", lambda v: v >= 1, ">= 1"),
     ("train.cond_drop_prob", lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
     ("train.min_snr_gamma", lambda v: v is None or v > 0, "a positive number or null"),
+    ("train.particle_loss_weight", lambda v: 0 <= v < math.inf, ">= 0 (0 = every pixel weighs the same)"),
+    ("train.particle_loss_radius_px", lambda v: v >= 0, ">= 0 pixels"),
     ("train.max_nonfinite", lambda v: v >= 1, ">= 1"),
     ("train.early_stopping_patience", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("ema.half_life_images", lambda v: v > 0, "a positive number of images"),

@@ -256,6 +256,8 @@ class Trainer:
                         cond_drop_prob=train.cond_drop_prob,
                         min_snr_gamma=train.min_snr_gamma,
                         generator=self.generator,
+                        particle_weight=train.particle_loss_weight,
+                        particle_radius_px=train.particle_loss_radius_px,
                     )
                 (loss / train.grad_accum).backward()
             losses.append(loss.detach())
@@ -315,6 +317,8 @@ class Trainer:
                         min_snr_gamma=config.train.min_snr_gamma,
                         generator=generator,
                         timesteps=torch.full((len(x0),), t, device=self.device),
+                        particle_weight=config.train.particle_loss_weight,
+                        particle_radius_px=config.train.particle_loss_radius_px,
                     )
                 totals += torch.stack([loss.double() * len(x0), torch.tensor(len(x0), device=self.device)])
         total, count = self._all_reduce(totals).tolist()
