@@ -7,7 +7,7 @@ import torch
 from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config
 
 from napari_iscat_diffusion.cli import main
-from napari_iscat_diffusion.diffusion import SAMPLERS, get_sampler, load_checkpoint
+from napari_iscat_diffusion.diffusion import SAMPLERS, get_sampler, load_checkpoint, save_checkpoint
 from napari_iscat_diffusion.evaluation import (
     CALIBRATION_SEED,
     calibrate_class_guidance,
@@ -202,3 +202,16 @@ def test_calibrate_command_writes_the_report_and_a_calibrated_checkpoint(tiny_ch
     assert json.loads(limited_out.read_text())["settings"]["guidance_interval"] == "0.5,20"
     assert load_checkpoint(limited).config.default_guidance_interval == (0.5, 20.0)
     assert "guided at noise levels 0.5,20" in capsys.readouterr().out
+
+
+def test_a_calibrated_copy_keeps_the_storage_dtype_of_the_checkpoint(tiny_checkpoint, tmp_path):
+    original = load_checkpoint(tiny_checkpoint)
+    assert original.storage_dtype == torch.float32
+    half = tmp_path / "half.safetensors"
+    save_checkpoint(half, original.net, original.config, dtype=torch.float16)
+    assert load_checkpoint(half).storage_dtype == torch.float16
+    saved = tmp_path / "calibrated.safetensors"
+    args = ["calibrate", "--checkpoint", str(half), "--n", "4", "--size", "32", "--steps", "2", "--scales", "1", "2"]
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path / "c.json"), "--save", str(saved)]) == 0
+    assert load_checkpoint(saved).storage_dtype == torch.float16
+    assert abs(saved.stat().st_size - half.stat().st_size) < 1000  # metadata differs, the weights are as small

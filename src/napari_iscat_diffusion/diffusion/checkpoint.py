@@ -300,6 +300,8 @@ class LoadedModel:
         path: the file it was loaded from (None for a model that was never saved).
         sha256: hex SHA-256 of the file's bytes.
         versions: ``{"format_version", "package", "torch", "safetensors"}`` as written in the file.
+        storage_dtype: the dtype the file stores its floating-point weights in (float32 for a model that was
+            never saved), so that a copy with new metadata keeps the file's size.
     """
 
     net: ConditionalUNet
@@ -307,6 +309,7 @@ class LoadedModel:
     path: Path | None
     sha256: str
     versions: dict
+    storage_dtype: torch.dtype = torch.float32
 
     @property
     def schedule(self) -> DiscreteSchedule:
@@ -456,9 +459,12 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             f"the weights hold NaN or Inf values: {bad}",
             "The model diverged in training or the file is corrupt; use another checkpoint.",
         )
+    storage_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     net.load_state_dict(tensors)  # copies into the float32 parameters, so fp16 weights become float32
     net.requires_grad_(False).eval().to(torch_device)
-    return LoadedModel(net=net, config=config, path=path.resolve(), sha256=sha256, versions=versions)
+    return LoadedModel(
+        net=net, config=config, path=path.resolve(), sha256=sha256, versions=versions, storage_dtype=storage_dtype
+    )
 
 
 def _error(path: Path, problem: str, advice: str) -> CheckpointError:
