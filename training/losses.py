@@ -81,8 +81,6 @@ def particle_neighbourhood(cond: torch.Tensor, radius_px: int) -> torch.Tensor:
     """(N, 1, H, W) float map, 1 at pixels within ``radius_px`` (px, square neighbourhood) of a labelled pixel of
     the condition (N, K+1, H, W) and 0 elsewhere; all 0 for null conditions."""
     labelled = cond[:, :-1].amax(dim=1, keepdim=True).float()
-    if radius_px == 0:
-        return labelled
     return torch.nn.functional.max_pool2d(labelled, kernel_size=2 * radius_px + 1, stride=1, padding=radius_px)
 
 
