@@ -10,14 +10,16 @@ with ``w_cfg`` the usual (per-class) guidance map and ``w_ag`` a per-class autog
 (``guidance.guidance_scale_map`` with 1 in the background). Both act only inside the guidance interval,
 autoguidance only above ``--autoguidance-low``. The guide runs in the main model's normalised units (the two
 were trained with slightly different normalisation statistics). The library does not offer this yet
-(docs/model-history.md, *Autoguidance*); this script wraps ``iscat-diffusion evaluate`` and ``calibrate``
-by replacing the guided denoiser that ``generate`` builds, so the numbers in the model history can be
-reproduced:
+(docs/model-history.md, *Autoguidance*); this script wraps ``iscat-diffusion evaluate`` and ``calibrate``, and
+``benchmarks/diagnose_c2st.py`` (``diagnose``), by replacing the guided denoiser that ``generate`` builds, so the
+numbers in the model history can be reproduced:
 
     python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --calibrate -- \\
         calibrate --scales 5 6 7 --out OUT.json        # the calibration's uniform scale becomes w_ag
     python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --autoguidance 2=6,3=5 -- \\
         evaluate --class-guidance 1=1,2=1,3=1 --out OUT.json
+    python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --autoguidance 2=6,3=5 -- \
+        diagnose --class-guidance 1=1,2=1,3=1 --out OUT.json
 
 ``runs/stage2.safetensors`` is the stage-2 file: ``git show 9734c85:src/napari_iscat_diffusion/models/
 iscat-sim-3class.safetensors > runs/stage2.safetensors``.
@@ -132,7 +134,8 @@ def autoguided_denoiser_factory(
 
 def main() -> int:
     """Parse this script's options, patch the evaluation's ``generate`` and run the ``iscat-diffusion evaluate`` or
-    ``calibrate`` command given after ``--``; returns its exit status."""
+    ``calibrate`` command, or ``diagnose`` (``benchmarks/diagnose_c2st.py``), given after ``--``; returns its exit
+    status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--guide", required=True, help="the weaker checkpoint (safetensors)")
     parser.add_argument("--autoguidance", default="", help="per-class autoguidance scales, e.g. 2=6,3=5")
@@ -149,8 +152,10 @@ def main() -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the iscat-diffusion command")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if command[:1] not in (["evaluate"], ["calibrate"]):
-        parser.error(f"the command after -- must be 'evaluate' or 'calibrate', got {' '.join(command) or 'nothing'}")
+    if command[:1] not in (["evaluate"], ["calibrate"], ["diagnose"]):
+        parser.error(
+            f"the command after -- must be 'evaluate', 'calibrate' or 'diagnose', got {' '.join(command) or 'nothing'}"
+        )
     if not math.isfinite(args.autoguidance_low):
         parser.error("--autoguidance-low must be a finite noise level")
     guided_denoiser, bind = autoguided_denoiser_factory(
@@ -168,7 +173,14 @@ def main() -> int:
 
     generate_module.guided_denoiser = guided_denoiser
     evaluate_module.generate = generate
-    status = cli_main(command)
+    if command[0] == "diagnose":
+        import diagnose_c2st  # benchmarks/, this script's directory
+
+        sys.argv = ["diagnose_c2st.py", *command[1:]]
+        diagnose_c2st.main()
+        status = 0
+    else:
+        status = cli_main(command)
     if status == 0 and "--out" in command:
         record_experiment(Path(command[command.index("--out") + 1]), args)
     return status

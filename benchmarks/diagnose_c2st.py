@@ -11,6 +11,7 @@ chance level). Writes ``benchmarks/results/c2st_diagnosis.json`` with the machin
 
     python benchmarks/diagnose_c2st.py --n 288            # bundled model, 128x128
     python benchmarks/diagnose_c2st.py --sampler dpmpp_2m --steps 20 --out OUT.json
+    python benchmarks/diagnose_c2st.py --class-guidance 1=1,2=2,3=2 --out OUT.json
     python benchmarks/diagnose_c2st.py --quick            # tiny untrained network, 8 masks of 32 px
 """
 
@@ -24,6 +25,7 @@ from scipy import ndimage
 
 from common import benchmark_model, machine_info, write_results
 from napari_iscat_diffusion.diffusion import resolve_device
+from napari_iscat_diffusion.diffusion.guidance import parse_class_guidance
 from napari_iscat_diffusion.evaluation.c2st import classifier_two_sample_test
 from napari_iscat_diffusion.evaluation.evaluate import (
     FLOOR_SEED,
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--radius", type=float, default=2.0, help="particle surroundings, PSF radii [2]")
     parser.add_argument("--sampler", default=None, help="sampler [the model's]")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps [the model's for the sampler]")
+    parser.add_argument(
+        "--class-guidance", type=parse_class_guidance, default=None, help="per-class scales, e.g. 1=1,2=2 [the model's]"
+    )
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint [bundled]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None)
@@ -70,12 +75,17 @@ def main() -> None:
     other = simulated_set(params, n, FLOOR_SEED)
     sampler, steps = model.sampler_and_steps(args.sampler, 2 if args.quick else args.steps)
     options = {"sampler": sampler, "steps": steps, "device": device, "batch_size": 4}
+    if args.class_guidance is not None:
+        options["class_guidance"] = args.class_guidance
     generated = generated_images(model, reference.masks, list(range(n)), options, "generate", None)
     radius_px = args.radius * detector_settings(params).psf_radius_px
     model_views = views(generated, reference.masks, args.sigma, radius_px)
     reference_views = views(reference.images, reference.masks, args.sigma, radius_px)
     other_views = views(other.images, other.masks, args.sigma, radius_px)
-    results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps, "views": {}}
+    results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps}
+    if args.class_guidance is not None:
+        results["class_guidance"] = args.class_guidance
+    results["views"] = {}
     print(f"{description}, {n} masks of {size} px, {steps} {sampler} steps: C2ST accuracy (95 % interval)")
     for name in model_views:
         against_model = classifier_two_sample_test(model_views[name], reference_views[name]).to_dict()
