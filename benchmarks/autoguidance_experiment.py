@@ -18,7 +18,7 @@ numbers in the model history can be reproduced:
         calibrate --scales 5 6 7 --out OUT.json        # the calibration's uniform scale becomes w_ag
     python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --autoguidance 2=6,3=5 -- \\
         evaluate --class-guidance 1=1,2=1,3=1 --out OUT.json
-    python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --autoguidance 2=6,3=5 -- \
+    python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --autoguidance 2=6,3=5 -- \\
         diagnose --class-guidance 1=1,2=1,3=1 --out OUT.json
 
 ``runs/stage2.safetensors`` is the stage-2 file: ``git show 9734c85:src/napari_iscat_diffusion/models/
@@ -156,8 +156,9 @@ def main() -> int:
         parser.error(
             f"the command after -- must be 'evaluate', 'calibrate' or 'diagnose', got {' '.join(command) or 'nothing'}"
         )
-    if not math.isfinite(args.autoguidance_low):
-        parser.error("--autoguidance-low must be a finite noise level")
+    for option in ("autoguidance_low", "background_cfg_below"):
+        if not math.isfinite(getattr(args, option)):
+            parser.error(f"--{option.replace('_', '-')} must be a finite noise level")
     guided_denoiser, bind = autoguided_denoiser_factory(
         load_checkpoint(args.guide),
         parse_class_guidance(args.autoguidance),
