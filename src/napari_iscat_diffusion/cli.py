@@ -578,7 +578,8 @@ def _measurement_options(args: argparse.Namespace) -> dict:
 
 
 def _evaluation_summary(metrics: dict) -> str:
-    """Per class F1 and peak-contrast distance (with the reference floor) and the C2ST accuracy, a line each."""
+    """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor) and
+    the C2ST accuracy, a line each."""
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -589,6 +590,7 @@ def _evaluation_summary(metrics: dict) -> str:
     lines = [
         f"class {k}: F1 {number(fidelity[k]['f1']) if k in fidelity else '-'}, "
         f"contrast W/spread {number(contrast[k]['relative_to_spread'])} "
+        f"+- {number(contrast[k].get('relative_to_spread_se'))} "
         f"(two simulator sets: {number(floor.get(k, {}).get('relative_to_spread'))})"
         for k in contrast
     ]

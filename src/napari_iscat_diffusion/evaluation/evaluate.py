@@ -34,6 +34,7 @@ from .statistics import (
     distribution_distance,
     peak_contrasts,
     radial_power_spectrum,
+    relative_distance_standard_error,
     spectrum_distance,
 )
 
@@ -109,15 +110,22 @@ def fidelity(
 
 
 def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: float) -> dict[str, Any]:
-    """Peak contrast per class (Wasserstein distance), background noise and radial power spectrum distance."""
+    """Peak contrast per class (Wasserstein distance, with its bootstrap standard error over images
+    ``relative_to_spread_se``), background noise and radial power spectrum distance."""
 
-    def contrasts(images: ImageSet) -> dict[int, np.ndarray]:
-        values: dict[int, list[np.ndarray]] = {}
-        for image, blobs in zip(images.images, images.particles, strict=True):
-            measured = peak_contrasts(image, blobs.positions, psf_radius_px)
-            for k in np.unique(blobs.labels):
-                values.setdefault(int(k), []).append(measured[blobs.labels == k])
-        return {k: np.concatenate(v) for k, v in values.items()}
+    def contrasts(images: ImageSet) -> dict[int, list[np.ndarray]]:
+        """Per class, the peak contrasts of each image (empty where an image has none of that class)."""
+        measured = [
+            (peak_contrasts(image, blobs.positions, psf_radius_px), blobs.labels)
+            for image, blobs in zip(images.images, images.particles, strict=True)
+        ]
+        classes = {int(k) for _, labels in measured for k in np.unique(labels)}
+        return {k: [values[labels == k] for values, labels in measured] for k in classes}
+
+    def contrast_distance(generated_values: list[np.ndarray], reference_values: list[np.ndarray]) -> dict[str, Any]:
+        distance = distribution_distance(np.concatenate(generated_values), np.concatenate(reference_values))
+        se = relative_distance_standard_error(generated_values, reference_values)
+        return {**distance, "relative_to_spread_se": se}
 
     def noise(images: ImageSet) -> float:
         return float(
@@ -131,13 +139,13 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
 
     gen_contrast, ref_contrast = contrasts(generated), contrasts(reference)
     classes = sorted(set(gen_contrast) | set(ref_contrast))
-    empty = np.zeros(0)
+    no_values = [np.zeros(0)]
     gen_noise, ref_noise = noise(generated), noise(reference)
     frequencies, gen_power = radial_power_spectrum(generated.images)
     _, ref_power = radial_power_spectrum(reference.images)
     return {
         "peak_contrast": {
-            str(k): distribution_distance(gen_contrast.get(k, empty), ref_contrast.get(k, empty)) for k in classes
+            str(k): contrast_distance(gen_contrast.get(k, no_values), ref_contrast.get(k, no_values)) for k in classes
         },
         "background_noise": {"generated": gen_noise, "reference": ref_noise, "ratio": gen_noise / ref_noise},
         "power_spectrum": {
