@@ -5,13 +5,20 @@ Generates the evaluation's held-out masks (``evaluate_model``'s seeds, so the im
 the classifier two-sample test against the simulator's images on views that keep one kind of
 information each: the images as they are; the fine texture (the image minus its Gaussian blur of
 ``--sigma`` px); the coarse structure (the blur); the background only (pixels within ``--radius`` PSF
-radii of a mask blob set to 0 in both sets); the particles only (everything else set to 0). A view the
-classifier still wins on holds the difference. Also runs the test between two simulator sets (the
-chance level). Writes ``benchmarks/results/c2st_diagnosis.json`` with the machine's description.
+radii of a mask blob set to 0 in both sets); the particles only (everything else set to 0); the
+background's fine texture; each image over its own standard deviation (what is left without the images'
+noise levels); the images transposed (rows and columns swapped in the generated and the second simulator
+set only: the simulator's column noise has a direction). A view the classifier still wins on holds the
+difference. Also runs the test between two simulator sets (the chance level), and on the generated images
+with the simulator's column gains added (``column_noise``: what the test gives if only the camera's
+column pattern were missing). Writes ``benchmarks/results/c2st_diagnosis.json`` with the machine's
+description. ``--save-images`` keeps the generated images (.npy) and ``--images`` reads them back instead
+of generating (same ``--n`` and ``--size``; the description says which file).
 
     python benchmarks/diagnose_c2st.py --n 288            # bundled model, 128x128
     python benchmarks/diagnose_c2st.py --sampler dpmpp_2m --steps 20 --out OUT.json
     python benchmarks/diagnose_c2st.py --class-guidance 1=1,2=2,3=2 --out OUT.json
+    python benchmarks/diagnose_c2st.py --n 864 --save-images runs/generated_864.npy --out OUT.json
     python benchmarks/diagnose_c2st.py --quick            # tiny untrained network, 8 masks of 32 px
 """
 
@@ -41,13 +48,23 @@ def views(images: np.ndarray, masks: np.ndarray, sigma_px: float, radius_px: flo
     background only and particles only (``radius_px`` around the mask's blobs)."""
     blurred = np.stack([ndimage.gaussian_filter(image, sigma_px) for image in images])
     near = np.stack([ndimage.distance_transform_edt(mask == 0) <= radius_px for mask in masks])
+    centred = images - images.mean(axis=(1, 2), keepdims=True)
     return {
         "as is": images,
         f"fine texture (minus blur of {sigma_px:g} px)": images - blurred,
         f"coarse structure (blur of {sigma_px:g} px)": blurred,
         f"background only (> {radius_px:.1f} px from blobs)": np.where(near, 0.0, images).astype(np.float32),
         f"particles only (<= {radius_px:.1f} px from blobs)": np.where(near, images, 0.0).astype(np.float32),
+        "background fine texture": np.where(near, 0.0, images - blurred).astype(np.float32),
+        "each image over its own std": (centred / centred.std(axis=(1, 2), keepdims=True)).astype(np.float32),
     }
+
+
+def with_column_gains(images: np.ndarray, column_noise: float, seed: int = 0) -> np.ndarray:
+    """Contrast images (N, H, W) as a camera with column gains ``1 + column_noise * N(0, 1)`` would record
+    them (the simulator's fixed-pattern noise): ``(1 + image) * gain - 1`` per column."""
+    gains = 1 + column_noise * np.random.default_rng(seed).standard_normal((images.shape[0], 1, images.shape[2]))
+    return ((1 + images.astype(np.float64)) * gains - 1).astype(np.float32)
 
 
 def main() -> None:
@@ -66,6 +83,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint [bundled]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--save-images", type=Path, default=None, help="write the generated images here (.npy)")
+    parser.add_argument("--images", type=Path, default=None, help="generated images (.npy) to test instead")
     args = parser.parse_args()
     n, size = (8, 32) if args.quick else (args.n, args.size)
     device = resolve_device(args.device)
@@ -77,11 +96,26 @@ def main() -> None:
     options = {"sampler": sampler, "steps": steps, "device": device, "batch_size": 4}
     if args.class_guidance is not None:
         options["class_guidance"] = args.class_guidance
-    generated = generated_images(model, reference.masks, list(range(n)), options, "generate", None)
+    if args.images is not None:
+        generated = np.load(args.images)
+        if generated.shape != reference.images.shape:
+            parser.error(f"--images {args.images}: shape {generated.shape}, expected {reference.images.shape}")
+        description = f"{description}, images of {args.images}"
+    else:
+        generated = generated_images(model, reference.masks, list(range(n)), options, "generate", None)
+    if args.save_images is not None:
+        args.save_images.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_images, generated)
     radius_px = args.radius * detector_settings(params).psf_radius_px
     model_views = views(generated, reference.masks, args.sigma, radius_px)
     reference_views = views(reference.images, reference.masks, args.sigma, radius_px)
     other_views = views(other.images, other.masks, args.sigma, radius_px)
+    for named_views in (model_views, other_views):
+        named_views["transposed"] = np.swapaxes(named_views["as is"], 1, 2).copy()
+    reference_views["transposed"] = reference_views["as is"]
+    model_views["with the simulator's column gains added"] = with_column_gains(generated, params.column_noise)
+    other_views["with the simulator's column gains added"] = other_views["as is"]
+    reference_views["with the simulator's column gains added"] = reference_views["as is"]
     results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps}
     if args.class_guidance is not None:
         results["class_guidance"] = args.class_guidance

@@ -21,6 +21,7 @@ from napari_iscat_diffusion.evaluation.evaluate import compare_image_sets, detec
 from napari_iscat_diffusion.evaluation.statistics import (
     background_noise,
     distribution_distance,
+    line_pattern,
     peak_contrasts,
     radial_power_spectrum,
     relative_distance_standard_error,
@@ -146,6 +147,19 @@ def test_peak_contrast_and_background_noise_on_known_images():
     assert background_noise(image, np.array([(30.0, 40.0)]), 4.0) == pytest.approx(3e-3, rel=0.1)
 
 
+def test_line_pattern_sees_column_offsets_and_their_direction():
+    rng = np.random.default_rng(3)
+    particle = np.array([(30.0, 40.0)])
+    noise = 3e-3 * rng.standard_normal((96, 96))
+    columns, rows = line_pattern(noise, particle, 4.0)
+    assert columns == pytest.approx(rows, rel=0.3)
+    assert columns == pytest.approx(3e-3 / np.sqrt(96), rel=0.3)  # means of ~90 pixels of white noise
+    striped = noise + 1e-3 * rng.standard_normal((1, 96))
+    columns, rows = line_pattern(striped, particle, 4.0)
+    assert columns > 2.5 * rows
+    assert line_pattern(striped.T, particle[:, ::-1], 4.0) == pytest.approx((rows, columns))
+
+
 def test_power_spectrum_and_distance():
     rng = np.random.default_rng(2)
     noise = rng.standard_normal((8, 64, 64))
@@ -219,6 +233,14 @@ def test_simulator_against_itself_and_against_brighter_particles():
     assert 0 < same["physics"]["peak_contrast"]["1"]["relative_to_spread_se"] < 0.25
     assert same["physics"]["power_spectrum"]["distance_decades"] < 0.05
     assert 0.9 < same["physics"]["background_noise"]["ratio"] < 1.1
+    assert 0.85 < same["physics"]["line_pattern"]["columns"]["ratio"] < 1.15
+    camera = SimulationParameters(**single, column_noise=1.5e-3)  # three times the default column gains' spread
+    no_columns = SimulationParameters(**single, column_noise=0.0)
+    plain = compare_image_sets(
+        simulated_set(no_columns, 24, seed=7_000_000), simulated_set(camera, 24), camera, c2st=False
+    )
+    assert plain["physics"]["line_pattern"]["columns"]["ratio"] < 0.6  # the camera's column pattern is missing
+    assert 0.85 < plain["physics"]["line_pattern"]["rows"]["ratio"] < 1.15
     brighter = SimulationParameters(**single, contrast_scale=1.3)
     different = compare_image_sets(simulated_set(brighter, 24, seed=7_000_000), reference, params, c2st=False)
     assert different["physics"]["peak_contrast"]["1"]["relative_to_spread"] > 0.3

@@ -578,8 +578,8 @@ def _measurement_options(args: argparse.Namespace) -> dict:
 
 
 def _evaluation_summary(metrics: dict) -> str:
-    """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor) and
-    the C2ST accuracy, a line each."""
+    """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor), the
+    background's noise and line-pattern ratios, and the C2ST accuracy, a line each."""
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -594,6 +594,19 @@ def _evaluation_summary(metrics: dict) -> str:
         f"(two simulator sets: {number(floor.get(k, {}).get('relative_to_spread'))})"
         for k in contrast
     ]
+    physics, floor_physics = metrics["physics"], metrics["reference_floor"]
+    ratios = [("noise", physics["background_noise"], floor_physics["background_noise"])]
+    ratios += [
+        (f"{name} pattern", physics["line_pattern"][name], floor_physics["line_pattern"][name])
+        for name in ("columns", "rows")
+    ]
+    lines.append(
+        "background / simulator: "
+        + ", ".join(
+            f"{label} {number(ours['ratio'])} (two simulator sets: {number(chance['ratio'])})"
+            for label, ours, chance in ratios
+        )
+    )
     if "c2st" in metrics:
         chance = metrics["reference_floor"].get("c2st")
         chance_text = "0.5: indistinguishable" if chance is None else f"two simulator sets: {chance['accuracy']:.3f}"

@@ -32,6 +32,7 @@ from .matching import MaskParticles, fidelity_scores, mask_particles, match_imag
 from .statistics import (
     background_noise,
     distribution_distance,
+    line_pattern,
     peak_contrasts,
     radial_power_spectrum,
     relative_distance_standard_error,
@@ -111,7 +112,8 @@ def fidelity(
 
 def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: float) -> dict[str, Any]:
     """Peak contrast per class (Wasserstein distance, with its bootstrap standard error over images
-    ``relative_to_spread_se``), background noise and radial power spectrum distance."""
+    ``relative_to_spread_se``), background noise, line pattern (columns and rows) and radial power spectrum
+    distance."""
 
     def contrasts(images: ImageSet) -> dict[int, list[np.ndarray]]:
         """Per class, the peak contrasts of each image (empty where an image has none of that class)."""
@@ -137,10 +139,17 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
             )
         )
 
+    def lines(images: ImageSet) -> np.ndarray:
+        return np.median(
+            [line_pattern(i, b.positions, psf_radius_px) for i, b in zip(images.images, images.particles, strict=True)],
+            axis=0,
+        )
+
     gen_contrast, ref_contrast = contrasts(generated), contrasts(reference)
     classes = sorted(set(gen_contrast) | set(ref_contrast))
     no_values = [np.zeros(0)]
     gen_noise, ref_noise = noise(generated), noise(reference)
+    gen_lines, ref_lines = lines(generated), lines(reference)
     frequencies, gen_power = radial_power_spectrum(generated.images)
     _, ref_power = radial_power_spectrum(reference.images)
     return {
@@ -148,6 +157,10 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
             str(k): contrast_distance(gen_contrast.get(k, no_values), ref_contrast.get(k, no_values)) for k in classes
         },
         "background_noise": {"generated": gen_noise, "reference": ref_noise, "ratio": gen_noise / ref_noise},
+        "line_pattern": {
+            name: {"generated": float(g), "reference": float(r), "ratio": float(g / r)}
+            for name, g, r in zip(("columns", "rows"), gen_lines, ref_lines, strict=True)
+        },
         "power_spectrum": {
             "distance_decades": spectrum_distance(gen_power, ref_power),
             "frequency_cycles_per_px": frequencies.tolist(),
@@ -175,6 +188,7 @@ def reference_floor(
         "seeds": f"{seed}..{seed + len(reference.images) - 1}",
         "peak_contrast": stats["peak_contrast"],
         "background_noise": stats["background_noise"],
+        "line_pattern": stats["line_pattern"],
         "spectrum_distance_decades": stats["power_spectrum"]["distance_decades"],
     }
     if c2st_seed is not None:

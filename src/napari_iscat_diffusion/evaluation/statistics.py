@@ -4,6 +4,8 @@
   PSF radius of its centre (contrast units; the sign of an iSCAT particle depends on its phase, so the
   magnitude is what encodes its size);
 - background noise: robust standard deviation of the background-subtracted image away from particles;
+- line pattern: standard deviation of the column means and of the row means of that background (a
+  camera's fixed-pattern noise runs along its columns, so in camera images the first exceeds the second);
 - radial power spectrum: the azimuthally averaged ``|FFT|^2`` of the Hann-windowed images.
 
 Distances between peak-contrast distributions come with a bootstrap standard error over images: the
@@ -52,6 +54,24 @@ def background_noise(image: np.ndarray, positions: np.ndarray, psf_radius_px: fl
     if away.sum() < 16:
         raise ValueError("background_noise: fewer than 16 pixels are away from the particles; use larger images")
     return robust_std(flat[away])
+
+
+def line_pattern(image: np.ndarray, positions: np.ndarray, psf_radius_px: float) -> tuple[float, float]:
+    """Std (image units) of the column means and of the row means of the background-subtracted image, pixels
+    within 3 PSF radii of a particle left out (lines with fewer than a quarter of their pixels left are
+    skipped). Shot noise and speckle give both the same size; column fixed-pattern noise raises the first."""
+    flat = subtract_background(image, psf_radius_px)
+    away = _distance_to_nearest(flat.shape, positions) > _BACKGROUND_EXCLUSION * psf_radius_px
+
+    def profile_std(axis: int) -> float:
+        counts = away.sum(axis=axis)
+        usable = counts >= away.shape[axis] / 4
+        if usable.sum() < 4:
+            raise ValueError("line_pattern: fewer than 4 lines are mostly away from the particles; use larger images")
+        means = np.where(away, flat, 0.0).sum(axis=axis)[usable] / counts[usable]
+        return float(np.std(means))
+
+    return profile_std(0), profile_std(1)
 
 
 def radial_power_spectrum(images: np.ndarray, num_bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
