@@ -45,7 +45,8 @@ from napari_iscat_diffusion.evaluation.evaluate import (
 
 def views(images: np.ndarray, masks: np.ndarray, sigma_px: float, radius_px: float) -> dict[str, np.ndarray]:
     """The views of images (N, H, W) that the test compares: as they are, fine texture, coarse structure,
-    background only and particles only (``radius_px`` around the mask's blobs)."""
+    background only and particles only (``radius_px`` around the mask's blobs), the background's fine
+    texture, and each image over its own std."""
     blurred = np.stack([ndimage.gaussian_filter(image, sigma_px) for image in images])
     near = np.stack([ndimage.distance_transform_edt(mask == 0) <= radius_px for mask in masks])
     centred = images - images.mean(axis=(1, 2), keepdims=True)

@@ -35,6 +35,12 @@ def _distance_to_nearest(shape: tuple[int, int], positions: np.ndarray) -> np.nd
     return nearest
 
 
+def _background(image: np.ndarray, positions: np.ndarray, psf_radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """The background-subtracted image and where it is more than 3 PSF radii from every particle (bool)."""
+    flat = subtract_background(image, psf_radius_px)
+    return flat, _distance_to_nearest(flat.shape, positions) > _BACKGROUND_EXCLUSION * psf_radius_px
+
+
 def peak_contrasts(image: np.ndarray, positions: np.ndarray, psf_radius_px: float) -> np.ndarray:
     """Peak contrast magnitude (image units) of each particle at ``positions`` (n, 2) (y, x px): the largest
     ``|image - smooth background|`` within one PSF radius of the centre."""
@@ -49,8 +55,7 @@ def peak_contrasts(image: np.ndarray, positions: np.ndarray, psf_radius_px: floa
 
 def background_noise(image: np.ndarray, positions: np.ndarray, psf_radius_px: float) -> float:
     """Robust std (image units) of the background-subtracted image more than 3 PSF radii from every particle."""
-    flat = subtract_background(image, psf_radius_px)
-    away = _distance_to_nearest(flat.shape, positions) > _BACKGROUND_EXCLUSION * psf_radius_px
+    flat, away = _background(image, positions, psf_radius_px)
     if away.sum() < 16:
         raise ValueError("background_noise: fewer than 16 pixels are away from the particles; use larger images")
     return robust_std(flat[away])
@@ -60,8 +65,7 @@ def line_pattern(image: np.ndarray, positions: np.ndarray, psf_radius_px: float)
     """Std (image units) of the column means and of the row means of the background-subtracted image, pixels
     within 3 PSF radii of a particle left out (lines with fewer than a quarter of their pixels left are
     skipped). Shot noise and speckle give both the same size; column fixed-pattern noise raises the first."""
-    flat = subtract_background(image, psf_radius_px)
-    away = _distance_to_nearest(flat.shape, positions) > _BACKGROUND_EXCLUSION * psf_radius_px
+    flat, away = _background(image, positions, psf_radius_px)
 
     def profile_std(axis: int) -> float:
         counts = away.sum(axis=axis)
