@@ -13,12 +13,16 @@ difference. Also runs the test between two simulator sets (the chance level), an
 with the simulator's column gains added (``column_noise``: what the test gives if only the camera's
 column pattern were missing). Writes ``benchmarks/results/c2st_diagnosis.json`` with the machine's
 description. ``--save-images`` keeps the generated images (.npy) and ``--images`` reads them back instead
-of generating (same ``--n`` and ``--size``; the description says which file).
+of generating (same ``--n`` and ``--size``; the description says which file). ``--classifier-seeds K``
+repeats each test with K classifier seeds (split, initialisation, batches) and reports their mean and
+range: the test's own variance; ``--views`` limits the run to the views whose names start with the
+given prefixes.
 
     python benchmarks/diagnose_c2st.py --n 288            # bundled model, 128x128
     python benchmarks/diagnose_c2st.py --sampler dpmpp_2m --steps 20 --out OUT.json
     python benchmarks/diagnose_c2st.py --class-guidance 1=1,2=2,3=2 --out OUT.json
     python benchmarks/diagnose_c2st.py --n 864 --save-images runs/generated_864.npy --out OUT.json
+    python benchmarks/diagnose_c2st.py --n 864 --images runs/generated_864.npy --views "as is" --classifier-seeds 5
     python benchmarks/diagnose_c2st.py --quick            # tiny untrained network, 8 masks of 32 px
 """
 
@@ -68,6 +72,23 @@ def with_column_gains(images: np.ndarray, column_noise: float, seed: int = 0) ->
     return ((1 + images.astype(np.float64)) * gains - 1).astype(np.float32)
 
 
+def seeded_tests(generated: np.ndarray, reference: np.ndarray, seed: int) -> dict[str, float | int]:
+    """The two-sample test of two image sets (N, H, W) with one classifier seed, as a JSON-ready dict."""
+    return classifier_two_sample_test(generated, reference, seed=seed).to_dict()
+
+
+def seed_spread(tests: list[dict[str, float | int]]) -> dict[str, float | list[float]]:
+    """Accuracies of one test repeated with several classifier seeds: each, their mean, std, min and max."""
+    accuracies = [float(test["accuracy"]) for test in tests]
+    return {
+        "accuracies": accuracies,
+        "mean": float(np.mean(accuracies)),
+        "std": float(np.std(accuracies, ddof=1)),
+        "min": min(accuracies),
+        "max": max(accuracies),
+    }
+
+
 def main() -> None:
     """Generate, run the test on each view, print and save the accuracies."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,6 +107,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--save-images", type=Path, default=None, help="write the generated images here (.npy)")
     parser.add_argument("--images", type=Path, default=None, help="generated images (.npy) to test instead")
+    parser.add_argument("--classifier-seeds", type=int, default=1, help="classifier seeds per test [1]")
+    parser.add_argument(
+        "--views", type=lambda text: text.split(","), default=None, help="comma-separated view name prefixes [all]"
+    )
     args = parser.parse_args()
     n, size = (8, 32) if args.quick else (args.n, args.size)
     device = resolve_device(args.device)
@@ -117,19 +142,34 @@ def main() -> None:
     model_views["with the simulator's column gains added"] = with_column_gains(generated, params.column_noise)
     other_views["with the simulator's column gains added"] = other_views["as is"]
     reference_views["with the simulator's column gains added"] = reference_views["as is"]
-    results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps}
+    if args.classifier_seeds < 1:
+        parser.error("--classifier-seeds must be at least 1")
+    names = [name for name in model_views if args.views is None or name.startswith(tuple(args.views))]
+    if not names:
+        parser.error(f"--views {','.join(args.views)}: no view starts with these; views: {', '.join(model_views)}")
+    seeds = list(range(args.classifier_seeds))
+    results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps, "seeds": seeds}
     if args.class_guidance is not None:
         results["class_guidance"] = args.class_guidance
     results["views"] = {}
     print(f"{description}, {n} masks of {size} px, {steps} {sampler} steps: C2ST accuracy (95 % interval)")
-    for name in model_views:
-        against_model = classifier_two_sample_test(model_views[name], reference_views[name]).to_dict()
-        chance = classifier_two_sample_test(other_views[name], reference_views[name]).to_dict()
-        results["views"][name] = {"model": against_model, "two_simulator_sets": chance}
-        print(
-            f"  {name}: model {against_model['accuracy']:.3f} ({against_model['ci_low']:.2f}-"
-            f"{against_model['ci_high']:.2f}), two simulator sets {chance['accuracy']:.3f}"
+    for name in names:
+        against_model = [seeded_tests(model_views[name], reference_views[name], seed) for seed in seeds]
+        chance = [seeded_tests(other_views[name], reference_views[name], seed) for seed in seeds]
+        results["views"][name] = {"model": against_model[0], "two_simulator_sets": chance[0]}
+        line = (
+            f"  {name}: model {against_model[0]['accuracy']:.3f} ({against_model[0]['ci_low']:.2f}-"
+            f"{against_model[0]['ci_high']:.2f}), two simulator sets {chance[0]['accuracy']:.3f}"
         )
+        if len(seeds) > 1:
+            model_spread, chance_spread = seed_spread(against_model), seed_spread(chance)
+            results["views"][name]["over_seeds"] = {"model": model_spread, "two_simulator_sets": chance_spread}
+            line += (
+                f"; over {len(seeds)} classifier seeds: model {model_spread['mean']:.3f} "
+                f"({model_spread['min']:.2f}-{model_spread['max']:.2f}), two simulator sets "
+                f"{chance_spread['mean']:.3f} ({chance_spread['min']:.2f}-{chance_spread['max']:.2f})"
+            )
+        print(line)
     write_results("c2st_diagnosis", machine_info(device), results, args.out)
 
 
