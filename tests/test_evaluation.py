@@ -17,6 +17,7 @@ from napari_iscat_diffusion.evaluation import (
     simulated_set,
     wilson_interval,
 )
+from napari_iscat_diffusion.evaluation.c2st import _best_threshold
 from napari_iscat_diffusion.evaluation.evaluate import compare_image_sets, detector_settings
 from napari_iscat_diffusion.evaluation.statistics import (
     background_noise,
@@ -265,6 +266,20 @@ def test_c2st_is_chance_on_one_distribution_and_sure_on_different_ones():
     assert different.accuracy >= 0.85 and different.ci_low > 0.5
     with pytest.raises(ValueError, match="at least 4"):
         classifier_two_sample_test(first[:3], second)
+
+
+def test_c2st_threshold_is_fitted_to_shifted_scores():
+    # Scores of a network trained on crops can all lie on one side of 0 for whole images: the threshold
+    # must follow them, not stay at 0.
+    scores = np.array([3.0, 3.1, 3.4, 3.5, 3.6, 3.2])
+    positive = np.array([False, False, True, True, True, False])
+    assert _best_threshold(scores, positive) == pytest.approx(3.3)
+    assert _best_threshold(scores[::-1].copy(), positive[::-1].copy()) == pytest.approx(3.3)
+    assert np.all(scores > _best_threshold(scores, np.ones(6, bool)))
+    assert not np.any(scores > _best_threshold(scores, np.zeros(6, bool)))
+    overlapping = np.array([False, False, True, False, True, True])  # best: one mistake, above 2 or above 4
+    threshold = _best_threshold(np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), overlapping)
+    assert np.sum((np.arange(1.0, 7.0) > threshold) == overlapping) == 5
 
 
 def test_diversity():
