@@ -259,10 +259,10 @@ def test_c2st_is_chance_on_one_distribution_and_sure_on_different_ones():
     params = SimulationParameters(image_size=(32, 32), particles_per_image=(1, 3))
     first = simulated_set(params, 48, seed=0).images
     second = simulated_set(params, 48, seed=1000).images
-    same = classifier_two_sample_test(first, second, seed=0)
+    same = classifier_two_sample_test(first, second, seed=0, steps=300)
     assert same.ci_low <= 0.5 <= same.ci_high and same.num_test == 48
-    assert classifier_two_sample_test(first, second, seed=0) == same  # deterministic for a seed
-    different = classifier_two_sample_test(first, 2 * second, seed=0)
+    assert classifier_two_sample_test(first, second, seed=0, steps=300) == same  # deterministic for a seed
+    different = classifier_two_sample_test(first, 2 * second, seed=0, steps=300)
     assert different.accuracy >= 0.85 and different.ci_low > 0.5
     with pytest.raises(ValueError, match="at least 4"):
         classifier_two_sample_test(first[:3], second)
