@@ -20,7 +20,7 @@ given prefixes.
 
     python benchmarks/diagnose_c2st.py --n 288            # bundled model, 128x128
     python benchmarks/diagnose_c2st.py --sampler dpmpp_2m --steps 20 --out OUT.json
-    python benchmarks/diagnose_c2st.py --class-guidance 1=1,2=2,3=2 --out OUT.json
+    python benchmarks/diagnose_c2st.py --class-guidance 1=1,2=2,3=2 --guidance 1 --out OUT.json
     python benchmarks/diagnose_c2st.py --n 864 --save-images runs/generated_864.npy --out OUT.json
     python benchmarks/diagnose_c2st.py --n 864 --images runs/generated_864.npy --views "as is" --classifier-seeds 5
     python benchmarks/diagnose_c2st.py --quick            # tiny untrained network, 8 masks of 32 px
@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--sampler", default=None, help="sampler [the model's]")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps [the model's for the sampler]")
     parser.add_argument(
+        "--guidance", type=float, default=None, help="guidance outside the classes' particles [the model's]"
+    )
+    parser.add_argument(
         "--class-guidance", type=parse_class_guidance, default=None, help="per-class scales, e.g. 1=1,2=2 [the model's]"
     )
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint [bundled]")
@@ -122,6 +125,8 @@ def main() -> None:
     options = {"sampler": sampler, "steps": steps, "device": device, "batch_size": 4}
     if args.class_guidance is not None:
         options["class_guidance"] = args.class_guidance
+    if args.guidance is not None:
+        options["guidance"] = args.guidance
     if args.images is not None:
         generated = np.load(args.images)
         if generated.shape != reference.images.shape:
@@ -151,6 +156,8 @@ def main() -> None:
     results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps, "seeds": seeds}
     if args.class_guidance is not None:
         results["class_guidance"] = args.class_guidance
+    if args.guidance is not None:
+        results["guidance"] = args.guidance
     results["views"] = {}
     print(f"{description}, {n} masks of {size} px, {steps} {sampler} steps: C2ST accuracy (95 % interval)")
     for name in names:
