@@ -46,6 +46,9 @@ from napari_iscat_diffusion.evaluation.evaluate import (
     simulation_parameters_for,
 )
 
+TRANSPOSED = "transposed"
+COLUMN_GAINS = "with the simulator's column gains added"
+
 
 def views(images: np.ndarray, masks: np.ndarray, sigma_px: float, radius_px: float) -> dict[str, np.ndarray]:
     """The views of images (N, H, W) that the test compares: as they are, fine texture, coarse structure,
@@ -115,12 +118,20 @@ def main() -> None:
         "--views", type=lambda text: text.split(","), default=None, help="comma-separated view name prefixes [all]"
     )
     args = parser.parse_args()
+    if args.classifier_seeds < 1:
+        parser.error("--classifier-seeds must be at least 1")
     n, size = (8, 32) if args.quick else (args.n, args.size)
     device = resolve_device(args.device)
     model, description = benchmark_model(args.quick, args.model)
     params = simulation_parameters_for(model, size)
     reference = simulated_set(params, n)
     other = simulated_set(params, n, FLOOR_SEED)
+    radius_px = args.radius * detector_settings(params).psf_radius_px
+    # Check --views before generating, which can take many minutes.
+    available = [*views(reference.images[:1], reference.masks[:1], args.sigma, radius_px), TRANSPOSED, COLUMN_GAINS]
+    names = [name for name in available if args.views is None or name.startswith(tuple(args.views))]
+    if not names:
+        parser.error(f"--views {','.join(args.views)}: no view starts with these; views: {', '.join(available)}")
     sampler, steps = model.sampler_and_steps(args.sampler, 2 if args.quick else args.steps)
     options = {"sampler": sampler, "steps": steps, "device": device, "batch_size": 4}
     if args.class_guidance is not None:
@@ -137,21 +148,15 @@ def main() -> None:
     if args.save_images is not None:
         args.save_images.parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_images, generated)
-    radius_px = args.radius * detector_settings(params).psf_radius_px
     model_views = views(generated, reference.masks, args.sigma, radius_px)
     reference_views = views(reference.images, reference.masks, args.sigma, radius_px)
     other_views = views(other.images, other.masks, args.sigma, radius_px)
     for named_views in (model_views, other_views):
-        named_views["transposed"] = np.swapaxes(named_views["as is"], 1, 2).copy()
-    reference_views["transposed"] = reference_views["as is"]
-    model_views["with the simulator's column gains added"] = with_column_gains(generated, params.column_noise)
-    other_views["with the simulator's column gains added"] = other_views["as is"]
-    reference_views["with the simulator's column gains added"] = reference_views["as is"]
-    if args.classifier_seeds < 1:
-        parser.error("--classifier-seeds must be at least 1")
-    names = [name for name in model_views if args.views is None or name.startswith(tuple(args.views))]
-    if not names:
-        parser.error(f"--views {','.join(args.views)}: no view starts with these; views: {', '.join(model_views)}")
+        named_views[TRANSPOSED] = np.swapaxes(named_views["as is"], 1, 2).copy()
+    reference_views[TRANSPOSED] = reference_views["as is"]
+    model_views[COLUMN_GAINS] = with_column_gains(generated, params.column_noise)
+    other_views[COLUMN_GAINS] = other_views["as is"]
+    reference_views[COLUMN_GAINS] = reference_views["as is"]
     seeds = list(range(args.classifier_seeds))
     results = {"model": description, "n": n, "size": size, "sampler": sampler, "steps": steps, "seeds": seeds}
     if args.class_guidance is not None:

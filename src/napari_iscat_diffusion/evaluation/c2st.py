@@ -121,12 +121,13 @@ def classifier_two_sample_test(
     def to_tensor(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((images - centre) / scale).float()[:, None]
 
+    train_images = to_tensor(x_train)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = _classifier()
         _train(
             net,
-            to_tensor(x_train),
+            train_images,
             torch.from_numpy(y_train),
             steps,
             min(crop, *x_train.shape[1:]),
@@ -134,7 +135,7 @@ def classifier_two_sample_test(
             learning_rate,
         )
     with torch.no_grad():
-        threshold = _best_threshold(net(to_tensor(x_train))[:, 0].numpy(), y_train > 0.5)
+        threshold = _best_threshold(net(train_images)[:, 0].numpy(), y_train > 0.5)
         predicted = net(to_tensor(x_test))[:, 0].numpy() > threshold
     correct = int(np.sum(predicted == (y_test > 0.5)))
     low, high = wilson_interval(correct, len(y_test))
