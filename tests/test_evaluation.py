@@ -22,6 +22,7 @@ from napari_iscat_diffusion.evaluation.evaluate import compare_image_sets, detec
 from napari_iscat_diffusion.evaluation.statistics import (
     background_noise,
     distribution_distance,
+    largest_spectrum_ratio,
     line_pattern,
     peak_contrasts,
     radial_power_spectrum,
@@ -171,6 +172,24 @@ def test_power_spectrum_and_distance():
     assert spectrum_distance(radial_power_spectrum(10 * noise)[1], power) == pytest.approx(2.0)  # 100x power
     smooth = np.cumsum(noise, axis=2)  # red noise
     assert spectrum_distance(radial_power_spectrum(smooth)[1], power) > 0.5
+
+
+def test_largest_spectrum_ratio_names_the_band_with_extra_power():
+    rng = np.random.default_rng(4)
+    noise = rng.standard_normal((16, 64, 64))
+    frequencies, power = radial_power_spectrum(noise)
+    # 30 % more power in a ring around 0.2 cycles/px, nothing elsewhere changed.
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(64), np.fft.fftfreq(64), indexing="ij"))
+    ring = np.where(np.abs(radius - 0.2) < 0.02, np.sqrt(1.3), 1.0)
+    boosted = np.real(np.fft.ifft2(np.fft.fft2(noise) * ring))
+    index, ratio = largest_spectrum_ratio(radial_power_spectrum(boosted)[1], power)
+    assert abs(frequencies[index] - 0.2) < 0.02 and ratio == pytest.approx(1.3, rel=0.1)
+    # A deficit counts as much as an excess: half the power everywhere reads 0.5, not the bin nearest 1.
+    assert largest_spectrum_ratio(power / 2, power)[1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="shape"):
+        largest_spectrum_ratio(power[:-1], power)
+    with pytest.raises(ValueError, match="no frequency bin"):
+        largest_spectrum_ratio(np.zeros_like(power), power)
 
 
 def test_distribution_distance_sees_a_scaled_contrast():

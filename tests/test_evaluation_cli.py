@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config
@@ -74,6 +75,9 @@ def test_evaluate_model_returns_every_metric_as_json(tiny_checkpoint):
     floor = result["reference_floor"]
     assert 0.5 < floor["background_noise"]["ratio"] < 2
     assert floor["spectrum_distance_decades"] < result["physics"]["power_spectrum"]["distance_decades"]
+    largest = result["physics"]["power_spectrum"]["largest_ratio"]
+    assert largest["frequency_cycles_per_px"] in result["physics"]["power_spectrum"]["frequency_cycles_per_px"]
+    assert abs(np.log(largest["ratio"])) > abs(np.log(floor["spectrum_largest_ratio"]["ratio"]))
     assert set(floor["peak_contrast"]) <= {"1", "2", "3"} and floor["seeds"].startswith("4000000000..")
     assert floor["c2st"]["num_test"] == 4 and 0 <= floor["c2st"]["accuracy"] <= 1
     assert result["diversity"]["relative"] > 0
@@ -138,6 +142,9 @@ def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
     assert "class 1: F1" in printed and "(two simulator sets: " in printed
     c2st_line = next(line for line in printed.splitlines() if line.startswith("C2ST accuracy"))
     assert "(two simulator sets: " in c2st_line
+    spectrum_line = next(line for line in printed.splitlines() if line.startswith("power spectrum / simulator"))
+    largest = report["metrics"]["physics"]["power_spectrum"]["largest_ratio"]
+    assert f"{largest['frequency_cycles_per_px']:.3f} cycles/px, {largest['ratio']:.3f}" in spectrum_line
     assert main([*args, "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--n", "2", "--out", str(tmp_path / "other.json")]) == 2

@@ -579,7 +579,8 @@ def _measurement_options(args: argparse.Namespace) -> dict:
 
 def _evaluation_summary(metrics: dict) -> str:
     """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor), the
-    background's noise and line-pattern ratios, and the C2ST accuracy, a line each."""
+    background's noise and line-pattern ratios, the power spectrum's largest ratio, and the C2ST accuracy, a line
+    each."""
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -606,6 +607,12 @@ def _evaluation_summary(metrics: dict) -> str:
             f"{label} {number(ours['ratio'])} (two simulator sets: {number(chance['ratio'])})"
             for label, ours, chance in ratios
         )
+    )
+    largest, chance_largest = physics["power_spectrum"]["largest_ratio"], floor_physics["spectrum_largest_ratio"]
+    lines.append(
+        f"power spectrum / simulator: farthest from 1 at {largest['frequency_cycles_per_px']:.3f} cycles/px, "
+        f"{number(largest['ratio'])} (two simulator sets: {number(chance_largest['ratio'])} at "
+        f"{chance_largest['frequency_cycles_per_px']:.3f})"
     )
     if "c2st" in metrics:
         chance = metrics["reference_floor"].get("c2st")

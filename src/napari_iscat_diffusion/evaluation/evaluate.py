@@ -32,6 +32,7 @@ from .matching import MaskParticles, fidelity_scores, mask_particles, match_imag
 from .statistics import (
     background_noise,
     distribution_distance,
+    largest_spectrum_ratio,
     line_pattern,
     peak_contrasts,
     radial_power_spectrum,
@@ -112,8 +113,8 @@ def fidelity(
 
 def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: float) -> dict[str, Any]:
     """Peak contrast per class (Wasserstein distance, with its bootstrap standard error over images
-    ``relative_to_spread_se``), background noise, line pattern (columns and rows) and radial power spectrum
-    distance."""
+    ``relative_to_spread_se``), background noise, line pattern (columns and rows), radial power spectrum
+    distance and the frequency where the two spectra differ most (``largest_ratio``)."""
 
     def contrasts(images: ImageSet) -> dict[int, list[np.ndarray]]:
         """Per class, the peak contrasts of each image (empty where an image has none of that class)."""
@@ -152,6 +153,7 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
     gen_lines, ref_lines = lines(generated), lines(reference)
     frequencies, gen_power = radial_power_spectrum(generated.images)
     _, ref_power = radial_power_spectrum(reference.images)
+    worst_bin, worst_ratio = largest_spectrum_ratio(gen_power, ref_power)
     return {
         "peak_contrast": {
             str(k): contrast_distance(gen_contrast.get(k, no_values), ref_contrast.get(k, no_values)) for k in classes
@@ -163,6 +165,7 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
         },
         "power_spectrum": {
             "distance_decades": spectrum_distance(gen_power, ref_power),
+            "largest_ratio": {"frequency_cycles_per_px": float(frequencies[worst_bin]), "ratio": worst_ratio},
             "frequency_cycles_per_px": frequencies.tolist(),
             "generated": gen_power.tolist(),
             "reference": ref_power.tolist(),
@@ -180,8 +183,9 @@ def reference_floor(
     """Physics statistics of a second, independent simulator set (masks and images from seeds ``seed``, ...)
     against ``reference``: the values that sampling alone gives at this number of images, so that a model's
     distance reads against the smallest one it could reach (peak contrast per class, background noise
-    ratio, spectrum distance in decades). With ``c2st_seed`` also the two-sample classifier's accuracy
-    between the two simulator sets (``c2st``, trained with that seed), its chance level at this size."""
+    ratio, spectrum distance in decades and largest spectrum ratio). With ``c2st_seed`` also the two-sample
+    classifier's accuracy between the two simulator sets (``c2st``, trained with that seed), its chance level
+    at this size."""
     other = simulated_set(params, len(reference.images), seed)
     stats = physics_statistics(other, reference, detector_settings(params).psf_radius_px)
     out = {
@@ -190,6 +194,7 @@ def reference_floor(
         "background_noise": stats["background_noise"],
         "line_pattern": stats["line_pattern"],
         "spectrum_distance_decades": stats["power_spectrum"]["distance_decades"],
+        "spectrum_largest_ratio": stats["power_spectrum"]["largest_ratio"],
     }
     if c2st_seed is not None:
         out["c2st"] = classifier_two_sample_test(other.images, reference.images, seed=c2st_seed).to_dict()

@@ -112,6 +112,22 @@ def spectrum_distance(power: np.ndarray, reference_power: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.log10(power[usable] / reference_power[usable]) ** 2)))
 
 
+def largest_spectrum_ratio(power: np.ndarray, reference_power: np.ndarray) -> tuple[int, float]:
+    """The frequency bin where ``power / reference_power`` lies farthest from 1 in log terms: (bin index, ratio).
+
+    The spectrum distance averages over all bins; this names the band a texture is most wrong in (a ratio
+    of 1.15 at 0.2 cycles/px is 15 % too much power at a 5 px period)."""
+    power, reference_power = np.asarray(power, np.float64), np.asarray(reference_power, np.float64)
+    if power.shape != reference_power.shape:
+        raise ValueError(f"spectra differ in shape: {power.shape} and {reference_power.shape}")
+    usable = np.flatnonzero((power > 0) & (reference_power > 0))
+    if usable.size == 0:
+        raise ValueError("largest_spectrum_ratio: no frequency bin has power in both spectra")
+    ratios = power[usable] / reference_power[usable]
+    worst = int(np.argmax(np.abs(np.log(ratios))))
+    return int(usable[worst]), float(ratios[worst])
+
+
 def distribution_distance(values: np.ndarray, reference: np.ndarray) -> dict[str, float | int | None]:
     """Wasserstein-1 distance between two samples (same units as the values), relative to the reference's
     spread (std) and median, with both medians and ``range_ratio``, the 10-90 % range of the values over that of
