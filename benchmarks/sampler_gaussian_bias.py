@@ -5,13 +5,14 @@ probability-flow ODE keeps every marginal exact, so a sampler that starts from t
 the grid's first sigma should end with variance P. What it ends with instead is its discretisation error
 on the part of an image that is close to Gaussian: an iSCAT background (shot noise and speckle) is, each
 spatial frequency with its own P. The samplers here are linear in x for a linear denoiser, so the
-output's variance is computed exactly (no random numbers): ``variance ratio = output^2 / P`` for a unit
-start scaled to the exact marginal.
+output's variance is computed exactly (``grid_fit.gaussian_variance_ratios``, no random numbers). Each
+sampler runs on its plain grid (log-SNR from the checkpoint's start), DPM-Solver++ 2M also on the grid
+fitted to the density range (``grid_fit.fitted_sigmas``).
 
 P is in the model's normalised units. For the bundled model's training data the spectral density runs
 from about 0.45 (the white shot-noise floor above 0.2 cycles/px) to about 100 (particles and speckle at
 low frequencies), so the default range 0.3-1500 covers it with room. Prints the smallest and largest
-variance ratio over that range for each sampler and step count, and writes
+variance ratio over that range for each sampler, grid and step count, and writes
 ``benchmarks/results/sampler_gaussian_bias.json`` with the machine's description.
 
     python benchmarks/sampler_gaussian_bias.py
@@ -24,28 +25,13 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common import benchmark_model, machine_info, write_results
 from napari_iscat_diffusion.diffusion import get_sampler
+from napari_iscat_diffusion.diffusion.grid_fit import fitted_sigmas, gaussian_variance_ratios
+from napari_iscat_diffusion.diffusion.samplers import sampling_sigmas
 
-# Samplers that add no noise of their own: their output is a fixed linear function of the start.
-DETERMINISTIC = ("ddim", "dpmpp_2m", "euler", "heun")
-
-
-def variance_ratios(sampler: str, sigmas: torch.Tensor, densities: np.ndarray) -> np.ndarray:
-    """Output variance over P for Gaussian data of each variance in ``densities`` (P, model units^2), sampled
-    by ``sampler`` on the grid ``sigmas`` (descending, ending at 0) with the exact denoiser. 1 = exact."""
-    if sampler not in DETERMINISTIC:
-        raise ValueError(f"{sampler!r} adds noise of its own; choose from {', '.join(DETERMINISTIC)}")
-    variance = torch.as_tensor(densities, dtype=torch.float64).reshape(-1, 1, 1, 1)
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return variance / (variance + sigma.reshape(-1, 1, 1, 1) ** 2) * x
-
-    start = (variance + float(sigmas[0]) ** 2).sqrt()
-    out = get_sampler(sampler).function(denoise, start, sigmas.to(torch.float64))
-    return (out**2 / variance).reshape(-1).numpy()
+DETERMINISTIC = ("dpmpp_2m", "euler", "heun")
 
 
 def main() -> None:
@@ -66,27 +52,31 @@ def main() -> None:
     densities = np.geomspace(low, high, 41)
     results = {"model": description, "densities": densities.tolist(), "samplers": {}}
     print(f"{description}: output variance / data variance for Gaussian data of variance {low:g}-{high:g}")
+    sigma_min, sigma_max = model.schedule.sigma_min, model.sampling_sigma_max
     for sampler in args.samplers:
         rows = []
         for steps in args.steps:
-            sigmas = model.sampling_sigmas(sampler, steps)
-            ratios = variance_ratios(sampler, sigmas, densities)
+            grids = {"plain": sampling_sigmas(sampler, steps, sigma_min, sigma_max)}
+            if sampler == "dpmpp_2m":
+                grids["fitted"] = fitted_sigmas(steps, sigma_min, sigma_max, (low, high))
             evaluations = steps * get_sampler(sampler).evals_per_step
-            rows.append(
-                {
-                    "steps": steps,
-                    "network_evaluations": evaluations,
-                    "sigma_start": float(sigmas[0]),
-                    "sigma_last_nonzero": float(sigmas[-2]),
-                    "min": float(ratios.min()),
-                    "max": float(ratios.max()),
-                    "ratios": ratios.tolist(),
-                }
-            )
-            print(
-                f"  {sampler:9s} {steps:3d} steps ({evaluations:3d} evaluations, sigma {float(sigmas[0]):g} to "
-                f"{float(sigmas[-2]):.3g}, then 0): {ratios.min():.3f}-{ratios.max():.3f}"
-            )
+            for grid, sigmas in grids.items():
+                ratios = gaussian_variance_ratios(sampler, sigmas, densities)
+                rows.append(
+                    {
+                        "steps": steps,
+                        "grid": grid,
+                        "network_evaluations": evaluations,
+                        "sigmas": sigmas.tolist(),
+                        "min": float(ratios.min()),
+                        "max": float(ratios.max()),
+                        "ratios": ratios.tolist(),
+                    }
+                )
+                print(
+                    f"  {sampler:9s} {steps:3d} steps ({evaluations:3d} evaluations), {grid} grid from sigma "
+                    f"{float(sigmas[0]):g}: {ratios.min():.3f}-{ratios.max():.3f}"
+                )
         results["samplers"][sampler] = rows
     write_results("sampler_gaussian_bias", machine_info(), results, args.out)
 

@@ -373,6 +373,7 @@ def test_config_round_trip():
     assert minimal.sampling_sigma_max is None and data["sampling_sigma_max"] is None
     assert minimal.default_steps == {} and data["default_steps"] == {}
     assert minimal.default_sampler is None and minimal.sde_sigma_min is None
+    assert minimal.sampling_density_range is None and data["sampling_density_range"] is None
 
 
 def test_the_sampling_sigma_max_round_trips_through_json():
@@ -385,6 +386,13 @@ def test_the_default_sampler_and_sde_sigma_min_round_trip_through_json():
     config = make_config(default_sampler="dpmpp_2m_sde", sde_sigma_min=2)
     data = json.loads(json.dumps(config.to_dict()))
     assert data["default_sampler"] == "dpmpp_2m_sde" and data["sde_sigma_min"] == 2.0
+    assert ModelConfig.from_dict(data) == config
+
+
+def test_the_sampling_density_range_round_trips_through_json():
+    config = make_config(sampling_density_range=[0.3, 1500])
+    data = json.loads(json.dumps(config.to_dict()))
+    assert config.sampling_density_range == (0.3, 1500.0) and data["sampling_density_range"] == [0.3, 1500.0]
     assert ModelConfig.from_dict(data) == config
 
 
@@ -433,6 +441,11 @@ def test_the_guidance_interval_round_trips_through_json(interval, stored, held):
         ({"sampling_sigma_max": 0.0}, "sampling_sigma_max: must be a finite noise level above"),
         ({"sampling_sigma_max": math.inf}, "sampling_sigma_max"),
         ({"sampling_sigma_max": "2000"}, "sampling_sigma_max"),
+        ({"sampling_density_range": (1500.0, 0.3)}, "sampling_density_range: must be two finite numbers 0 < low"),
+        ({"sampling_density_range": (0.0, 10.0)}, "sampling_density_range"),
+        ({"sampling_density_range": (0.3, math.inf)}, "sampling_density_range"),
+        ({"sampling_density_range": 0.3}, "sampling_density_range"),
+        ({"sampling_density_range": ("0.3", "1500")}, "sampling_density_range"),
         ({"default_steps": {"plms": 10}}, "default_steps: unknown sampler(s) ['plms']"),
         ({"default_steps": {"dpmpp_2m": 0}}, "default_steps: dpmpp_2m must be a whole number of steps >= 1"),
         ({"default_steps": {"dpmpp_2m": 10.0}}, "default_steps: dpmpp_2m"),

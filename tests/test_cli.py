@@ -70,6 +70,7 @@ def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
     assert f"DPM-Solver++, Euler and Heun start at sigma {load_checkpoint(path).schedule.sigma_max:g}" in out
     assert "default steps: ddpm 100, ddim 50, dpmpp_2m 20, dpmpp_2m_sde 20, euler 40, heun 20" in out
     assert "default sampler: dpmpp_2m; the SDE samplers add fresh noise on every step" in out
+    assert "DPM-Solver++ 2M sigma grid: log-SNR (no sampling_density_range)" in out
     (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
     assert main(["info", str(tmp_path / "model.pt")]) == 2
     assert "pickle" in capsys.readouterr().err

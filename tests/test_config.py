@@ -94,16 +94,21 @@ def test_the_export_section_sets_the_sampling_and_guidance_defaults(tmp_path: Pa
         "export.sde_sigma_min=2",
         "export.default_class_guidance={1: 1, 2: 2.5}",
         "export.default_guidance_interval=[0, 150]",
+        "export.sampling_density_range=[0.3, 1500]",
     ]
     normalization = {"mean": [0.0], "std": [1.0]}
     exported = build_model_config(load_config(path, overrides), normalization)
     assert exported.sampling_sigma_max == 2000.0 and exported.default_steps == {"dpmpp_2m_sde": 10}
     assert exported.default_sampler == "dpmpp_2m_sde" and exported.sde_sigma_min == 2.0
     assert exported.default_class_guidance == {1: 1.0, 2: 2.5} and exported.default_guidance_interval == (0.0, 150.0)
+    assert exported.sampling_density_range == (0.3, 1500.0)
     plain = build_model_config(load_config(path), normalization)
     assert plain.sampling_sigma_max is None and plain.default_steps == {}
     assert plain.default_sampler is None and plain.sde_sigma_min is None
     assert plain.default_class_guidance == {} and plain.default_guidance_interval is None
+    assert plain.sampling_density_range is None
+    with pytest.raises(ValueError, match="sampling_density_range: must be two finite numbers"):
+        build_model_config(load_config(path, ["export.sampling_density_range=[1500, 0.3]"]), normalization)
     with pytest.raises(ValueError, match="default_steps: unknown sampler"):
         build_model_config(load_config(path, ["export.default_steps={dpm: 10}"]), normalization)
     with pytest.raises(ValueError, match="default_class_guidance: 4 is not a particle class"):

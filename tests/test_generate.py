@@ -17,6 +17,7 @@ from napari_iscat_diffusion.diffusion import (
     load_checkpoint,
     save_checkpoint,
 )
+from napari_iscat_diffusion.diffusion.grid_fit import fitted_sigmas
 from napari_iscat_diffusion.diffusion.guidance import EVERY_NOISE_LEVEL
 from napari_iscat_diffusion.diffusion.samplers import sampling_sigmas
 from napari_iscat_diffusion.diffusion.schedules import linear_schedule
@@ -37,6 +38,7 @@ def _tiny_model(
     default_steps=None,
     default_sampler=None,
     sde_sigma_min=None,
+    density_range=None,
 ):
     unet = tiny_unet_config(image_channels=channels, num_classes=classes)
     torch.manual_seed(0)
@@ -59,10 +61,11 @@ def _tiny_model(
         default_steps=default_steps or {},
         default_sampler=default_sampler,
         sde_sigma_min=sde_sigma_min,
+        sampling_density_range=density_range,
     )
     name = (
         f"tiny-{parameterization}-{channels}-{perturb}-{mean}-{std}-{class_guidance}-{guidance_interval}-{sigma_max}"
-        f"-{sorted((default_steps or {}).items())}-{default_sampler}-{sde_sigma_min}"
+        f"-{sorted((default_steps or {}).items())}-{default_sampler}-{sde_sigma_min}-{density_range}"
     )
     path = tmp_path / f"{name}.safetensors"
     save_checkpoint(path, net, config)
@@ -217,6 +220,21 @@ def test_the_guidance_interval_defaults_to_the_model_value(tmp_path):
     default = generate(mask, limited, steps=4, seed=1)
     assert np.array_equal(default, generate(mask, limited, steps=4, seed=1, guidance_interval=(1.0, 10.0)))
     assert not np.allclose(default, generate(mask, limited, steps=4, seed=1, guidance_interval=EVERY_NOISE_LEVEL))
+
+
+def test_a_model_with_a_density_range_samples_dpmpp_2m_on_the_fitted_grid(tmp_path, model):
+    fitted = _tiny_model(tmp_path, sigma_max=80.0, density_range=(0.5, 50.0))
+    plain = _tiny_model(tmp_path, sigma_max=80.0)
+    assert fitted.sigma_grid("dpmpp_2m") == "fitted" and plain.sigma_grid("dpmpp_2m") == "logsnr"
+    assert fitted.sigma_grid("euler") == "logsnr" and fitted.sigma_grid("dpmpp_2m_sde") == "logsnr"
+    grid = fitted.sampling_sigmas("dpmpp_2m", 6)
+    assert torch.equal(grid, fitted_sigmas(6, fitted.schedule.sigma_min, 80.0, (0.5, 50.0)))
+    assert grid[0] == 80.0 and len(grid) == 7 and not torch.equal(grid, plain.sampling_sigmas("dpmpp_2m", 6))
+    assert torch.equal(fitted.sampling_sigmas("euler", 6), plain.sampling_sigmas("euler", 6))
+    mask = _mask(2)
+    image = generate(mask, fitted, steps=6, seed=1)
+    assert np.array_equal(image, generate(mask, fitted, steps=6, seed=1))
+    assert not np.allclose(image, generate(mask, plain, steps=6, seed=1))
 
 
 def test_the_continuous_sigma_grids_start_at_the_model_sampling_sigma_max(tmp_path, model):

@@ -34,6 +34,7 @@ def build_model_config(
         default_class_guidance=config.export.default_class_guidance,
         default_guidance_interval=config.export.default_guidance_interval,
         sampling_sigma_max=config.export.sampling_sigma_max,
+        sampling_density_range=config.export.sampling_density_range,
         default_steps=config.export.default_steps,
         default_sampler=config.export.default_sampler,
         sde_sigma_min=config.export.sde_sigma_min,

@@ -403,6 +403,13 @@ def _run_info(args: argparse.Namespace) -> int:
         f"default guidance: {model.config.default_guidance:g}, per class: {per_class}, guided noise levels: {interval}"
     )
     print(f"DPM-Solver++, Euler and Heun start at sigma {model.sampling_sigma_max:g}")
+    densities = model.config.sampling_density_range
+    fitted = (
+        "log-SNR (no sampling_density_range)"
+        if densities is None
+        else (f"fitted to Gaussian data of spectral density {densities[0]:g}-{densities[1]:g}")
+    )
+    print(f"DPM-Solver++ 2M sigma grid: {fitted}")
     print("default steps: " + ", ".join(f"{name} {model.default_steps(name)}" for name in SAMPLERS))
     sde = model.config.sde_sigma_min
     noise = "every step" if sde is None else f"steps ending above sigma {sde:g}"

@@ -21,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..diffusion.generate import generate
 from ..diffusion.guidance import format_class_guidance, format_guidance_interval
-from ..diffusion.samplers import SAMPLERS, get_sampler
+from ..diffusion.samplers import SAMPLERS
 from ..io.atomic import atomic_write_text
 from ..iscat.simulate import SimulationParameters, simulate
 from .c2st import classifier_two_sample_test
@@ -308,7 +308,7 @@ def evaluate_model(
         progress: called with (stage, done, total) during generation.
     """
     sampler, steps = model.sampler_and_steps(sampler, steps)
-    info = get_sampler(sampler)
+    grid = model.sigma_grid(sampler)
     params = params or simulation_parameters_for(model, size)
     reference = reference or simulated_set(params, n)
     n = len(reference.images)
@@ -330,7 +330,7 @@ def evaluate_model(
             "image_size": list(reference.images.shape[1:]),
             "sampler": sampler,
             "steps": steps,
-            "sigma_grid": info.grid,
+            "sigma_grid": grid,
             "sigma_start": float(model.sampling_sigmas(sampler, steps)[0]),
             "sampler_options": model.sampler_options(sampler),
             "guidance": model.config.default_guidance if guidance is None else guidance,
