@@ -386,7 +386,9 @@ class LoadedModel:
         (fitted where :meth:`sigma_grid` says so)."""
         schedule = self.schedule
         if self.sigma_grid(sampler) == "fitted":
-            return fitted_sigmas(steps, schedule.sigma_min, self.sampling_sigma_max, self.config.sampling_density_range)
+            # A copy: the fitted grid is cached, and a caller may change its tensor in place.
+            densities = self.config.sampling_density_range
+            return fitted_sigmas(steps, schedule.sigma_min, self.sampling_sigma_max, densities).clone()
         return sampling_sigmas(sampler, steps, schedule.sigma_min, self.sampling_sigma_max, schedule=schedule)
 
     def denoiser(self) -> DiscreteTimeDenoiser:
