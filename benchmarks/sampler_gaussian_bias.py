@@ -27,18 +27,24 @@ from pathlib import Path
 import numpy as np
 
 from common import benchmark_model, machine_info, write_results
-from napari_iscat_diffusion.diffusion import get_sampler
-from napari_iscat_diffusion.diffusion.grid_fit import fitted_sigmas, gaussian_variance_ratios
+from napari_iscat_diffusion.diffusion import SAMPLERS, get_sampler
+from napari_iscat_diffusion.diffusion.grid_fit import (
+    FITTED_SAMPLERS,
+    NUM_DENSITIES,
+    fitted_sigmas,
+    gaussian_variance_ratios,
+)
 from napari_iscat_diffusion.diffusion.samplers import sampling_sigmas
 
-DETERMINISTIC = ("dpmpp_2m", "euler", "heun")
+# The samplers that add no noise and step on a continuous grid: their output is a fixed multiple of the start.
+DETERMINISTIC = tuple(name for name, info in SAMPLERS.items() if not info.sde and info.grid != "discrete")
 
 
 def main() -> None:
     """Print and save the variance ratios for each sampler and step count."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint [bundled]")
-    parser.add_argument("--samplers", nargs="+", default=["dpmpp_2m", "euler", "heun"], choices=DETERMINISTIC)
+    parser.add_argument("--samplers", nargs="+", default=list(DETERMINISTIC), choices=DETERMINISTIC)
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 40, 80])
     parser.add_argument("--density-range", nargs=2, type=float, default=[0.3, 1500.0], metavar=("LOW", "HIGH"))
     parser.add_argument("--out", type=Path, default=None)
@@ -49,7 +55,7 @@ def main() -> None:
     if min(args.steps) < 1:
         parser.error("--steps must be at least 1")
     model, description = benchmark_model(False, args.model)
-    densities = np.geomspace(low, high, 41)
+    densities = np.geomspace(low, high, NUM_DENSITIES)
     results = {"model": description, "densities": densities.tolist(), "samplers": {}}
     print(f"{description}: output variance / data variance for Gaussian data of variance {low:g}-{high:g}")
     sigma_min, sigma_max = model.schedule.sigma_min, model.sampling_sigma_max
@@ -57,7 +63,7 @@ def main() -> None:
         rows = []
         for steps in args.steps:
             grids = {"plain": sampling_sigmas(sampler, steps, sigma_min, sigma_max)}
-            if sampler == "dpmpp_2m":
+            if sampler in FITTED_SAMPLERS:
                 grids["fitted"] = fitted_sigmas(steps, sigma_min, sigma_max, (low, high))
             evaluations = steps * get_sampler(sampler).evals_per_step
             for grid, sigmas in grids.items():

@@ -407,7 +407,7 @@ def _run_info(args: argparse.Namespace) -> int:
     fitted = (
         "log-SNR (no sampling_density_range)"
         if densities is None
-        else (f"fitted to Gaussian data of spectral density {densities[0]:g}-{densities[1]:g}")
+        else f"fitted to Gaussian data of spectral density {densities[0]:g}-{densities[1]:g}"
     )
     print(f"DPM-Solver++ 2M sigma grid: {fitted}")
     print("default steps: " + ", ".join(f"{name} {model.default_steps(name)}" for name in SAMPLERS))

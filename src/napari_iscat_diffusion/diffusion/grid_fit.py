@@ -44,7 +44,7 @@ def gaussian_variance_ratios(sampler: str, sigmas: torch.Tensor, densities: np.n
 
     The samplers are linear in x for a linear denoiser, so the ratio is computed without random numbers."""
     info = get_sampler(sampler)
-    if info.sde or sampler in ("ddpm", "ddim"):
+    if info.sde or info.grid == "discrete":
         raise ValueError(f"{sampler!r}: only the deterministic samplers on a continuous grid have a fixed ratio")
     variance = torch.as_tensor(np.asarray(densities, dtype=np.float64)).reshape(-1, 1, 1, 1)
 
@@ -87,6 +87,6 @@ def fitted_sigmas(steps: int, sigma_min: float, sigma_max: float, density_range:
     uniform = np.full(steps - 1, math.log(math.e - 1))  # softplus = 1: equal steps, the log-SNR grid
     fit = least_squares(residuals, uniform, bounds=_RAW_BOUNDS)
     fitted = _grid(fit.x, sigma_min, sigma_max)
-    worst = np.abs(residuals(fit.x)).max()
+    worst = np.abs(fit.fun).max()
     plain_worst = np.abs(np.log(gaussian_variance_ratios("dpmpp_2m", plain, densities))).max()
     return fitted if worst < plain_worst else plain

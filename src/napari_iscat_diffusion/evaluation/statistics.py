@@ -101,15 +101,21 @@ def radial_power_spectrum(images: np.ndarray, num_bins: int = 32) -> tuple[np.nd
     return (edges[:-1] + edges[1:]) / 2, sums / np.maximum(counts, 1)
 
 
-def spectrum_distance(power: np.ndarray, reference_power: np.ndarray) -> float:
-    """RMS of ``log10(power / reference_power)`` over the frequency bins, in decades (0 = same spectrum)."""
+def _spectrum_ratios(power: np.ndarray, reference_power: np.ndarray, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """``power / reference_power`` in the bins where both have power, and those bins' indices."""
     power, reference_power = np.asarray(power, np.float64), np.asarray(reference_power, np.float64)
     if power.shape != reference_power.shape:
         raise ValueError(f"spectra differ in shape: {power.shape} and {reference_power.shape}")
-    usable = (power > 0) & (reference_power > 0)
-    if not usable.any():
-        raise ValueError("spectrum_distance: no frequency bin has power in both spectra")
-    return float(np.sqrt(np.mean(np.log10(power[usable] / reference_power[usable]) ** 2)))
+    usable = np.flatnonzero((power > 0) & (reference_power > 0))
+    if usable.size == 0:
+        raise ValueError(f"{caller}: no frequency bin has power in both spectra")
+    return power[usable] / reference_power[usable], usable
+
+
+def spectrum_distance(power: np.ndarray, reference_power: np.ndarray) -> float:
+    """RMS of ``log10(power / reference_power)`` over the frequency bins, in decades (0 = same spectrum)."""
+    ratios, _ = _spectrum_ratios(power, reference_power, "spectrum_distance")
+    return float(np.sqrt(np.mean(np.log10(ratios) ** 2)))
 
 
 def largest_spectrum_ratio(power: np.ndarray, reference_power: np.ndarray) -> tuple[int, float]:
@@ -117,13 +123,7 @@ def largest_spectrum_ratio(power: np.ndarray, reference_power: np.ndarray) -> tu
 
     The spectrum distance averages over all bins; this names the band a texture is most wrong in (a ratio
     of 1.15 at 0.2 cycles/px is 15 % too much power at a 5 px period)."""
-    power, reference_power = np.asarray(power, np.float64), np.asarray(reference_power, np.float64)
-    if power.shape != reference_power.shape:
-        raise ValueError(f"spectra differ in shape: {power.shape} and {reference_power.shape}")
-    usable = np.flatnonzero((power > 0) & (reference_power > 0))
-    if usable.size == 0:
-        raise ValueError("largest_spectrum_ratio: no frequency bin has power in both spectra")
-    ratios = power[usable] / reference_power[usable]
+    ratios, usable = _spectrum_ratios(power, reference_power, "largest_spectrum_ratio")
     worst = int(np.argmax(np.abs(np.log(ratios))))
     return int(usable[worst]), float(ratios[worst])
 
