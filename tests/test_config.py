@@ -102,14 +102,24 @@ def test_the_export_section_sets_the_sampling_and_guidance_defaults(tmp_path: Pa
     assert exported.default_sampler == "dpmpp_2m_sde" and exported.sde_sigma_min == 2.0
     assert exported.default_class_guidance == {1: 1.0, 2: 2.5} and exported.default_guidance_interval == (0.0, 150.0)
     assert exported.sampling_density_range == (0.3, 1500.0)
-    plain = build_model_config(load_config(path), normalization)
+    plain = build_model_config(load_config(path), normalization, measured_density_range=(0.44, 1500.0))
     assert plain.sampling_sigma_max is None and plain.default_steps == {}
     assert plain.default_sampler is None and plain.sde_sigma_min is None
     assert plain.default_class_guidance == {} and plain.default_guidance_interval is None
-    assert plain.sampling_density_range is None
+    assert plain.sampling_density_range == (0.44, 1500.0)  # "auto" by default: the measured range
+    log_snr = build_model_config(load_config(path, ["export.sampling_density_range=null"]), normalization)
+    assert log_snr.sampling_density_range is None
+    with pytest.raises(ValueError, match="'auto' but no measured range"):
+        build_model_config(load_config(path), normalization)
     with pytest.raises(ValueError, match="sampling_density_range: must be two finite numbers"):
         build_model_config(load_config(path, ["export.sampling_density_range=[1500, 0.3]"]), normalization)
     with pytest.raises(ValueError, match="default_steps: unknown sampler"):
-        build_model_config(load_config(path, ["export.default_steps={dpm: 10}"]), normalization)
+        build_model_config(
+            load_config(path, ["export.default_steps={dpm: 10}"]), normalization, measured_density_range=(0.44, 1500.0)
+        )
     with pytest.raises(ValueError, match="default_class_guidance: 4 is not a particle class"):
-        build_model_config(load_config(path, ["export.default_class_guidance={4: 2}"]), normalization)
+        build_model_config(
+            load_config(path, ["export.default_class_guidance={4: 2}"]),
+            normalization,
+            measured_density_range=(0.44, 1500.0),
+        )

@@ -17,6 +17,7 @@ from tests.tiny_training import tiny_config, tiny_overrides, tiny_trainer
 from training import train
 from training import trainer as trainer_module
 from training.config import ConfigError
+from training.spectral_density import spectral_density_range
 from training.state import list_states, load_state, state_path
 from training.trainer import NonFiniteLossError, lr_factor
 
@@ -66,6 +67,10 @@ def test_export_loads_in_the_plugin_and_generates_in_physical_units(tmp_path: Pa
     assert model.config.num_classes == 3 and model.config.training_size == (32, 32)
     assert model.config.pixel_size_nm == 60.0  # the simulator's, stored for the plugin
     assert model.config.training["steps"] == 4
+    # export.sampling_density_range is "auto": measured on the normalisation's images, so dpmpp_2m is fitted.
+    dataset, data = trainer.train_loader.dataset, trainer.config.data
+    measured = spectral_density_range(dataset, stats, max_images=data.normalization_images, seed=trainer.config.seed)
+    assert model.config.sampling_density_range == measured and model.sigma_grid("dpmpp_2m") == "fitted"
     exported = model.net.state_dict()
     assert all(torch.equal(exported[name], value) for name, value in trainer.ema.module.state_dict().items())
 

@@ -150,7 +150,8 @@ class ExportConfig:
     """The model file for the plugin (EMA weights), written at the end; ``path`` None is run_dir/model.safetensors.
     ``sampling_sigma_max`` (normalised units; None: the schedule's highest) is where the continuous-sigma
     samplers start (``ModelConfig.sampling_sigma_max``); ``sampling_density_range`` (``[low, high]``, the
-    training images' power per frequency in normalised units^2; None: the log-SNR grid) fits DPM-Solver++ 2M's
+    training images' power per frequency in normalised units^2; "auto": measured on the normalisation images,
+    ``spectral_density.spectral_density_range``; None: the log-SNR grid) fits DPM-Solver++ 2M's
     grid to the data (``ModelConfig.sampling_density_range``); ``default_steps`` (``{sampler name: steps}``) the step
     counts used when a user gives none (``ModelConfig.default_steps``); ``default_sampler`` (None: DPM-Solver++ 2M)
     and ``sde_sigma_min`` (None: every step) go to the same-named ``ModelConfig`` fields, as do
@@ -161,7 +162,7 @@ class ExportConfig:
     fp16: bool = False
     default_guidance: float = 1.0
     sampling_sigma_max: float | None = None
-    sampling_density_range: tuple[float, float] | None = None
+    sampling_density_range: tuple[float, float] | Literal["auto"] | None = "auto"
     default_steps: dict = field(default_factory=dict)
     default_sampler: str | None = None
     sde_sigma_min: float | None = None

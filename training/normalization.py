@@ -13,7 +13,7 @@ pixels and saturated frames barely move either statistic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -57,13 +57,11 @@ def compute_normalization(
     """
     if max_images < 1 or pixels_per_image < 1:
         raise ValueError(f"max_images and pixels_per_image must be >= 1, got {max_images} and {pixels_per_image}")
-    count = len(data)
-    if count == 0:
-        raise ValueError("compute_normalization: there are no images to compute normalisation statistics from")
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(count, size=min(count, max_images), replace=False))
-    read = data.raw_image if hasattr(data, "raw_image") else data.__getitem__
-    samples = [_pixel_sample(read(int(i)), int(i), pixels_per_image, rng) for i in chosen]
+    samples = [
+        _pixel_sample(image, pixels_per_image, rng)
+        for image in chosen_images(data, max_images, rng, "compute_normalization")
+    ]
     channels = {len(sample) for sample in samples}
     if len(channels) > 1:
         raise ValueError(f"compute_normalization: the images have different numbers of channels {sorted(channels)}")
@@ -72,13 +70,29 @@ def compute_normalization(
     return {"mean": [centre for centre, _ in stats], "std": [scale for _, scale in stats]}
 
 
-def _pixel_sample(image: np.ndarray, index: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``size`` pixels of one image as (C, size) float64."""
-    array = np.asarray(image, dtype=np.float64)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3:
-        raise ValueError(f"compute_normalization: image {index} has shape {array.shape}; expected (H, W) or (C, H, W)")
+def chosen_images(
+    data: RawImages | Sequence[np.ndarray] | np.ndarray, max_images: int, rng: np.random.Generator, caller: str
+) -> Iterator[np.ndarray]:
+    """The raw images, each as (C, H, W) float64, of at most ``max_images`` images of ``data`` (an object with
+    ``raw_image(i)`` or a sequence of images, each (H, W) or (C, H, W)), chosen with ``rng`` without
+    replacement, in index order and read one at a time. Raises ValueError naming ``caller`` when there is no
+    image or one has another shape."""
+    count = len(data)
+    if count == 0:
+        raise ValueError(f"{caller}: there are no images to compute statistics from")
+    chosen = np.sort(rng.choice(count, size=min(count, max_images), replace=False))
+    read = data.raw_image if hasattr(data, "raw_image") else data.__getitem__
+    for index in chosen:
+        array = np.asarray(read(int(index)), dtype=np.float64)
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim != 3:
+            raise ValueError(f"{caller}: image {index} has shape {array.shape}; expected (H, W) or (C, H, W)")
+        yield array
+
+
+def _pixel_sample(array: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``size`` pixels of one image (C, H, W) as (C, size)."""
     flat = array.reshape(len(array), -1)
     if flat.shape[1] <= size:
         return flat

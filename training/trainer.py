@@ -34,7 +34,8 @@ from .config import ConfigError, TrainConfig
 from .ema import Ema, unwrap
 from .export import build_model_config, export_model
 from .losses import diffusion_loss
-from .normalization import denormalize
+from .normalization import RawImages, denormalize
+from .spectral_density import spectral_density_range
 from .state import (
     StateError,
     checksum,
@@ -135,7 +136,11 @@ class Trainer:
         self.autocast = self._autocast(config.train.precision)
         normalization = train_loader.dataset.normalization
         self.model_config = build_model_config(
-            config, normalization, pixel_size_nm=pixel_size_nm, class_names=class_names
+            config,
+            normalization,
+            pixel_size_nm=pixel_size_nm,
+            class_names=class_names,
+            measured_density_range=self._measured_density_range(train_loader.dataset, normalization),
         )
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -622,6 +627,24 @@ class Trainer:
             **extra,
         }
 
+    def _measured_density_range(self, dataset: RawImages, normalization: dict) -> tuple[float, float] | None:
+        """The training images' spectral density range where ``export.sampling_density_range`` is "auto"
+        (the normalisation's images and seed), else None; ConfigError when the images give none."""
+        if self.config.export.sampling_density_range != "auto":
+            return None
+        try:
+            measured = spectral_density_range(
+                dataset, normalization, max_images=self.config.data.normalization_images, seed=self.config.seed
+            )
+        except ValueError as err:
+            raise ConfigError(
+                f"export.sampling_density_range: 'auto' cannot measure the training images ({err}); "
+                "give [low, high] or null (the log-SNR grid)"
+            ) from err
+        if self.is_main:
+            log.info("spectral density range of the training images: %g to %g (fits the sampler's grid)", *measured)
+        return measured
+
     def export(self, path: str | Path | None = None) -> Path:
         """Write the EMA model for the plugin (rank 0's job); returns the file written."""
         target = Path(path or self.config.export.path or self.run_dir / "model.safetensors")
@@ -632,6 +655,7 @@ class Trainer:
             pixel_size_nm=self.model_config.pixel_size_nm,
             class_names=self.model_config.class_names,
             summary=self.summary(),
+            measured_density_range=self.model_config.sampling_density_range,
         )
         export_model(target, self.ema.module, model_config, fp16=self.config.export.fp16)
         return target

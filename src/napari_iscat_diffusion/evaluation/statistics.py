@@ -92,6 +92,20 @@ def radial_power_spectrum(images: np.ndarray, num_bins: int = 32) -> tuple[np.nd
     window = np.outer(np.hanning(height), np.hanning(width))
     centred = images - images.mean(axis=(1, 2), keepdims=True)
     power = np.mean(np.abs(np.fft.fft2(centred * window)) ** 2, axis=0) / window.sum() ** 2 * (height * width)
+    return radial_average(power, num_bins)
+
+
+def radial_average(power: np.ndarray, num_bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of a 2-D spectrum (H, W) in ``np.fft.fft2`` order over annuli of spatial frequency.
+
+    Returns:
+        (bin centres in cycles per pixel, from 0 to 0.5; the mean of ``power`` over each annulus, 0 where an
+        annulus holds no frequency). Frequencies beyond 0.5 cycles/px (the corners) are left out.
+    """
+    power = np.asarray(power, dtype=np.float64)
+    if power.ndim != 2:
+        raise ValueError(f"radial_average: expected a spectrum (H, W), got shape {power.shape}")
+    height, width = power.shape
     radius = np.hypot(*np.meshgrid(np.fft.fftfreq(height), np.fft.fftfreq(width), indexing="ij"))
     edges = np.linspace(0.0, 0.5, num_bins + 1)
     which = np.digitize(radius.ravel(), edges) - 1
