@@ -26,6 +26,13 @@ def test_white_noise_gives_its_variance_as_the_floor_whatever_the_image_size() -
     assert 80 <= high <= 160, high
 
 
+def test_small_images_do_not_pull_the_floor_down_with_annuli_they_lack() -> None:
+    large = spectral_density_range(_noise(40, (128, 128), 1.0), IDENTITY)
+    # A 12 px image has a frequency every 1/12 cycles/px: most of the 1/64-wide annuli hold none of its frequencies.
+    mixed = spectral_density_range(_noise(40, (128, 128), 1.0) + _noise(40, (12, 12), 1.0, seed=2), IDENTITY)
+    assert 0.85 <= mixed[0] <= 1.0 and mixed[0] >= large[0] - 0.1, (mixed, large)
+
+
 def test_the_normalisation_is_applied_per_channel_before_measuring() -> None:
     images = [np.stack([1000 + 50 * a, -2 + 0.1 * a]) for a in _noise(20, (32, 32), 1.0)]
     per_channel = spectral_density_range(images, {"mean": [1000.0, -2.0], "std": [50.0, 0.1]})

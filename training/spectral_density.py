@@ -53,11 +53,13 @@ def spectral_density_range(
             finite = np.isfinite(channel)
             centred = np.where(finite, channel - channel[finite].mean() if finite.any() else 0.0, 0.0)
             power = np.abs(np.fft.fft2(centred)) ** 2 / centred.size
-            power[0, 0] = 0.0  # the mean, removed above: no frequency the sampler draws
             high = max(high, float(power.max()))
             profiles.append(radial_average(power, NUM_BINS)[1][1:])
-    mean = np.mean(profiles, axis=0)
-    low = float(mean[mean > 0].min()) if (mean > 0).any() else 0.0
+    # An annulus narrower than a small image's frequency spacing holds no frequency (0): left out of its mean.
+    stacked = np.array(profiles)
+    counts = (stacked > 0).sum(axis=0)
+    means = stacked.sum(axis=0)[counts > 0] / counts[counts > 0]
+    low = float(means.min()) if means.size else 0.0
     if not 0 < low < high:
         raise ValueError(f"spectral_density_range: the images have no spread in power (floor {low:g}, top {high:g})")
     return _two_figures(low, math.floor), _two_figures(high, math.ceil)
