@@ -55,6 +55,25 @@ def test_too_few_steps_keep_the_log_snr_grid_and_bad_ranges_are_refused():
             fitted_sigmas(10, SIGMA_MIN, SIGMA_MAX, bad)
 
 
-def test_only_deterministic_samplers_have_a_variance_ratio():
-    with pytest.raises(ValueError, match="dpmpp_2m_sde"):
-        gaussian_variance_ratios("dpmpp_2m_sde", log_snr_sigmas(4, SIGMA_MIN, SIGMA_MAX), np.array([1.0]))
+def test_the_sde_ratio_is_a_seeded_monte_carlo_estimate_that_agrees_with_the_ode_where_no_noise_is_added():
+    densities = np.array([0.45, 30.0, 800.0])
+    coarse = log_snr_sigmas(10, SIGMA_MIN, SIGMA_MAX)
+    ode = gaussian_variance_ratios("dpmpp_2m", coarse, densities)
+    never = {"noise_sigma_min": 1e9}  # every step at or below it follows the ODE
+    silent = gaussian_variance_ratios("dpmpp_2m_sde", coarse, densities, samples=1000, options=never)
+    assert np.allclose(silent, ode, rtol=1e-9)  # the start is scaled to its exact variance: nothing random is left
+    noisy = gaussian_variance_ratios("dpmpp_2m_sde", coarse, densities, samples=100_000)
+    again = gaussian_variance_ratios("dpmpp_2m_sde", coarse, densities, samples=100_000)
+    assert np.array_equal(noisy, again) and np.abs(noisy - ode).max() > 0.02
+    # With noise on every step and a fine grid, the reverse SDE is exact too.
+    fine = log_snr_sigmas(200, SIGMA_MIN, SIGMA_MAX)
+    sde = gaussian_variance_ratios("dpmpp_2m_sde", fine, densities, samples=50_000, seed=3)
+    assert np.allclose(sde, 1.0, atol=0.03), sde
+
+
+def test_samplers_the_ratio_does_not_model_are_refused():
+    grid = log_snr_sigmas(4, SIGMA_MIN, SIGMA_MAX)
+    with pytest.raises(ValueError, match="dpmpp_2m_sde' adds fresh noise: give samples"):
+        gaussian_variance_ratios("dpmpp_2m_sde", grid, np.array([1.0]))
+    with pytest.raises(ValueError, match="'ddim': samplers on the discrete training grid"):
+        gaussian_variance_ratios("ddim", grid, np.array([1.0]))

@@ -37,23 +37,43 @@ NUM_DENSITIES = 41
 _RAW_BOUNDS = (-0.5, 2.0)
 
 
-def gaussian_variance_ratios(sampler: str, sigmas: torch.Tensor, densities: np.ndarray) -> np.ndarray:
+def gaussian_variance_ratios(
+    sampler: str,
+    sigmas: torch.Tensor,
+    densities: np.ndarray,
+    *,
+    samples: int | None = None,
+    seed: int = 0,
+    options: dict | None = None,
+) -> np.ndarray:
     """Output variance over P for Gaussian data of each variance P in ``densities`` (normalised units^2),
-    sampled by the deterministic ``sampler`` on the grid ``sigmas`` (descending, ending at 0) with the exact
-    denoiser ``P / (P + sigma^2) x`` from the exact marginal at ``sigmas[0]``. 1 everywhere is exact.
+    sampled by ``sampler`` on the grid ``sigmas`` (descending, ending at 0) with the exact denoiser
+    ``P / (P + sigma^2) x`` from the exact marginal at ``sigmas[0]``. 1 everywhere is exact.
 
-    The samplers are linear in x for a linear denoiser, so the ratio is computed without random numbers."""
+    The deterministic samplers are linear in x for a linear denoiser, so their ratio is computed without
+    random numbers. A stochastic sampler (the SDE) needs ``samples``, the number of Monte Carlo draws per
+    density (standard error about ``sqrt(2 / samples)``), seeded by ``seed``; ``options`` are extra keyword
+    arguments of the sampler (``noise_sigma_min``). Samplers on the discrete grid are refused."""
     info = get_sampler(sampler)
-    if info.sde or info.grid == "discrete":
-        raise ValueError(f"{sampler!r}: only the deterministic samplers on a continuous grid have a fixed ratio")
+    if info.grid == "discrete":
+        raise ValueError(f"{sampler!r}: samplers on the discrete training grid are not modelled here")
+    if info.sde and (samples is None or samples < 2):
+        raise ValueError(f"{sampler!r} adds fresh noise: give samples >= 2 for a Monte Carlo estimate")
     variance = torch.as_tensor(np.asarray(densities, dtype=np.float64)).reshape(-1, 1, 1, 1)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return variance / (variance + sigma.reshape(-1, 1, 1, 1) ** 2) * x
 
     start = (variance + float(sigmas[0]) ** 2).sqrt()
-    out = info.function(denoise, start, sigmas.to(torch.float64))
-    return (out**2 / variance).reshape(-1).numpy()
+    if not info.sde:
+        out = info.function(denoise, start, sigmas.to(torch.float64))
+        return (out**2 / variance).reshape(-1).numpy()
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(variance))]
+    draws = torch.stack([torch.randn(1, 1, samples, generator=g, dtype=torch.float64) for g in generators])
+    # Scaled to exactly unit mean square, so that only the sampler's own noise is left to the estimate's error.
+    start = start * draws / (draws**2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    out = info.function(denoise, start, sigmas.to(torch.float64), generators=generators, **(options or {}))
+    return ((out**2).mean(dim=(1, 2, 3)) / variance.reshape(-1)).numpy()
 
 
 def _grid(raw: np.ndarray, sigma_min: float, sigma_max: float) -> torch.Tensor:
