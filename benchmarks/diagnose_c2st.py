@@ -37,7 +37,7 @@ from scipy import ndimage
 from common import benchmark_model, machine_info, write_results
 from napari_iscat_diffusion.diffusion import resolve_device
 from napari_iscat_diffusion.diffusion.guidance import parse_class_guidance
-from napari_iscat_diffusion.evaluation.c2st import classifier_two_sample_test
+from napari_iscat_diffusion.evaluation.c2st import repeated_two_sample_test
 from napari_iscat_diffusion.evaluation.evaluate import (
     FLOOR_SEED,
     detector_settings,
@@ -73,23 +73,6 @@ def with_column_gains(images: np.ndarray, column_noise: float, seed: int = 0) ->
     them (the simulator's fixed-pattern noise): ``(1 + image) * gain - 1`` per column."""
     gains = 1 + column_noise * np.random.default_rng(seed).standard_normal((images.shape[0], 1, images.shape[2]))
     return ((1 + images.astype(np.float64)) * gains - 1).astype(np.float32)
-
-
-def seeded_tests(generated: np.ndarray, reference: np.ndarray, seed: int) -> dict[str, float | int]:
-    """The two-sample test of two image sets (N, H, W) with one classifier seed, as a JSON-ready dict."""
-    return classifier_two_sample_test(generated, reference, seed=seed).to_dict()
-
-
-def seed_spread(tests: list[dict[str, float | int]]) -> dict[str, float | list[float]]:
-    """Accuracies of one test repeated with several classifier seeds: each, their mean, std, min and max."""
-    accuracies = [float(test["accuracy"]) for test in tests]
-    return {
-        "accuracies": accuracies,
-        "mean": float(np.mean(accuracies)),
-        "std": float(np.std(accuracies, ddof=1)),
-        "min": min(accuracies),
-        "max": max(accuracies),
-    }
 
 
 def main() -> None:
@@ -166,15 +149,15 @@ def main() -> None:
     results["views"] = {}
     print(f"{description}, {n} masks of {size} px, {steps} {sampler} steps: C2ST accuracy (95 % interval)")
     for name in names:
-        against_model = [seeded_tests(model_views[name], reference_views[name], seed) for seed in seeds]
-        chance = [seeded_tests(other_views[name], reference_views[name], seed) for seed in seeds]
-        results["views"][name] = {"model": against_model[0], "two_simulator_sets": chance[0]}
+        against_model = repeated_two_sample_test(model_views[name], reference_views[name], repeats=len(seeds))
+        chance = repeated_two_sample_test(other_views[name], reference_views[name], repeats=len(seeds))
+        model_spread, chance_spread = against_model.pop("over_seeds", None), chance.pop("over_seeds", None)
+        results["views"][name] = {"model": against_model, "two_simulator_sets": chance}
         line = (
-            f"  {name}: model {against_model[0]['accuracy']:.3f} ({against_model[0]['ci_low']:.2f}-"
-            f"{against_model[0]['ci_high']:.2f}), two simulator sets {chance[0]['accuracy']:.3f}"
+            f"  {name}: model {against_model['accuracy']:.3f} ({against_model['ci_low']:.2f}-"
+            f"{against_model['ci_high']:.2f}), two simulator sets {chance['accuracy']:.3f}"
         )
-        if len(seeds) > 1:
-            model_spread, chance_spread = seed_spread(against_model), seed_spread(chance)
+        if model_spread is not None:
             results["views"][name]["over_seeds"] = {"model": model_spread, "two_simulator_sets": chance_spread}
             line += (
                 f"; over {len(seeds)} classifier seeds: model {model_spread['mean']:.3f} "

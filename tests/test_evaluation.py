@@ -17,7 +17,7 @@ from napari_iscat_diffusion.evaluation import (
     simulated_set,
     wilson_interval,
 )
-from napari_iscat_diffusion.evaluation.c2st import _best_threshold
+from napari_iscat_diffusion.evaluation.c2st import _best_threshold, repeated_two_sample_test, seed_spread
 from napari_iscat_diffusion.evaluation.evaluate import compare_image_sets, detector_settings
 from napari_iscat_diffusion.evaluation.statistics import (
     background_noise,
@@ -285,6 +285,24 @@ def test_c2st_is_chance_on_one_distribution_and_sure_on_different_ones():
     assert different.accuracy >= 0.85 and different.ci_low > 0.5
     with pytest.raises(ValueError, match="at least 4"):
         classifier_two_sample_test(first[:3], second)
+
+
+def test_the_repeated_test_reports_the_first_seed_and_the_spread_over_all():
+    params = SimulationParameters(image_size=(32, 32), particles_per_image=(1, 3))
+    first = simulated_set(params, 16, seed=0).images
+    second = 1.3 * simulated_set(params, 16, seed=1000).images
+    repeated = repeated_two_sample_test(first, second, seed=5, repeats=3, steps=60)
+    singles = [classifier_two_sample_test(first, second, seed=s, steps=60).accuracy for s in (5, 6, 7)]
+    assert repeated["accuracy"] == singles[0] and repeated["num_test"] == 16
+    spread = repeated["over_seeds"]
+    assert spread["seeds"] == [5, 6, 7] and spread["accuracies"] == singles
+    assert spread["min"] == min(singles) and spread["max"] == max(singles)
+    assert spread["mean"] == pytest.approx(np.mean(singles)) and spread["std"] == pytest.approx(np.std(singles, ddof=1))
+    assert "over_seeds" not in repeated_two_sample_test(first, second, seed=5, steps=60)
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        repeated_two_sample_test(first, second, repeats=0)
+    with pytest.raises(ValueError, match="at least 2 accuracies"):
+        seed_spread([0.5])
 
 
 def test_c2st_threshold_is_fitted_to_shifted_scores():

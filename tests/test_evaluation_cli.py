@@ -95,6 +95,8 @@ def test_evaluate_model_records_the_default_steps_and_where_the_grid_starts(tiny
     model.config.sampling_sigma_max = 50.0
     result = evaluate_model(model, sampler="euler", floor=False, **options)
     assert result["settings"]["steps"] == 3 and result["settings"]["sigma_start"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="classifier_seeds must be at least 1"):
+        evaluate_model(model, classifier_seeds=0, **options)
 
 
 def test_metric_curves_and_their_files(tiny_checkpoint, tmp_path):
@@ -134,20 +136,26 @@ def test_the_guidance_curve_runs_the_models_default_sampler_and_steps(tiny_check
 def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "results.json"
     args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--size", "32", "--steps", "2"]
-    assert main([*args, "--device", "cpu", "--out", str(out)]) == 0
+    assert main([*args, "--device", "cpu", "--classifier-seeds", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert "machine" in report and "commit" in report and report["checkpoint"]["sha256"]
     assert report["metrics"]["settings"]["steps"] == 2
+    assert report["metrics"]["settings"]["classifier_seeds"] == 2
     printed = capsys.readouterr().out
     assert "class 1: F1" in printed and "(two simulator sets: " in printed
     c2st_line = next(line for line in printed.splitlines() if line.startswith("C2ST accuracy"))
     assert "(two simulator sets: " in c2st_line
+    spread = report["metrics"]["c2st"]["over_seeds"]
+    assert spread["seeds"] == [0, 1] and report["metrics"]["reference_floor"]["c2st"]["over_seeds"]["seeds"] == [0, 1]
+    assert f"C2ST over 2 classifier seeds: {spread['min']:.3f}-{spread['max']:.3f}" in printed
     spectrum_line = next(line for line in printed.splitlines() if line.startswith("power spectrum / simulator"))
     largest = report["metrics"]["physics"]["power_spectrum"]["largest_ratio"]
     assert f"{largest['frequency_cycles_per_px']:.3f} cycles/px, {largest['ratio']:.3f}" in spectrum_line
     assert main([*args, "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--n", "2", "--out", str(tmp_path / "other.json")]) == 2
+    assert main([*args, "--classifier-seeds", "0", "--out", str(tmp_path / "other.json")]) == 2
+    assert "--classifier-seeds must be at least 1" in capsys.readouterr().err
 
 
 def test_calibration_measures_each_class_at_each_scale_and_picks_the_closest(tiny_checkpoint):

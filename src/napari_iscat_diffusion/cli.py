@@ -458,6 +458,12 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         help="also write metrics against steps (every sampler) and guidance next to --out (JSON, markdown, PNG)",
     )
     evaluate.add_argument("--curves-n", type=int, default=16, help="masks per point of the curves [16]")
+    evaluate.add_argument(
+        "--classifier-seeds",
+        type=int,
+        default=1,
+        help="repeat the two-sample test with this many classifier seeds and report their spread [1]",
+    )
     evaluate.set_defaults(run=_run_evaluate)
 
 
@@ -473,6 +479,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     args.n = DEFAULT_N if args.n is None else args.n
     if args.n < 4 or args.curves_n < 4:
         raise ValueError(f"--n and --curves-n must be at least 4, got {args.n} and {args.curves_n}")
+    if args.classifier_seeds < 1:
+        raise ValueError(f"--classifier-seeds must be at least 1, got {args.classifier_seeds}")
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     options = _measurement_options(args)
     report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}}
@@ -484,6 +492,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         class_guidance=args.class_guidance,
         guidance_interval=args.guidance_interval,
+        classifier_seeds=args.classifier_seeds,
         progress=_show_progress,
         **options,
     )
@@ -625,6 +634,12 @@ def _evaluation_summary(metrics: dict) -> str:
         chance = metrics["reference_floor"].get("c2st")
         chance_text = "0.5: indistinguishable" if chance is None else f"two simulator sets: {chance['accuracy']:.3f}"
         lines.append(f"C2ST accuracy {metrics['c2st']['accuracy']:.3f} ({chance_text})")
+        spread, chance_spread = metrics["c2st"].get("over_seeds"), (chance or {}).get("over_seeds")
+        if spread is not None:
+            over = f"over {len(spread['seeds'])} classifier seeds: {spread['min']:.3f}-{spread['max']:.3f}"
+            if chance_spread is not None:
+                over += f" (two simulator sets: {chance_spread['min']:.3f}-{chance_spread['max']:.3f})"
+            lines.append(f"C2ST {over}, mean {spread['mean']:.3f}")
     return "\n".join(lines)
 
 

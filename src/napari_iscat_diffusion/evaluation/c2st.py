@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,6 +142,40 @@ def classifier_two_sample_test(
     correct = int(np.sum(predicted == (y_test > 0.5)))
     low, high = wilson_interval(correct, len(y_test))
     return C2STResult(correct / len(y_test), low, high, len(y_test), len(y_train))
+
+
+def repeated_two_sample_test(
+    generated: np.ndarray, reference: np.ndarray, *, seed: int = 0, repeats: int = 1, **options: Any
+) -> dict[str, Any]:
+    """:func:`classifier_two_sample_test` with classifier seeds ``seed``, ..., ``seed + repeats - 1`` and its
+    other keyword ``options`` (``steps``, ...).
+
+    Returns the first test's JSON fields (``C2STResult.to_dict``) and, for ``repeats`` > 1, ``over_seeds``:
+    ``seeds``, every ``accuracies``, their ``mean``, ``std``, ``min`` and ``max`` (the test's own variance,
+    docs/evaluation.md). Raises ValueError for ``repeats`` < 1."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    seeds = [seed + k for k in range(repeats)]
+    tests = [classifier_two_sample_test(generated, reference, seed=s, **options) for s in seeds]
+    out: dict[str, Any] = tests[0].to_dict()
+    if repeats > 1:
+        out["over_seeds"] = {"seeds": seeds, **seed_spread([t.accuracy for t in tests])}
+    return out
+
+
+def seed_spread(accuracies: Sequence[float]) -> dict[str, float | list[float]]:
+    """Accuracies of one test repeated with several classifier seeds (at least 2): each, their mean, sample
+    std, min and max."""
+    if len(accuracies) < 2:
+        raise ValueError(f"seed_spread needs at least 2 accuracies, got {len(accuracies)}")
+    values = [float(a) for a in accuracies]
+    return {
+        "accuracies": values,
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def _train(

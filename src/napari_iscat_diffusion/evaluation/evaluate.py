@@ -24,7 +24,7 @@ from ..diffusion.guidance import format_class_guidance, format_guidance_interval
 from ..diffusion.samplers import SAMPLERS
 from ..io.atomic import atomic_write_text
 from ..iscat.simulate import SimulationParameters, simulate
-from .c2st import classifier_two_sample_test
+from .c2st import repeated_two_sample_test
 from .detector import DetectorSettings, detect_particles
 from .diversity import sample_diversity
 from .edits import edit_mask, edit_scores
@@ -179,13 +179,14 @@ def reference_floor(
     seed: int = FLOOR_SEED,
     *,
     c2st_seed: int | None = None,
+    classifier_seeds: int = 1,
 ) -> dict[str, Any]:
     """Physics statistics of a second, independent simulator set (masks and images from seeds ``seed``, ...)
     against ``reference``: the values that sampling alone gives at this number of images, so that a model's
     distance reads against the smallest one it could reach (peak contrast per class, background noise
     ratio, spectrum distance in decades and largest spectrum ratio). With ``c2st_seed`` also the two-sample
-    classifier's accuracy between the two simulator sets (``c2st``, trained with that seed), its chance level
-    at this size."""
+    classifier's accuracy between the two simulator sets (``c2st``, trained with that seed and the
+    ``classifier_seeds - 1`` after it, :func:`~.c2st.repeated_two_sample_test`), its chance level at this size."""
     other = simulated_set(params, len(reference.images), seed)
     stats = physics_statistics(other, reference, detector_settings(params).psf_radius_px)
     out = {
@@ -197,7 +198,7 @@ def reference_floor(
         "spectrum_largest_ratio": stats["power_spectrum"]["largest_ratio"],
     }
     if c2st_seed is not None:
-        out["c2st"] = classifier_two_sample_test(other.images, reference.images, seed=c2st_seed).to_dict()
+        out["c2st"] = repeated_two_sample_test(other.images, reference.images, seed=c2st_seed, repeats=classifier_seeds)
     return out
 
 
@@ -208,8 +209,10 @@ def compare_image_sets(
     *,
     seed: int = 0,
     c2st: bool = True,
+    classifier_seeds: int = 1,
 ) -> dict[str, Any]:
-    """Mask fidelity of both sets (the reference's is the detector's ceiling), physics statistics and C2ST."""
+    """Mask fidelity of both sets (the reference's is the detector's ceiling), physics statistics and C2ST
+    (classifier seeds ``seed``, ..., ``seed + classifier_seeds - 1``; see :func:`~.c2st.repeated_two_sample_test`)."""
     settings = detector_settings(params)
     # Matching tolerance and border strip: one PSF radius each.
     tolerance = border = settings.psf_radius_px
@@ -220,7 +223,7 @@ def compare_image_sets(
         "physics": physics_statistics(generated, reference, settings.psf_radius_px),
     }
     if c2st:
-        out["c2st"] = classifier_two_sample_test(generated.images, reference.images, seed=seed).to_dict()
+        out["c2st"] = repeated_two_sample_test(generated.images, reference.images, seed=seed, repeats=classifier_seeds)
     return out
 
 
@@ -276,6 +279,7 @@ def evaluate_model(
     diversity_seeds: int = 4,
     edited_masks: int = 16,
     c2st: bool = True,
+    classifier_seeds: int = 1,
     floor: bool = True,
     params: SimulationParameters | None = None,
     reference: ImageSet | None = None,
@@ -301,12 +305,16 @@ def evaluate_model(
         diversity_seeds: seeds per mask for the diversity metric (at least 2).
         edited_masks: masks to edit (2 blobs moved, 2 added) and generate again (0 skips it).
         c2st: run the classifier two-sample test.
+        classifier_seeds: run it with this many classifier seeds (``seed``, ``seed + 1``, ...) and report their
+            spread (``c2st.over_seeds``), for the model and the two simulator sets; the first is ``c2st`` itself.
         floor: also measure the physics statistics of a second simulator set against the reference
             (:func:`reference_floor`), the values a perfect model would get at this ``n``.
         params: simulator parameters; None takes :func:`simulation_parameters_for`.
         reference: a precomputed reference set for ``params`` (curves reuse one).
         progress: called with (stage, done, total) during generation.
     """
+    if classifier_seeds < 1:
+        raise ValueError(f"classifier_seeds must be at least 1, got {classifier_seeds}")
     sampler, steps = model.sampler_and_steps(sampler, steps)
     grid = model.sigma_grid(sampler)
     params = params or simulation_parameters_for(model, size)
@@ -341,13 +349,16 @@ def evaluate_model(
                 model.config.default_guidance_interval if guidance_interval is None else guidance_interval
             ),
             "seed": seed,
+            "classifier_seeds": classifier_seeds if c2st else 0,
             "reference_seeds": f"{HELD_OUT_SEED}..{HELD_OUT_SEED + n - 1}",
             "simulation": params.to_dict(),
         },
-        **compare_image_sets(generated, reference, params, seed=seed, c2st=c2st),
+        **compare_image_sets(generated, reference, params, seed=seed, c2st=c2st, classifier_seeds=classifier_seeds),
     }
     if floor:
-        result["reference_floor"] = reference_floor(reference, params, c2st_seed=seed if c2st else None)
+        result["reference_floor"] = reference_floor(
+            reference, params, c2st_seed=seed if c2st else None, classifier_seeds=classifier_seeds
+        )
     count = min(diversity_masks, n)
     if count > 0 and diversity_seeds >= 2:
         extra = [seed + s * _DIVERSITY_SEED_STRIDE + i for s in range(1, diversity_seeds) for i in range(count)]
