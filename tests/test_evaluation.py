@@ -13,11 +13,12 @@ from napari_iscat_diffusion.evaluation import (
     mask_particles,
     match_image,
     match_points,
+    repeated_two_sample_test,
     sample_diversity,
     simulated_set,
     wilson_interval,
 )
-from napari_iscat_diffusion.evaluation.c2st import _best_threshold, repeated_two_sample_test, seed_spread
+from napari_iscat_diffusion.evaluation.c2st import _best_threshold, seed_spread
 from napari_iscat_diffusion.evaluation.evaluate import compare_image_sets, detector_settings
 from napari_iscat_diffusion.evaluation.statistics import (
     background_noise,

@@ -2,7 +2,7 @@
 test, diversity and ``evaluate_model`` (numpy, scipy, scikit-image and torch; no napari or Qt).
 See docs/evaluation.md."""
 
-from .c2st import C2STResult, classifier_two_sample_test, wilson_interval
+from .c2st import C2STResult, classifier_two_sample_test, repeated_two_sample_test, wilson_interval
 from .calibration import CALIBRATION_SEED, calibrate_class_guidance
 from .detector import Detections, DetectorSettings, detect_particles, robust_std
 from .diversity import sample_diversity
@@ -40,6 +40,7 @@ __all__ = [
     "match_points",
     "metric_curves",
     "reference_floor",
+    "repeated_two_sample_test",
     "robust_std",
     "run_metadata",
     "sample_diversity",
