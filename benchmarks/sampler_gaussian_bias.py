@@ -11,9 +11,9 @@ SDE's is a seeded Monte Carlo estimate (``--sde-samples`` draws per density, wit
 DPM-Solver++ 2M and its SDE also on the grid fitted to the density range for DPM-Solver++ 2M
 (``grid_fit.fitted_sigmas``).
 
-P is in the model's normalised units. For the bundled model's training data the spectral density runs
-from about 0.45 (the white shot-noise floor above 0.2 cycles/px) to about 100 (particles and speckle at
-low frequencies), so the default range 0.3-1500 covers it with room. Prints the smallest and largest
+P is in the model's normalised units; the range is the checkpoint's ``sampling_density_range`` unless
+``--density-range`` gives one (the bundled model's, 0.3-1500, runs from below the white shot-noise floor,
+about 0.45, to the strongest single frequency of its training images). Prints the smallest and largest
 variance ratio over that range for each sampler, grid and step count, and writes
 ``benchmarks/results/sampler_gaussian_bias.json`` with the machine's description.
 
@@ -51,17 +51,26 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=list(CONTINUOUS), choices=CONTINUOUS)
     parser.add_argument("--sde-samples", type=int, default=200_000, help="Monte Carlo draws per density [200000]")
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 40, 80])
-    parser.add_argument("--density-range", nargs=2, type=float, default=[0.3, 1500.0], metavar=("LOW", "HIGH"))
+    parser.add_argument(
+        "--density-range",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="spectral densities, normalised units^2 [the checkpoint's sampling_density_range]",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    low, high = args.density_range
-    if not 0 < low < high:
-        parser.error(f"--density-range needs 0 < LOW < HIGH, got {low} {high}")
     if min(args.steps) < 1:
         parser.error("--steps must be at least 1")
     if args.sde_samples < 2:
         parser.error("--sde-samples must be at least 2")
     model, description = benchmark_model(False, args.model)
+    if args.density_range is None and model.config.sampling_density_range is None:
+        parser.error(f"{description} has no sampling_density_range: give --density-range LOW HIGH")
+    low, high = args.density_range or model.config.sampling_density_range
+    if not 0 < low < high:
+        parser.error(f"--density-range needs 0 < LOW < HIGH, got {low} {high}")
     densities = np.geomspace(low, high, NUM_DENSITIES)
     results = {"model": description, "densities": densities.tolist(), "samplers": {}}
     print(f"{description}: output variance / data variance for Gaussian data of variance {low:g}-{high:g}")
