@@ -87,7 +87,9 @@ class Trainer:
         rank, world_size: this process's rank and the number of processes.
         pixel_size_nm, class_names: facts about the data stored in the exported model.
 
-    The normalisation statistics are taken from ``train_loader.dataset.normalization``.
+    The normalisation statistics are taken from ``train_loader.dataset.normalization``; where
+    ``export.sampling_density_range`` is "auto", the spectral density range the sampler's grid is fitted to is
+    measured on the same dataset's raw images (``spectral_density.spectral_density_range``).
     """
 
     def __init__(
