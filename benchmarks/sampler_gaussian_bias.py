@@ -41,7 +41,7 @@ from napari_iscat_diffusion.diffusion.samplers import sampling_sigmas
 # The samplers that step on a continuous grid (the discrete ones sample the training schedule's own timesteps).
 CONTINUOUS = tuple(name for name, info in SAMPLERS.items() if info.grid != "discrete")
 # The fitted grid is DPM-Solver++ 2M's; its SDE form is measured on it too.
-ON_FITTED_GRID = (*FITTED_SAMPLERS, *(f"{name}_sde" for name in FITTED_SAMPLERS if f"{name}_sde" in SAMPLERS))
+ON_FITTED_GRID = (*FITTED_SAMPLERS, "dpmpp_2m_sde")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ steps on every rank. Only rank 0 writes files, logs and shows progress.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -651,13 +652,6 @@ class Trainer:
         """Write the EMA model for the plugin (rank 0's job); returns the file written."""
         target = Path(path or self.config.export.path or self.run_dir / "model.safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
-        model_config = build_model_config(
-            self.config,
-            self.model_config.normalization,
-            pixel_size_nm=self.model_config.pixel_size_nm,
-            class_names=self.model_config.class_names,
-            summary=self.summary(),
-            measured_density_range=self.model_config.sampling_density_range,
-        )
+        model_config = dataclasses.replace(self.model_config, training=self.summary())
         export_model(target, self.ema.module, model_config, fp16=self.config.export.fp16)
         return target
