@@ -56,6 +56,7 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("train.particle_loss_weight=-1", r"train\.particle_loss_weight: must be >= 0"),
         ("train.particle_loss_radius_px=-2", r"train\.particle_loss_radius_px: must be >= 0 pixels"),
         ("optim.lr=nan", r"optim\.lr: must be a positive number"),
+        ("train.time_limit_minutes=0", r"train\.time_limit_minutes: must be a positive number of minutes"),
         ("log.sampler=magic", r"log\.sampler: unknown sampler 'magic'"),
         ("model.schedule={name: quadratic}", r"model\.schedule: unknown noise schedule"),
         ("model.norm_groups=5", r"model\."),

@@ -225,6 +225,23 @@ def test_early_stopping_ends_the_run_with_a_checkpoint(tmp_path: Path, monkeypat
     assert [step for step, _ in list_states(tmp_path / "checkpoints")] == [4, 2, 1]
 
 
+def test_the_time_limit_ends_the_run_with_a_checkpoint_and_a_resume_continues(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=8", "train.time_limit_minutes=2.5", "checkpoint.every=0")
+    trainer = tiny_trainer(config)
+    minutes = iter(range(100))
+    trainer._clock = lambda: 60.0 * next(minutes)  # a minute passes at every look at the clock
+    summary = trainer.fit()
+    # The deadline is minute 2.5: the looks after steps 1 and 2 read minutes 1 and 2, the one after step 3 reads 3.
+    assert summary["time_limit_reached"] and not summary["stopped_early"] and summary["steps"] == 3
+    assert [step for step, _ in list_states(tmp_path / "checkpoints")] == [3]
+
+    resumed = tiny_trainer(config)
+    resumed.resume("auto")
+    resumed._clock = lambda: 0.0
+    summary = resumed.fit()
+    assert summary["steps"] == 8 and not summary["time_limit_reached"]
+
+
 def test_the_particle_loss_weight_reaches_the_training_and_validation_losses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

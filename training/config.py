@@ -95,7 +95,9 @@ class TrainSection:
     """The loop. ``batch_size`` is per process and micro-step: one optimiser step sees
     ``batch_size * grad_accum * world_size`` images. ``precision``: "auto" is bf16 autocast on CUDA, fp32 on CPU.
     ``particle_loss_weight``: pixels within ``particle_loss_radius_px`` (px) of a mask particle count
-    ``1 + particle_loss_weight`` times in the loss (training and validation); 0 weighs every pixel the same."""
+    ``1 + particle_loss_weight`` times in the loss (training and validation); 0 weighs every pixel the same.
+    ``time_limit_minutes``: end the run (checkpoint, export) at the first step after this much training time
+    (minutes of wall clock since ``fit`` began; null: no limit), e.g. inside a cluster job's time limit."""
 
     steps: int = 5000
     batch_size: int = 16
@@ -108,6 +110,7 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite: int = 10
     early_stopping_patience: int | None = None
+    time_limit_minutes: float | None = None
 
 
 @dataclass
@@ -261,6 +264,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.particle_loss_radius_px", lambda v: v >= 0, ">= 0 pixels"),
     ("train.max_nonfinite", lambda v: v >= 1, ">= 1"),
     ("train.early_stopping_patience", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("train.time_limit_minutes", lambda v: v is None or 0 < v < math.inf, "a positive number of minutes or null"),
     ("ema.half_life_images", lambda v: v > 0, "a positive number of images"),
     ("ema.rampup_ratio", lambda v: v is None or v > 0, "a positive number or null"),
     ("log.every", lambda v: v >= 0, ">= 0 (0 = never)"),

@@ -93,6 +93,9 @@ class Trainer:
     measured on the same dataset's raw images (``spectral_density.spectral_density_range``).
     """
 
+    # The clock of ``train.time_limit_minutes`` (seconds); tests replace it.
+    _clock = staticmethod(time.monotonic)
+
     def __init__(
         self,
         model: nn.Module,
@@ -181,7 +184,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------- training
 
     def fit(self) -> dict:
-        """Train up to ``config.train.steps`` optimiser steps (from the resumed step); returns a summary.
+        """Train up to ``config.train.steps`` optimiser steps (from the resumed step), fewer where early stopping
+        or ``train.time_limit_minutes`` ends the run; returns a summary.
 
         Raises NonFiniteLossError after ``train.max_nonfinite`` non-finite steps in a row.
         """
@@ -199,7 +203,9 @@ class Trainer:
         sample_batch = self._sample_batch() if self.is_main and config.log.sample_every else None
         progress = self._progress(total)
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        stopped_early = False
+        stopped_early = time_limit_reached = False
+        limit = config.train.time_limit_minutes
+        deadline = None if limit is None else self._clock() + 60.0 * limit
         try:
             while self.step < total:
                 loss, grad_norm, finite = self._train_step(batches)
@@ -231,6 +237,12 @@ class Trainer:
                     self.save()
                     stopped_early = True
                     break
+                if deadline is not None and self.step < total and self._past(deadline):
+                    if self.is_main:
+                        log.info("time limit: %g minutes of training reached at step %d", limit, self.step)
+                    self.save()
+                    time_limit_reached = True
+                    break
         finally:
             if progress is not None:
                 progress.close()
@@ -238,7 +250,12 @@ class Trainer:
                 self._write_plots()
                 if self._writer is not None:
                     self._writer.close()
-        return self.summary(stopped_early=stopped_early)
+        return self.summary(stopped_early=stopped_early, time_limit_reached=time_limit_reached)
+
+    def _past(self, deadline: float) -> bool:
+        """Whether any rank's clock has passed ``deadline`` (``_clock`` seconds): all ranks stop together."""
+        late = torch.tensor([float(self._clock() >= deadline)], device=self.device)
+        return bool(self._all_reduce(late).item() > 0)
 
     def _train_step(self, batches) -> tuple[float, float, bool]:
         """One optimiser step over ``grad_accum`` micro-batches; returns (mean loss, grad norm, finite)."""
