@@ -10,7 +10,10 @@ from training import train
 from training.config import ConfigError, TrainConfig, load_config
 from training.export import build_model_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "training" / "configs").glob("*.yaml"))
+from napari_iscat_diffusion.diffusion import load_checkpoint
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -124,3 +127,27 @@ def test_the_export_section_sets_the_sampling_and_guidance_defaults(tmp_path: Pa
             normalization,
             measured_density_range=(0.44, 1500.0),
         )
+
+
+def test_the_gpu_config_trains_a_network_whose_fp16_file_fits_the_package(tmp_path: Path) -> None:
+    # Its real network and loss for two steps of a small image, so that the config cannot rot while no GPU is at
+    # hand; the file limit of the bundled model is 20 MB (docs/model-card.md).
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        "data.simulator={image_size: [32, 32], particles_per_image: [1, 3]}",
+        "data.crop_size=[32, 32]",
+        "data.simulator_train_items=8",
+        "data.simulator_val_items=2",
+        "data.normalization_images=4",
+        "data.num_workers=0",
+        "train.batch_size=2",
+        "train.steps=2",
+        "log.val_every=2",
+        "log.val_timesteps=2",
+        "checkpoint.every=0",
+    ]
+    assert train.main(["--config", str(CONFIGS_DIR / "default_model_gpu.yaml"), *overrides]) == 0
+    exported = tmp_path / "run" / "model.safetensors"
+    assert 10e6 < exported.stat().st_size < 20e6
+    model = load_checkpoint(exported)
+    assert model.config.unet.channel_mults == (1, 2, 4, 4) and model.config.training["steps"] == 2
