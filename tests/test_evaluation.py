@@ -205,7 +205,13 @@ def test_distribution_distance_sees_a_scaled_contrast():
     median = np.median(reference)
     narrow = distribution_distance(median + 0.5 * (reference - median), reference)
     assert narrow["range_ratio"] == pytest.approx(0.5) and narrow["median"] == pytest.approx(median)
-    assert distribution_distance(np.zeros(0), reference)["wasserstein"] is None
+    # The percentiles show where the narrow sample parts from the reference: its tails, not its median.
+    levels, drawn, physics = (np.array(narrow["percentiles"][key]) for key in ("levels", "values", "reference"))
+    assert levels.tolist() == [5, 10, 25, 50, 75, 90, 95]
+    assert physics == pytest.approx(np.percentile(reference, levels))
+    assert drawn - median == pytest.approx(0.5 * (physics - median))
+    empty = distribution_distance(np.zeros(0), reference)
+    assert empty["wasserstein"] is None and empty["percentiles"] is None
     assert distribution_distance(reference, np.full(10, 0.02))["range_ratio"] is None
 
 

@@ -15,6 +15,7 @@ particles of one image share its reference phase and noise, so images, not parti
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import wasserstein_distance
@@ -142,16 +143,22 @@ def largest_spectrum_ratio(power: np.ndarray, reference_power: np.ndarray) -> tu
     return int(usable[worst]), float(ratios[worst])
 
 
-def distribution_distance(values: np.ndarray, reference: np.ndarray) -> dict[str, float | int | None]:
+# The percentiles (%) that distribution_distance reports of both samples: where two distributions part.
+PERCENTILE_LEVELS = (5, 10, 25, 50, 75, 90, 95)
+
+
+def distribution_distance(values: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     """Wasserstein-1 distance between two samples (same units as the values), relative to the reference's
-    spread (std) and median, with both medians and ``range_ratio``, the 10-90 % range of the values over that of
-    the reference (below 1: drawn too narrow); None where a sample is empty or the reference range is 0."""
+    spread (std) and median, with both medians, ``range_ratio``, the 10-90 % range of the values over that of
+    the reference (below 1: drawn too narrow), and both samples' ``percentiles`` at ``PERCENTILE_LEVELS``
+    (``{"levels", "values", "reference"}``); None where a sample is empty or the reference range is 0."""
     values = np.asarray(values, np.float64)
     reference = np.asarray(reference, np.float64)
     values, reference = values[np.isfinite(values)], reference[np.isfinite(reference)]
     out: dict[str, float | int | None] = {"count": int(values.size), "reference_count": int(reference.size)}
     if values.size == 0 or reference.size == 0:
-        return {**out, "wasserstein": None, "relative_to_spread": None, "relative_to_median": None, "range_ratio": None}
+        empty = ("wasserstein", "relative_to_spread", "relative_to_median", "range_ratio", "percentiles")
+        return {**out, **dict.fromkeys(empty)}
     distance = float(wasserstein_distance(values, reference))
     spread, median = float(np.std(reference)), float(np.median(reference))
     reference_range = float(np.subtract(*np.percentile(reference, [90, 10])))
@@ -165,6 +172,11 @@ def distribution_distance(values: np.ndarray, reference: np.ndarray) -> dict[str
         else None,
         "median": float(np.median(values)),
         "reference_median": median,
+        "percentiles": {
+            "levels": list(PERCENTILE_LEVELS),
+            "values": np.percentile(values, PERCENTILE_LEVELS).tolist(),
+            "reference": np.percentile(reference, PERCENTILE_LEVELS).tolist(),
+        },
     }
 
 
