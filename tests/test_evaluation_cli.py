@@ -143,6 +143,9 @@ def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
     assert report["metrics"]["settings"]["classifier_seeds"] == 2
     printed = capsys.readouterr().out
     assert "class 1: F1" in printed and "(two simulator sets: " in printed
+    contrast = report["metrics"]["physics"]["peak_contrast"]["1"]
+    median = contrast["median"] / contrast["reference_median"]
+    assert f"median {median:.3f} and range {contrast['range_ratio']:.3f} of the simulator's" in printed
     c2st_line = next(line for line in printed.splitlines() if line.startswith("C2ST accuracy"))
     assert "(two simulator sets: " in c2st_line
     spread = report["metrics"]["c2st"]["over_seeds"]

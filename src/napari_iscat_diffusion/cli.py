@@ -594,12 +594,16 @@ def _measurement_options(args: argparse.Namespace) -> dict:
 
 
 def _evaluation_summary(metrics: dict) -> str:
-    """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor), the
-    background's noise and line-pattern ratios, the power spectrum's largest ratio, and the C2ST accuracy, a line
-    each."""
+    """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor) and the
+    contrasts' median and 10-90 % range over the simulator's, the background's noise and line-pattern ratios, the
+    power spectrum's largest ratio, and the C2ST accuracy, a line each."""
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
+
+    def median_ratio(distance: dict) -> float | None:
+        median, reference = distance.get("median"), distance.get("reference_median")
+        return median / reference if median is not None and reference else None
 
     fidelity = metrics["fidelity"]["per_class"]
     contrast = metrics["physics"]["peak_contrast"]
@@ -608,7 +612,9 @@ def _evaluation_summary(metrics: dict) -> str:
         f"class {k}: F1 {number(fidelity[k]['f1']) if k in fidelity else '-'}, "
         f"contrast W/spread {number(contrast[k]['relative_to_spread'])} "
         f"+- {number(contrast[k].get('relative_to_spread_se'))} "
-        f"(two simulator sets: {number(floor.get(k, {}).get('relative_to_spread'))})"
+        f"(two simulator sets: {number(floor.get(k, {}).get('relative_to_spread'))}), "
+        f"median {number(median_ratio(contrast[k]))} and range {number(contrast[k]['range_ratio'])} "
+        "of the simulator's"
         for k in contrast
     ]
     physics, floor_physics = metrics["physics"], metrics["reference_floor"]
