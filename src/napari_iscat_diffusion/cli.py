@@ -597,13 +597,10 @@ def _evaluation_summary(metrics: dict) -> str:
     """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor) and the
     contrasts' median and 10-90 % range over the simulator's, the background's noise and line-pattern ratios, the
     power spectrum's largest ratio, and the C2ST accuracy, a line each."""
+    from .evaluation.statistics import median_ratio
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
-
-    def median_ratio(distance: dict) -> float | None:
-        median, reference = distance.get("median"), distance.get("reference_median")
-        return median / reference if median is not None and reference else None
 
     fidelity = metrics["fidelity"]["per_class"]
     contrast = metrics["physics"]["peak_contrast"]

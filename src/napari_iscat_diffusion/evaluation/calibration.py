@@ -23,6 +23,7 @@ from .evaluate import (
     simulated_set,
     simulation_parameters_for,
 )
+from .statistics import median_ratio
 
 # Seeds of the calibration set: above the training (0, ...) and validation (1e9, ...) seeds of training/data.py
 # and below the evaluation's held-out (3e9) and floor (4e9) sets, so the evaluation stays independent of it.
@@ -107,9 +108,7 @@ def calibrate_class_guidance(
         contrast = physics_statistics(ImageSet(images, reference.masks, reference.particles), reference, radius)
         for label, distance in contrast["peak_contrast"].items():
             distances.setdefault(label, []).append(distance["relative_to_spread"])
-            ratio = None
-            if distance["relative_to_spread"] is not None and distance["reference_median"]:
-                ratio = distance["median"] / distance["reference_median"]
+            ratio = median_ratio(distance) if distance["relative_to_spread"] is not None else None
             medians.setdefault(label, []).append(ratio)
             ranges.setdefault(label, []).append(distance["range_ratio"])
     best = {

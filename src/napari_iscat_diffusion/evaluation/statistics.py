@@ -180,6 +180,13 @@ def distribution_distance(values: np.ndarray, reference: np.ndarray) -> dict[str
     }
 
 
+def median_ratio(distance: dict[str, Any]) -> float | None:
+    """The generated median over the reference's from a :func:`distribution_distance` result; None where a sample
+    was empty or the reference median is 0."""
+    median, reference = distance.get("median"), distance.get("reference_median")
+    return median / reference if median is not None and reference else None
+
+
 def relative_distance_standard_error(
     values_per_image: Sequence[np.ndarray],
     reference_per_image: Sequence[np.ndarray],
