@@ -73,6 +73,44 @@ def test_min_snr_weights():
     assert eps_weights[0] < 0.06 and eps_weights[2] == 1.0
 
 
+def test_a_min_snr_floor_raises_only_the_weights_of_the_high_noise_levels():
+    alpha_bar = torch.tensor([0.99, 0.5, 0.01, 1e-4], dtype=torch.float64)
+    snr = alpha_bar / (1 - alpha_bar)
+    plain = _min_snr_weight(alpha_bar, 5.0, "x0")
+    floored = _min_snr_weight(alpha_bar, 5.0, "x0", floor=0.05)
+    torch.testing.assert_close(floored[:2], plain[:2])
+    torch.testing.assert_close(floored[2:], torch.full((2,), 0.05, dtype=torch.float64))
+    assert plain[3] < 2e-4  # without the floor sigma = 100 counts 1 / 10 000
+    torch.testing.assert_close(_min_snr_weight(alpha_bar, 5.0, "v", floor=0.05), floored / (snr + 1))
+
+
+def test_the_loss_passes_the_floor_to_the_weight_of_each_image():
+    schedule = cosine_schedule(1000)
+    x0, cond = _batch()
+    net = _ErrsAt(schedule, x0, torch.ones_like(x0, dtype=torch.bool))
+    t = torch.full((len(x0),), 990)
+    losses = [
+        diffusion_loss(
+            net,
+            schedule,
+            "v",
+            x0,
+            cond,
+            cond_drop_prob=0.0,
+            min_snr_gamma=5.0,
+            min_snr_floor=floor,
+            timesteps=t,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for floor in (0.0, 0.01)
+    ]
+    alpha_bar = schedule.alphas_cumprod[990].double()
+    snr = float(alpha_bar / (1 - alpha_bar))
+    # a v error of 1 everywhere costs 1 times the v weight, min(SNR, 5) / (SNR + 1) or 0.01 / (SNR + 1)
+    assert losses[0].item() == pytest.approx(snr / (snr + 1), rel=1e-4)
+    assert losses[1].item() == pytest.approx(0.01 / (snr + 1), rel=1e-4)
+
+
 def test_particle_neighbourhood_dilates_the_labelled_pixels_of_the_condition():
     labels = torch.zeros(2, 12, 12, dtype=torch.long)
     labels[0, 5, 5] = 2

@@ -96,6 +96,8 @@ class TrainSection:
     ``batch_size * grad_accum * world_size`` images. ``precision``: "auto" is bf16 autocast on CUDA, fp32 on CPU.
     ``particle_loss_weight``: pixels within ``particle_loss_radius_px`` (px) of a mask particle count
     ``1 + particle_loss_weight`` times in the loss (training and validation); 0 weighs every pixel the same.
+    ``min_snr_gamma``, ``min_snr_floor``: the clean-image error weighs ``max(min(SNR, gamma), floor)`` (min-SNR
+    weighting, Hang et al. 2023, with a floor for the high noise levels; gamma null: the plain target MSE).
     ``time_limit_minutes``: end the run (checkpoint, export) at the first step after this much training time
     (minutes of wall clock since ``fit`` began; null: no limit), e.g. inside a cluster job's time limit."""
 
@@ -104,6 +106,7 @@ class TrainSection:
     grad_accum: int = 1
     cond_drop_prob: float = 0.1
     min_snr_gamma: float | None = 5.0
+    min_snr_floor: float = 0.0
     particle_loss_weight: float = 0.0
     particle_loss_radius_px: int = 4
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -260,6 +263,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.grad_accum", lambda v: v >= 1, ">= 1"),
     ("train.cond_drop_prob", lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
     ("train.min_snr_gamma", lambda v: v is None or v > 0, "a positive number or null"),
+    ("train.min_snr_floor", lambda v: 0 <= v < math.inf, ">= 0 (0 = min-SNR as published)"),
     ("train.particle_loss_weight", lambda v: 0 <= v < math.inf, ">= 0 (0 = every pixel weighs the same)"),
     ("train.particle_loss_radius_px", lambda v: v >= 0, ">= 0 pixels"),
     ("train.max_nonfinite", lambda v: v >= 1, ">= 1"),
@@ -285,6 +289,12 @@ def _check_values(config: TrainConfig) -> None:
         value = getattr(getattr(config, section), name)
         if not test(value):
             raise ConfigError(f"{key}: must be {expected}, got {value!r}")
+    train = config.train
+    if train.min_snr_floor > 0 and (train.min_snr_gamma is None or train.min_snr_floor >= train.min_snr_gamma):
+        raise ConfigError(
+            f"train.min_snr_floor: a floor of {train.min_snr_floor} needs train.min_snr_gamma above it "
+            f"(got {train.min_snr_gamma}); the floor bounds the min-SNR weight from below"
+        )
     if not config.log.val_every:
         # Both act on validation results: without validations they would silently never act.
         if config.optim.schedule == "plateau":

@@ -19,6 +19,7 @@ def diffusion_loss(
     *,
     cond_drop_prob: float = 0.1,
     min_snr_gamma: float | None = None,
+    min_snr_floor: float = 0.0,
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
     particle_weight: float = 0.0,
@@ -37,6 +38,9 @@ def diffusion_loss(
             trains the unconditional branch for classifier-free guidance.
         min_snr_gamma: if given, weight each image's loss by min(SNR, gamma) / SNR expressed for the
             chosen target (Hang et al. 2023); None gives the plain mean squared error of the target.
+        min_snr_floor: with ``min_snr_gamma``, the weight of the clean-image error is
+            ``max(min(SNR, gamma), floor)``: noise levels above sigma = floor^-1/2 (in units of the signal)
+            count as much as that level instead of 1 / sigma^2. 0 is Hang et al.'s min-SNR.
         generator: random generator for timesteps, noise and condition dropout (on x0's device).
         timesteps: int64 timesteps (N,) to use instead of random ones (a fixed grid for validation).
         particle_weight: extra weight of the pixels within ``particle_radius_px`` (px, square neighbourhood)
@@ -73,7 +77,7 @@ def diffusion_loss(
     else:
         per_image = squared.mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
-        per_image = per_image * _min_snr_weight(alpha_bar.view(-1), min_snr_gamma, parameterization)
+        per_image = per_image * _min_snr_weight(alpha_bar.view(-1), min_snr_gamma, parameterization, min_snr_floor)
     return per_image.mean()
 
 
@@ -84,10 +88,14 @@ def particle_neighbourhood(cond: torch.Tensor, radius_px: int) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(labelled, kernel_size=2 * radius_px + 1, stride=1, padding=radius_px)
 
 
-def _min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: Parameterization) -> torch.Tensor:
+def _min_snr_weight(
+    alpha_bar: torch.Tensor, gamma: float, parameterization: Parameterization, floor: float = 0.0
+) -> torch.Tensor:
     # min(SNR, gamma) is the weight of the x0 loss; eps and v losses are that x0 loss scaled by SNR and SNR + 1.
+    # Without a floor the x0 loss at high noise weighs SNR = 1 / sigma^2, which leaves the levels at which the
+    # particles' contrasts are decided (sigma 30-80 for iSCAT beads) almost untrained (docs/model-history.md).
     snr = alpha_bar / (1 - alpha_bar)
-    clipped = snr.clamp(max=gamma)
+    clipped = snr.clamp(min=floor, max=gamma)
     if parameterization == "eps":
         return clipped / snr
     if parameterization == "v":
