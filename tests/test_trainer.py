@@ -242,20 +242,27 @@ def test_the_time_limit_ends_the_run_with_a_checkpoint_and_a_resume_continues(tm
     assert summary["steps"] == 8 and not summary["time_limit_reached"]
 
 
-def test_the_particle_loss_weight_reaches_the_training_and_validation_losses(
+def test_the_loss_weights_reach_the_training_and_validation_losses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = []
     real = trainer_module.diffusion_loss
 
     def recording(*args, **kwargs):
-        seen.append((kwargs["particle_weight"], kwargs["particle_radius_px"], kwargs.get("timesteps") is None))
+        weights = (kwargs["particle_weight"], kwargs["particle_radius_px"], kwargs["min_snr_floor"])
+        seen.append((weights, kwargs.get("timesteps") is None))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "diffusion_loss", recording)
-    config = tiny_config(tmp_path, "train.steps=1", "train.particle_loss_weight=9", "train.particle_loss_radius_px=3")
+    config = tiny_config(
+        tmp_path,
+        "train.steps=1",
+        "train.particle_loss_weight=9",
+        "train.particle_loss_radius_px=3",
+        "train.min_snr_floor=0.02",
+    )
     trainer = tiny_trainer(config)
     trainer.fit()
     trainer.validate()
-    assert {(w, r) for w, r, _ in seen} == {(9.0, 3)}
-    assert {training for _, _, training in seen} == {True, False}  # both a training and a validation call
+    assert {weights for weights, _ in seen} == {(9.0, 3, 0.02)}
+    assert {training for _, training in seen} == {True, False}  # both a training and a validation call
