@@ -1,9 +1,11 @@
 """How well checkpoints denoise held-out simulator images, noise level by noise level.
 
-Each held-out image (the evaluation's, seeds from 3e9) is noised to a level sigma (normalised units, the
-background's noise is about 1, a bead's peak 10-60) with the same noise for every checkpoint, and each
-checkpoint's denoiser (with its mask, no guidance) predicts the clean image. Prints, per checkpoint and
-sigma, the mean squared error of that prediction (normalised units squared) over the pixels within 4 px of
+Each held-out image (the evaluation's, seeds from 3e9) is noised to a level sigma (in the normalised units
+of the first checkpoint: the background's noise is about 1, a bead's peak 10-60) with the same noise for
+every checkpoint, and each checkpoint's denoiser (with its mask, no guidance) predicts the clean image.
+Checkpoints whose normalisations differ (a fine-tune recomputes it from its data) see the same physical
+noise, sigma in their own units scaled accordingly. Prints, per checkpoint and sigma, the mean squared
+error of that prediction (the first checkpoint's normalised units squared) over the pixels within 4 px of
 a particle of each class and over the rest (background), and the ratio of each checkpoint's error to the
 first one's. At a given sigma the best possible error is the data's own uncertainty, so the ratios compare
 checkpoints; the training loss weighs these errors by the min-SNR weight (``train.min_snr_gamma``,
@@ -44,11 +46,15 @@ def pixel_groups(masks: torch.Tensor, num_classes: int) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def errors_by_sigma(path: Path, images: np.ndarray, masks: np.ndarray, sigmas: tuple[float, ...], batch: int) -> dict:
-    """``{sigma: {group: mean squared error}}`` of the checkpoint at ``path`` on images (N, H, W) with label
-    masks (N, H, W); the noise for image i at the j-th sigma comes from seed ``1000 * j + i``."""
+def errors_by_sigma(
+    path: Path, images: np.ndarray, masks: np.ndarray, sigmas: tuple[float, ...], batch: int, unit: float
+) -> dict:
+    """``{sigma: {group: mean squared error}}`` of the checkpoint at ``path`` on physical images (N, H, W) with
+    label masks (N, H, W), sigma and errors in units of ``unit`` (the physical size of one normalised unit of
+    the first checkpoint); the noise for image i at the j-th sigma comes from seed ``1000 * j + i``."""
     model = load_checkpoint(path)
     mean, std = model.config.normalization["mean"][0], model.config.normalization["std"][0]
+    to_unit = std / unit
     denoise = model.denoiser()
     x0 = torch.from_numpy((images - mean) / std).float().unsqueeze(1)
     labels = torch.from_numpy(masks.astype(np.int64))
@@ -65,8 +71,9 @@ def errors_by_sigma(path: Path, images: np.ndarray, masks: np.ndarray, sigmas: t
                 ]
             )
             cond = encode_condition(labels[part], model.config.num_classes)
-            prediction = denoise(x0[part] + sigma * noise, torch.full((len(noise),), sigma), cond)
-            squared[part] = (prediction - x0[part]) ** 2
+            own_sigma = sigma / to_unit
+            prediction = denoise(x0[part] + own_sigma * noise, torch.full((len(noise),), own_sigma), cond)
+            squared[part] = ((prediction - x0[part]) * to_unit) ** 2
         out[sigma] = {name: float(squared[where].mean()) if where.any() else None for name, where in groups.items()}
     return out
 
@@ -83,9 +90,11 @@ def main() -> None:
     args = parser.parse_args()
     paths = args.checkpoints or [bundled_model_path()]
     torch.set_grad_enabled(False)
-    reference = simulated_set(simulation_parameters_for(load_checkpoint(paths[0]), args.size), args.n, HELD_OUT_SEED)
+    first_model = load_checkpoint(paths[0])
+    reference = simulated_set(simulation_parameters_for(first_model, args.size), args.n, HELD_OUT_SEED)
+    unit = first_model.config.normalization["std"][0]
     sigmas = tuple(args.sigmas)
-    results = {str(p): errors_by_sigma(p, reference.images, reference.masks, sigmas, args.batch) for p in paths}
+    results = {str(p): errors_by_sigma(p, reference.images, reference.masks, sigmas, args.batch, unit) for p in paths}
     first = results[str(paths[0])]
     for path, errors in results.items():
         print(path)
