@@ -28,7 +28,10 @@ SAMPLER = "dpmpp_2m"
 
 
 def network_passes(model: LoadedModel, steps: int) -> int:
-    """Network passes per image of DPM-Solver++ at ``steps`` steps with the model's guidance interval."""
+    """Network passes per image of DPM-Solver++ at ``steps`` steps with the model's guidance and its interval."""
+    config = model.config
+    if config.default_guidance == 1.0 and all(w == 1.0 for w in config.default_class_guidance.values()):
+        return steps  # unguided: the conditional branch alone at every step
     interval = model.config.default_guidance_interval or EVERY_NOISE_LEVEL
     return steps + guided_steps(model.sampling_sigmas(SAMPLER, steps), interval)
 
