@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common import bundled_model_path, machine_info, write_results
-from napari_iscat_diffusion.diffusion import load_checkpoint
+from napari_iscat_diffusion.diffusion import LoadedModel, load_checkpoint
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition
 from napari_iscat_diffusion.evaluation.evaluate import HELD_OUT_SEED, simulated_set, simulation_parameters_for
 
@@ -47,12 +47,11 @@ def pixel_groups(masks: torch.Tensor, num_classes: int) -> dict[str, torch.Tenso
 
 @torch.no_grad()
 def errors_by_sigma(
-    path: Path, images: np.ndarray, masks: np.ndarray, sigmas: tuple[float, ...], batch: int, unit: float
+    model: LoadedModel, images: np.ndarray, masks: np.ndarray, sigmas: tuple[float, ...], batch: int, unit: float
 ) -> dict:
-    """``{sigma: {group: mean squared error}}`` of the checkpoint at ``path`` on physical images (N, H, W) with
-    label masks (N, H, W), sigma and errors in units of ``unit`` (the physical size of one normalised unit of
-    the first checkpoint); the noise for image i at the j-th sigma comes from seed ``1000 * j + i``."""
-    model = load_checkpoint(path)
+    """``{sigma: {group: mean squared error}}`` of ``model`` on physical images (N, H, W) with label masks
+    (N, H, W), sigma and errors in units of ``unit`` (the physical size of one normalised unit of the first
+    checkpoint); the noise for image i at the j-th sigma comes from seed ``1000 * j + i``."""
     mean, std = model.config.normalization["mean"][0], model.config.normalization["std"][0]
     to_unit = std / unit
     denoise = model.denoiser()
@@ -61,6 +60,7 @@ def errors_by_sigma(
     groups = pixel_groups(labels, model.config.num_classes)
     out = {}
     for j, sigma in enumerate(sigmas):
+        own_sigma = sigma / to_unit
         squared = torch.empty_like(x0)
         for start in range(0, len(x0), batch):
             part = slice(start, start + batch)
@@ -71,7 +71,6 @@ def errors_by_sigma(
                 ]
             )
             cond = encode_condition(labels[part], model.config.num_classes)
-            own_sigma = sigma / to_unit
             prediction = denoise(x0[part] + own_sigma * noise, torch.full((len(noise),), own_sigma), cond)
             squared[part] = ((prediction - x0[part]) * to_unit) ** 2
         out[sigma] = {name: float(squared[where].mean()) if where.any() else None for name, where in groups.items()}
@@ -90,20 +89,27 @@ def main() -> None:
     args = parser.parse_args()
     paths = args.checkpoints or [bundled_model_path()]
     torch.set_grad_enabled(False)
-    first_model = load_checkpoint(paths[0])
+    models = {str(p): load_checkpoint(p) for p in paths}
+    first_model = models[str(paths[0])]
     reference = simulated_set(simulation_parameters_for(first_model, args.size), args.n, HELD_OUT_SEED)
     unit = first_model.config.normalization["std"][0]
     sigmas = tuple(args.sigmas)
-    results = {str(p): errors_by_sigma(p, reference.images, reference.masks, sigmas, args.batch, unit) for p in paths}
+    results = {
+        path: errors_by_sigma(model, reference.images, reference.masks, sigmas, args.batch, unit)
+        for path, model in models.items()
+    }
     first = results[str(paths[0])]
     for path, errors in results.items():
         print(path)
         for sigma in sigmas:
             cells = []
             for name, value in errors[sigma].items():
+                if value is None:
+                    cells.append(f"{name} -")
+                    continue
                 base = first[sigma][name]
-                ratio = "" if value is None or not base or path == str(paths[0]) else f" ({value / base:.3f}x)"
-                cells.append(f"{name} {value:.4g}{ratio}" if value is not None else f"{name} -")
+                ratio = f" ({value / base:.3f}x)" if base and errors is not first else ""
+                cells.append(f"{name} {value:.4g}{ratio}")
             print(f"  sigma {sigma:7g}: " + ", ".join(cells))
     write_results(
         "denoising_error_by_sigma",
