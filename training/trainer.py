@@ -257,6 +257,24 @@ class Trainer:
         late = torch.tensor([float(self._clock() >= deadline)], device=self.device)
         return bool(self._all_reduce(late).item() > 0)
 
+    def _loss(self, model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, **sampling) -> torch.Tensor:
+        """``diffusion_loss`` of ``model`` on ``x0`` with this run's loss weights; ``sampling`` names the
+        condition dropout, generator and (for validation) timesteps, which differ between training and
+        validation."""
+        train = self.config.train
+        return diffusion_loss(
+            model,
+            self.schedule,
+            self.config.model.parameterization,
+            x0,
+            cond,
+            min_snr_gamma=train.min_snr_gamma,
+            min_snr_floor=train.min_snr_floor,
+            particle_weight=train.particle_loss_weight,
+            particle_radius_px=train.particle_loss_radius_px,
+            **sampling,
+        )
+
     def _train_step(self, batches) -> tuple[float, float, bool]:
         """One optimiser step over ``grad_accum`` micro-batches; returns (mean loss, grad norm, finite)."""
         train = self.config.train
@@ -272,18 +290,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
             with sync:
                 with self.autocast:
-                    loss = diffusion_loss(
-                        self.model,
-                        self.schedule,
-                        self.config.model.parameterization,
-                        x0,
-                        cond,
-                        cond_drop_prob=train.cond_drop_prob,
-                        min_snr_gamma=train.min_snr_gamma,
-                        min_snr_floor=train.min_snr_floor,
-                        generator=self.generator,
-                        particle_weight=train.particle_loss_weight,
-                        particle_radius_px=train.particle_loss_radius_px,
+                    loss = self._loss(
+                        self.model, x0, cond, cond_drop_prob=train.cond_drop_prob, generator=self.generator
                     )
                 (loss / train.grad_accum).backward()
             losses.append(loss.detach())
@@ -333,19 +341,13 @@ class Trainer:
             for j, t in enumerate(grid.tolist()):
                 generator = torch.Generator(self.device).manual_seed(_seed(config.seed, self.rank, b, j, 2))
                 with self.autocast:
-                    loss = diffusion_loss(
+                    loss = self._loss(
                         self.ema.module,
-                        self.schedule,
-                        config.model.parameterization,
                         x0,
                         cond,
                         cond_drop_prob=0.0,
-                        min_snr_gamma=config.train.min_snr_gamma,
-                        min_snr_floor=config.train.min_snr_floor,
                         generator=generator,
                         timesteps=torch.full((len(x0),), t, device=self.device),
-                        particle_weight=config.train.particle_loss_weight,
-                        particle_radius_px=config.train.particle_loss_radius_px,
                     )
                 totals += torch.stack([loss.double() * len(x0), torch.tensor(len(x0), device=self.device)])
         total, count = self._all_reduce(totals).tolist()
