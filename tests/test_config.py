@@ -62,6 +62,8 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("train.min_snr_floor=-0.1", r"train\.min_snr_floor: must be >= 0"),
         (("train.min_snr_floor=0.01", "train.min_snr_gamma=null"), r"train\.min_snr_floor: a floor of 0\.01 needs"),
         ("train.min_snr_floor=5", r"train\.min_snr_floor: a floor of 5\.0? needs train\.min_snr_gamma above it"),
+        ("train.sigma_range=[80, 30]", r"train\.sigma_range: must be \[low, high\] with 0 < low < high"),
+        ("train.sigma_range=[1e6, 1e7]", r"train\.sigma_range: no timestep has a sigma between 1e\+06 and 1e\+07"),
         ("train.time_limit_minutes=0", r"train\.time_limit_minutes: must be a positive number of minutes"),
         ("log.sampler=magic", r"log\.sampler: unknown sampler 'magic'"),
         ("model.schedule={name: quadratic}", r"model\.schedule: unknown noise schedule"),

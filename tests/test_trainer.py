@@ -266,3 +266,27 @@ def test_the_loss_weights_reach_the_training_and_validation_losses(
     trainer.validate()
     assert {weights for weights, _ in seen} == {(9.0, 3, 0.02)}
     assert {training for _, training in seen} == {True, False}  # both a training and a validation call
+
+
+def test_a_sigma_range_limits_the_training_and_validation_timesteps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    real = trainer_module.diffusion_loss
+
+    def recording(net, *args, **kwargs):
+        def watched(x_t, t, cond):
+            seen.append(t.clone())
+            return net(x_t, t, cond)
+
+        return real(watched, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", recording)
+    trainer = tiny_trainer(tiny_config(tmp_path, "train.steps=4", "log.val_every=0", "train.sigma_range=[10, 300]"))
+    trainer.fit()
+    trainer.validate()
+    sigmas = trainer.schedule.sigmas[torch.cat(seen).long()]
+    assert len(seen) > 4 and bool(((sigmas >= 10) & (sigmas <= 300)).all())
+    first, last = trainer.timestep_range
+    assert trainer.schedule.sigmas[first - 1] < 10 <= trainer.schedule.sigmas[first]
+    assert trainer.schedule.sigmas[last] <= 300 < trainer.schedule.sigmas[last + 1]

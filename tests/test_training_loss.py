@@ -161,3 +161,25 @@ def test_particle_weight_counts_the_pixels_near_particles_more(error_near_partic
     assert (loss(9.0) > plain) == error_near_particles
     # A dropped condition shows the network no particles, so no pixel may weigh more.
     assert loss(9.0, drop=1.0) == pytest.approx(plain)
+
+
+def test_a_timestep_range_draws_only_timesteps_inside_it():
+    schedule = cosine_schedule(1000)
+    x0, cond = _batch(256)
+    net = _TimestepRecorder(schedule, x0, "v")
+    diffusion_loss(net, schedule, "v", x0, cond, timestep_range=(900, 920), generator=torch.Generator().manual_seed(3))
+    drawn = net.timesteps[0]
+    assert int(drawn.min()) == 900 and int(drawn.max()) == 920
+    net = _TimestepRecorder(schedule, x0, "v")
+    diffusion_loss(net, schedule, "v", x0, cond, generator=torch.Generator().manual_seed(3))
+    assert int(net.timesteps[0].min()) < 900
+
+
+class _TimestepRecorder(_Oracle):
+    def __init__(self, schedule, x0, answers_in):
+        super().__init__(schedule, x0, answers_in)
+        self.timesteps = []
+
+    def forward(self, x_t, t, cond):
+        self.timesteps.append(t)
+        return super().forward(x_t, t, cond)

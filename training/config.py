@@ -98,6 +98,9 @@ class TrainSection:
     ``1 + particle_loss_weight`` times in the loss (training and validation); 0 weighs every pixel the same.
     ``min_snr_gamma``, ``min_snr_floor``: the clean-image error weighs ``max(min(SNR, gamma), floor)`` (min-SNR
     weighting, Hang et al. 2023, with a floor for the high noise levels; gamma null: the plain target MSE).
+    ``sigma_range``: ``[low, high]`` (normalised units) trains and validates on the timesteps whose noise
+    level lies in that range only, e.g. a network for the high noise levels at which particles' contrasts are
+    decided; null: every timestep.
     ``time_limit_minutes``: end the run (checkpoint, export) at the first step after this much training time
     (minutes of wall clock since ``fit`` began; null: no limit), e.g. inside a cluster job's time limit."""
 
@@ -109,6 +112,7 @@ class TrainSection:
     min_snr_floor: float = 0.0
     particle_loss_weight: float = 0.0
     particle_loss_radius_px: int = 4
+    sigma_range: tuple[float, float] | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite: int = 10
@@ -295,6 +299,14 @@ def _check_values(config: TrainConfig) -> None:
             f"train.min_snr_floor: a floor of {train.min_snr_floor} needs train.min_snr_gamma above it "
             f"(got {train.min_snr_gamma}); the floor bounds the min-SNR weight from below"
         )
+    if train.sigma_range is not None:
+        low, high = train.sigma_range
+        if not 0 < low < high:
+            raise ConfigError(f"train.sigma_range: must be [low, high] with 0 < low < high, got {[low, high]}")
+        try:
+            schedule_from_config(config.model.schedule).timesteps_between(low, high)
+        except ValueError as err:
+            raise ConfigError(f"train.sigma_range: {err}") from err
     if not config.log.val_every:
         # Both act on validation results: without validations they would silently never act.
         if config.optim.schedule == "plateau":

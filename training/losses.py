@@ -22,6 +22,7 @@ def diffusion_loss(
     min_snr_floor: float = 0.0,
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
+    timestep_range: tuple[int, int] | None = None,
     particle_weight: float = 0.0,
     particle_radius_px: int = 4,
 ) -> torch.Tensor:
@@ -43,6 +44,8 @@ def diffusion_loss(
             count as much as that level instead of 1 / sigma^2. 0 is Hang et al.'s min-SNR.
         generator: random generator for timesteps, noise and condition dropout (on x0's device).
         timesteps: int64 timesteps (N,) to use instead of random ones (a fixed grid for validation).
+        timestep_range: (first, last) timestep, inclusive, to draw random timesteps from instead of all of
+            the schedule's (a network trained for a range of noise levels only); ignored with ``timesteps``.
         particle_weight: extra weight of the pixels within ``particle_radius_px`` (px, square neighbourhood)
             of a labelled pixel of the condition the network sees: those pixels count ``1 + particle_weight``
             times, and each image's loss is the weighted mean. 0 gives every pixel the same weight.
@@ -56,7 +59,8 @@ def diffusion_loss(
     device = x0.device
     x0 = x0.float()
     if timesteps is None:
-        t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=generator)
+        first, last = (0, schedule.num_timesteps - 1) if timestep_range is None else timestep_range
+        t = torch.randint(first, last + 1, (n,), device=device, generator=generator)
     else:
         t = timesteps.to(device=device, dtype=torch.long)
     alpha_bar = schedule.alphas_cumprod.to(device)[t].float().view(-1, 1, 1, 1)

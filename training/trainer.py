@@ -121,6 +121,9 @@ class Trainer:
             self.model = DistributedDataParallel(model, device_ids=device_ids)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.schedule = schedule_from_config(config.model.schedule)
+        sigma_range = config.train.sigma_range
+        all_timesteps = (0, self.schedule.num_timesteps - 1)
+        self.timestep_range = all_timesteps if sigma_range is None else self.schedule.timesteps_between(*sigma_range)
         optim = config.optim
         self.lr_scale = 1.0  # the plateau schedule's reductions so far
         self.optimizer = torch.optim.AdamW(
@@ -272,6 +275,7 @@ class Trainer:
             min_snr_floor=train.min_snr_floor,
             particle_weight=train.particle_loss_weight,
             particle_radius_px=train.particle_loss_radius_px,
+            timestep_range=self.timestep_range,
             **sampling,
         )
 
@@ -332,9 +336,10 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """EMA model's mean loss over this run's validation data, on ``log.val_timesteps`` evenly spaced
-        timesteps with noise seeded per (rank, batch, timestep), so that values compare across steps."""
+        timesteps (of ``train.sigma_range`` where given) with noise seeded per (rank, batch, timestep), so that
+        values compare across steps."""
         config = self.config
-        grid = torch.linspace(0, self.schedule.num_timesteps - 1, config.log.val_timesteps).round().long()
+        grid = torch.linspace(*self.timestep_range, config.log.val_timesteps).round().long()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for b, batch in enumerate(self.val_loader):
             x0, cond = self._inputs(batch)
