@@ -40,7 +40,7 @@ import torch
 from napari_iscat_diffusion.cli import main as cli_main
 from napari_iscat_diffusion.diffusion import LoadedModel, load_checkpoint
 from napari_iscat_diffusion.diffusion.checkpoint import file_sha256
-from napari_iscat_diffusion.diffusion.denoiser import ConditionalDenoiser
+from napari_iscat_diffusion.diffusion.denoiser import in_other_units
 from napari_iscat_diffusion.diffusion.guidance import (
     EVERY_NOISE_LEVEL,
     check_guidance_interval,
@@ -51,19 +51,6 @@ from napari_iscat_diffusion.io.atomic import atomic_write_text
 
 generate_module = importlib.import_module("napari_iscat_diffusion.diffusion.generate")
 evaluate_module = importlib.import_module("napari_iscat_diffusion.evaluation.evaluate")
-
-
-def guide_in_main_units(guide: LoadedModel, main: LoadedModel) -> ConditionalDenoiser:
-    """The guide's ``denoise(x, sigma, cond)`` for x and sigma in the main model's normalised units."""
-    main_std, main_mean = main.config.normalization["std"][0], main.config.normalization["mean"][0]
-    guide_std, guide_mean = guide.config.normalization["std"][0], guide.config.normalization["mean"][0]
-    ratio, shift = main_std / guide_std, (main_mean - guide_mean) / guide_std
-    denoise = guide.denoiser()
-
-    def in_main_units(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return (denoise(x * ratio + shift, sigma * ratio, cond) - shift) / ratio
-
-    return in_main_units
 
 
 def labels_of(cond: torch.Tensor) -> torch.Tensor:
@@ -89,7 +76,7 @@ def autoguided_denoiser_factory(
     state: dict = {}
 
     def bind(model: LoadedModel) -> None:
-        state["guide"] = guide_in_main_units(guide, model)
+        state["guide"] = in_other_units(guide.denoiser(), guide.config.normalization, model.config.normalization)
         state["background"] = model.config.default_guidance
         state["class_guidance"] = model.config.default_class_guidance
 

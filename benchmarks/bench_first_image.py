@@ -43,7 +43,7 @@ def main() -> None:
 
     start = time.perf_counter()
     model, description = benchmark_model(args.quick, args.model)
-    model.net.to(device)
+    model.to(device)
     load_seconds = time.perf_counter() - start
     sampler, steps = model.sampler_and_steps(args.sampler, 2 if args.quick and args.steps is None else args.steps)
     guidance = model.config.default_guidance if args.guidance is None else args.guidance

@@ -34,7 +34,7 @@ def run_case(size: int, tiled: bool, args: argparse.Namespace) -> dict:
     """Generate one image in this process and report its memory and time."""
     device = resolve_device(args.device)
     model, description = benchmark_model(args.quick, args.model)
-    model.net.to(device)
+    model.to(device)
     mask = blob_mask(size, model.config.num_classes)
     baseline = peak_rss_mb()
     if device.type == "cuda":

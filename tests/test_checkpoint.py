@@ -10,7 +10,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from tests.tiny_models import tiny_unet_config
+from tests.tiny_models import perturbed_net, tiny_unet_config
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion.diffusion.checkpoint import (
@@ -46,13 +46,7 @@ def make_config(**overrides) -> ModelConfig:
 
 
 def make_net(seed: int = 0) -> ConditionalUNet:
-    """The tiny network with every parameter perturbed, so that its (zero-initialised) output is not trivial."""
-    torch.manual_seed(seed)
-    net = ConditionalUNet(TINY)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return net.eval()
+    return perturbed_net(TINY, seed)
 
 
 @pytest.fixture

@@ -210,7 +210,7 @@ def test_the_ends_of_a_guidance_interval_reach_the_multistep_sampler_as_breaks(m
     generate(_mask(), model, steps=2, guidance=3.0, guidance_interval=(2.0, 45.0))
     generate(_mask(), model, steps=2, guidance=1.0, guidance_interval=(2.0, 45.0))  # nothing is guided: no jump
     generate(_mask(), model, steps=2, guidance=3.0)
-    assert seen == [[2.0], [2.0, 45.0], None, []]
+    assert seen == [[2.0], [2.0, 45.0], None, None]
 
 
 def test_the_guidance_interval_defaults_to_the_model_value(tmp_path):

@@ -34,3 +34,14 @@ def save_tiny_checkpoint(path, *, training: dict | None = None, **unet_overrides
     )
     torch.manual_seed(0)
     return save_checkpoint(path, ConditionalUNet(unet), config)
+
+
+def perturbed_net(unet: UNetConfig, seed: int = 0) -> ConditionalUNet:
+    """The network of ``unet`` with every parameter perturbed (seeded), so that its zero-initialised output is not
+    trivial; in eval mode."""
+    torch.manual_seed(seed)
+    net = ConditionalUNet(unet)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return net.eval()

@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..io.atomic import atomic_write_bytes
-from .denoiser import DiscreteTimeDenoiser
+from .denoiser import DiscreteTimeDenoiser, NoiseLevelSwitch, in_other_units, std_ratio
 from .device import resolve_device
 from .grid_fit import FITTED_SAMPLERS, fitted_sigmas
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
@@ -36,6 +36,7 @@ from .unet import ConditionalUNet, UNetConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = "napari_iscat_diffusion"
+EXPERT_PREFIX = "high_noise_expert."  # names of the second network's tensors (``ModelConfig.high_noise_expert``)
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
 _REQUIRED_FIELDS = ("unet", "schedule", "parameterization", "normalization")
@@ -52,6 +53,7 @@ _OPTIONAL_FIELDS = (
     "sde_sigma_min",
     "class_names",
     "training",
+    "high_noise_expert",
 )
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _MAX_TIMESTEPS = 100_000  # guards against a crafted file allocating a huge schedule
@@ -79,6 +81,21 @@ def _json_copy(name: str, value: object) -> dict:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name}: must be JSON-serialisable (str keys, finite numbers): {err}") from err
+
+
+def _checked_normalization(name: str, norm: object, channels: int) -> dict:
+    """``{"mean": [C floats], "std": [C floats > 0]}`` as plain floats; ValueError naming ``name`` otherwise."""
+    if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
+        raise ValueError(f"{name}: must be a dict with exactly the keys 'mean' and 'std', got {norm!r}")
+    for key in ("mean", "std"):
+        values = norm[key]
+        if not isinstance(values, (list, tuple)) or len(values) != channels:
+            raise ValueError(f"{name}: {key} must list {channels} number(s), one per image channel, got {values!r}")
+        if not all(_is_real(v) for v in values):
+            raise ValueError(f"{name}: {key} must hold finite numbers, got {values!r}")
+    if not all(s > 0 for s in norm["std"]):
+        raise ValueError(f"{name}: every std must be > 0, got {norm['std']!r}")
+    return {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
 
 
 @dataclass
@@ -115,6 +132,12 @@ class ModelConfig:
             SDE) follow the ODE instead of adding fresh noise; None: they add it on every step.
         class_names: one name per particle class (K names), optional.
         training: free-form JSON summary of the training run (steps, data, metrics).
+        high_noise_expert: None, or ``{"sigma_switch": s, "normalization": {...}, "training": {...}}`` for a file
+            that holds a second network of the same architecture, schedule and parameterisation (tensors named
+            ``EXPERT_PREFIX`` + name), trained on the high noise levels only: it denoises at sigma > s (this
+            config's normalised units), the main network at and below (``denoiser.NoiseLevelSwitch``). Its
+            ``normalization`` is its own training data's (converted by ``denoiser.in_other_units``);
+            ``training`` is its free-form training summary.
 
     The fields are validated (and tuples or lists normalised) on construction; a bad value raises
     ValueError naming the field.
@@ -136,6 +159,7 @@ class ModelConfig:
     sde_sigma_min: float | None = None
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
+    high_noise_expert: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.unet, UNetConfig):
@@ -153,7 +177,7 @@ class ModelConfig:
                 f"parameterization: unknown parameterisation {self.parameterization!r}; "
                 f"expected one of {PARAMETERIZATIONS}"
             )
-        self.normalization = self._checked_normalization()
+        self.normalization = _checked_normalization("normalization", self.normalization, self.image_channels)
         if self.pixel_size_nm is not None:
             if not _is_real(self.pixel_size_nm) or self.pixel_size_nm <= 0:
                 raise ValueError(f"pixel_size_nm: must be a positive number or None, got {self.pixel_size_nm!r}")
@@ -199,6 +223,7 @@ class ModelConfig:
                 )
             self.class_names = list(names)
         self.training = _json_copy("training", self.training)
+        self.high_noise_expert = self._checked_expert(schedule.sigma_min)
 
     def _checked_guidance_interval(self) -> tuple[float, float] | None:
         interval = self.default_guidance_interval
@@ -247,22 +272,30 @@ class ModelConfig:
                 raise ValueError(f"default_steps: {name} must be a whole number of steps >= 1, got {count!r}")
         return {name: steps[name] for name in SAMPLERS if name in steps}
 
-    def _checked_normalization(self) -> dict:
-        norm = self.normalization
-        if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
-            raise ValueError(f"normalization: must be a dict with exactly the keys 'mean' and 'std', got {norm!r}")
-        channels = self.image_channels
-        for key in ("mean", "std"):
-            values = norm[key]
-            if not isinstance(values, (list, tuple)) or len(values) != channels:
-                raise ValueError(
-                    f"normalization: {key} must list {channels} number(s), one per image channel, got {values!r}"
-                )
-            if not all(_is_real(v) for v in values):
-                raise ValueError(f"normalization: {key} must hold finite numbers, got {values!r}")
-        if not all(s > 0 for s in norm["std"]):
-            raise ValueError(f"normalization: every std must be > 0, got {norm['std']!r}")
-        return {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
+    def _checked_expert(self, sigma_min: float) -> dict | None:
+        expert = self.high_noise_expert
+        if expert is None:
+            return None
+        name = "high_noise_expert"
+        if not isinstance(expert, dict) or not {"sigma_switch", "normalization"} <= set(expert) <= {
+            "sigma_switch",
+            "normalization",
+            "training",
+        }:
+            raise ValueError(f"{name}: must be a dict with sigma_switch, normalization and optionally training")
+        switch = expert["sigma_switch"]
+        if not _is_real(switch) or switch <= sigma_min:
+            raise ValueError(
+                f"{name}: sigma_switch must be a finite noise level above the schedule's lowest ({sigma_min:.3g}), "
+                f"got {switch!r}"
+            )
+        normalization = _checked_normalization(f"{name}: normalization", expert["normalization"], self.image_channels)
+        try:
+            std_ratio(normalization, self.normalization)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+        training = _json_copy(f"{name}: training", expert.get("training", {}))
+        return {"sigma_switch": float(switch), "normalization": normalization, "training": training}
 
     @property
     def num_classes(self) -> int:
@@ -297,6 +330,7 @@ class ModelConfig:
             "sde_sigma_min": self.sde_sigma_min,
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
+            "high_noise_expert": copy.deepcopy(self.high_noise_expert),
         }
 
     @classmethod
@@ -329,6 +363,7 @@ class LoadedModel:
         versions: ``{"format_version", "package", "torch", "safetensors"}`` as written in the file.
         storage_dtype: the dtype the file stores its floating-point weights in (float32 for a model that was
             never saved), so that a copy with new metadata keeps the file's size.
+        expert_net: the high-noise network where ``config.high_noise_expert`` names one, else None; like ``net``.
     """
 
     net: ConditionalUNet
@@ -337,6 +372,14 @@ class LoadedModel:
     sha256: str
     versions: dict
     storage_dtype: torch.dtype = torch.float32
+    expert_net: ConditionalUNet | None = None
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        """Move the network(s) to ``device``; returns self."""
+        for net in (self.net, self.expert_net):
+            if net is not None:
+                net.to(device)
+        return self
 
     @property
     def schedule(self) -> DiscreteSchedule:
@@ -391,9 +434,18 @@ class LoadedModel:
             return fitted_sigmas(steps, schedule.sigma_min, self.sampling_sigma_max, densities).clone()
         return sampling_sigmas(sampler, steps, schedule.sigma_min, self.sampling_sigma_max, schedule=schedule)
 
-    def denoiser(self) -> DiscreteTimeDenoiser:
-        """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the network."""
-        return DiscreteTimeDenoiser(self.net, self.schedule, self.config.parameterization)
+    def denoiser(self) -> DiscreteTimeDenoiser | NoiseLevelSwitch:
+        """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the network, or around both networks split at
+        the expert's noise level where the file holds a high-noise expert."""
+        config = self.config
+        main = DiscreteTimeDenoiser(self.net, self.schedule, config.parameterization)
+        if self.expert_net is None:
+            return main
+        expert = config.high_noise_expert
+        high = DiscreteTimeDenoiser(self.expert_net, self.schedule, config.parameterization)
+        return NoiseLevelSwitch(
+            main, in_other_units(high, expert["normalization"], config.normalization), expert["sigma_switch"]
+        )
 
     def summary(self) -> str:
         """One line of human-readable facts about the model (classes, channels, sizes, checksum)."""
@@ -407,6 +459,8 @@ class LoadedModel:
             size = f"trained on {config.training_size[0]}x{config.training_size[1]} px"
         pixel = "pixel size unknown" if config.pixel_size_nm is None else f"{config.pixel_size_nm:g} nm/px"
         schedule = f"{config.parameterization}-prediction, {config.schedule['name']} schedule"
+        if config.high_noise_expert is not None:
+            schedule += f", a second network above sigma {config.high_noise_expert['sigma_switch']:g}"
         return f"{classes}, {channels}, {size}, {pixel}, {schedule}, sha256 {self.sha256[:12]}"
 
 
@@ -420,7 +474,12 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], net: ConditionalUNet, config: ModelConfig, *, dtype: torch.dtype | None = None
+    path: str | os.PathLike[str],
+    net: ConditionalUNet,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    expert_net: ConditionalUNet | None = None,
 ) -> str:
     """Write ``net``'s weights and ``config`` to one ``.safetensors`` file, atomically.
 
@@ -430,6 +489,8 @@ def save_checkpoint(
         config: the model config stored in the file's metadata.
         dtype: storage dtype of the floating-point weights: None (as they are), torch.float32,
             torch.float16 (half the size, for a bundled model) or torch.bfloat16.
+        expert_net: the high-noise network, required exactly when ``config.high_noise_expert`` is set; of the
+            same architecture as ``net``.
 
     Returns:
         the hex SHA-256 of the written file.
@@ -442,10 +503,18 @@ def save_checkpoint(
         raise ValueError(f"dtype must be None or one of {STORAGE_DTYPES}, got {dtype}")
     if net.config != config.unet:
         raise ValueError(f"config.unet {config.unet} differs from the network's config {net.config}")
+    if (expert_net is None) != (config.high_noise_expert is None):
+        raise ValueError("expert_net must be given exactly when config.high_noise_expert is set")
+    if expert_net is not None and expert_net.config != config.unet:
+        raise ValueError(f"config.unet {config.unet} differs from the expert network's config {expert_net.config}")
     # Round trip through the serialised form, so that a config mutated after construction is checked again.
     config_dict = ModelConfig.from_dict(config.to_dict()).to_dict()
+    state = dict(net.state_dict())
+    if expert_net is not None:
+        # Copies: safetensors refuses tensors that share memory (the same network passed twice).
+        state.update({EXPERT_PREFIX + name: tensor.clone() for name, tensor in expert_net.state_dict().items()})
     tensors = {}
-    for name, tensor in net.state_dict().items():
+    for name, tensor in state.items():
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         tensors[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
     bad = _non_finite(tensors)
@@ -471,7 +540,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         device: where to put the network: "cpu", "cuda", "cuda:N", "mps" or "auto".
 
     Returns:
-        the network (float32, eval mode, no gradients) with its config, path, SHA-256 and versions.
+        the network (float32, eval mode, no gradients; and the high-noise expert where the file holds one) with
+        its config, path, SHA-256 and versions.
 
     Raises:
         CheckpointError: the file is missing, unreadable, truncated, not a safetensors file, not a
@@ -489,9 +559,17 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         tensors = safetensors.torch.load(data)
     except (safetensors.SafetensorError, KeyError) as err:
         raise _error(path, f"it is a corrupt safetensors file ({err})", _RESAVE) from err
+    # Without an expert in the config, expert tensors stay with the main ones and are reported as unexpected.
+    split = config.high_noise_expert is not None
+    expert_tensors = {n[len(EXPERT_PREFIX) :]: t for n, t in tensors.items() if split and n.startswith(EXPERT_PREFIX)}
+    tensors = {n: t for n, t in tensors.items() if not (split and n.startswith(EXPERT_PREFIX))}
     net = ConditionalUNet(config.unet)
     _check_fit(path, net, tensors)
-    bad = _non_finite(tensors)
+    expert_net = None
+    if config.high_noise_expert is not None:
+        expert_net = ConditionalUNet(config.unet)
+        _check_fit(path, expert_net, expert_tensors, prefix=EXPERT_PREFIX)
+    bad = _non_finite(tensors | expert_tensors)
     if bad:
         raise _error(
             path,
@@ -499,10 +577,18 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             "The model diverged in training or the file is corrupt; use another checkpoint.",
         )
     storage_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    net.load_state_dict(tensors)  # copies into the float32 parameters, so fp16 weights become float32
-    net.requires_grad_(False).eval().to(torch_device)
+    for network, weights in ((net, tensors), (expert_net, expert_tensors)):
+        if network is not None:
+            network.load_state_dict(weights)  # copies into the float32 parameters, so fp16 weights become float32
+            network.requires_grad_(False).eval().to(torch_device)
     return LoadedModel(
-        net=net, config=config, path=path.resolve(), sha256=sha256, versions=versions, storage_dtype=storage_dtype
+        net=net,
+        config=config,
+        path=path.resolve(),
+        sha256=sha256,
+        versions=versions,
+        storage_dtype=storage_dtype,
+        expert_net=expert_net,
     )
 
 
@@ -612,8 +698,9 @@ def _parse_metadata(path: Path, header: dict) -> tuple[ModelConfig, dict]:
     return config, {"format_version": version, **versions}
 
 
-def _check_fit(path: Path, net: ConditionalUNet, tensors: dict[str, torch.Tensor]) -> None:
-    """Raise CheckpointError unless the stored tensors match the network's state dict in names, shapes and kinds."""
+def _check_fit(path: Path, net: ConditionalUNet, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Raise CheckpointError unless the stored tensors match the network's state dict in names, shapes and kinds;
+    ``prefix`` is the one the file puts before these names (for the message)."""
     expected = net.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
@@ -624,7 +711,7 @@ def _check_fit(path: Path, net: ConditionalUNet, tensors: dict[str, torch.Tensor
         and (tensors[name].shape != want.shape or tensors[name].is_floating_point() != want.is_floating_point())
     ]
     problems = [
-        f"{len(names)} {kind}: {_listing(names)}"
+        f"{len(names)} {kind}: {_listing([prefix + name for name in names])}"
         for kind, names in (
             ("missing", missing),
             ("unexpected", unexpected),

@@ -55,3 +55,50 @@ class DiscreteTimeDenoiser:
         prediction = self.net(x_t.to(x.dtype), t, cond.to(x.dtype)).to(work_dtype)
         x0, _ = to_x0_eps(prediction, x_t, alpha, noise_std, self.parameterization)
         return x0.to(x.dtype)
+
+
+def std_ratio(own: dict, target: dict) -> float:
+    """The factor target std / own std of two normalisations (``{"mean": [C], "std": [C]}``), by which a noise level
+    in ``target``'s units becomes one in ``own``'s; ValueError when the channels' factors differ."""
+    ratios = [t / o for o, t in zip(own["std"], target["std"], strict=True)]
+    if max(ratios) > min(ratios) * (1 + 1e-6):
+        raise ValueError(f"the two normalisations scale the channels differently (std ratios {ratios})")
+    return ratios[0]
+
+
+def in_other_units(cond_denoise: ConditionalDenoiser, own: dict, target: dict) -> ConditionalDenoiser:
+    """A conditional denoiser trained in the normalised units ``own`` (``{"mean": [C], "std": [C]}``), called in
+    the units ``target``: inputs, noise levels and predictions are converted, so that two networks trained on
+    the same data with slightly different normalisation statistics can share one sampler. Every channel's std
+    must differ by the same factor (sigma is one number per image); ValueError otherwise."""
+    ratio = std_ratio(own, target)
+    shift = ((torch.tensor(target["mean"]) - torch.tensor(own["mean"])) / torch.tensor(own["std"])).view(1, -1, 1, 1)
+    if ratio == 1.0 and not bool(shift.any()):
+        return cond_denoise
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        offset = shift.to(device=x.device, dtype=x.dtype)
+        x0_own = cond_denoise(x * ratio + offset, sigma * ratio, cond)
+        return (x0_own - offset) / ratio
+
+    return denoise
+
+
+class NoiseLevelSwitch:
+    """Two conditional denoisers split by noise level, an ensemble of expert denoisers (Balaji et al. 2022,
+    eDiff-I): ``high`` denoises at ``sigma > sigma_switch`` (normalised units), ``low`` at and below. Each network
+    then spends its capacity on part of the noise levels at the cost of one network pass per step, as before."""
+
+    def __init__(self, low: ConditionalDenoiser, high: ConditionalDenoiser, sigma_switch: float) -> None:
+        self.low, self.high, self.sigma_switch = low, high, float(sigma_switch)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Predict x0 from x (N, C, H, W) at noise levels sigma (N,) given the condition cond (N, K+1, H, W)."""
+        above = sigma.reshape(-1) > self.sigma_switch
+        # A sampler step has one noise level for the whole batch; only a caller that mixes levels pays for both.
+        if bool(above.all()):
+            return self.high(x, sigma, cond)
+        if not bool(above.any()):
+            return self.low(x, sigma, cond)
+        inside = above.to(x.device).view(-1, *[1] * (x.ndim - 1))
+        return torch.where(inside, self.high(x, sigma, cond), self.low(x, sigma, cond))

@@ -140,12 +140,16 @@ def generate(
     autocast = _autocast(torch_device, precision)
 
     sigmas = model.sampling_sigmas(sampler, steps)
-    # Where guidance switches on or off the guided prediction jumps; a multistep sampler must not extrapolate across.
+    # Where guidance switches on or off, or the high-noise expert hands over, the prediction jumps; a multistep
+    # sampler must not extrapolate across.
     guides = guidance != 1.0 or any(scale != 1.0 for scale in class_scales.values())
+    breaks = [level for level in interval if 0 < level < math.inf] if guides else []
+    if config.high_noise_expert is not None:
+        breaks.append(config.high_noise_expert["sigma_switch"])
     options = model.sampler_options(sampler)
-    if info.multistep and guides:
-        options["breaks"] = [level for level in interval if 0 < level < math.inf]
-    model.net.to(torch_device)
+    if info.multistep and breaks:
+        options["breaks"] = sorted(breaks)
+    model.to(torch_device)
     finished = 0  # sampler steps finished in the current batch
     cond_denoise = model.denoiser()
     if should_stop is not None:
