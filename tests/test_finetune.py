@@ -77,3 +77,26 @@ def test_a_missing_checkpoint_stops_the_run_before_training(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "model.init_from" in err and "file not found" in err and str(missing) in err
     assert not (run_dir / "model.safetensors").exists()
+
+
+def test_a_file_with_a_high_noise_expert_starts_the_run_from_its_main_network(
+    trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+
+    from napari_iscat_diffusion.diffusion import save_checkpoint
+
+    source = load_checkpoint(trained)
+    expert = ConditionalUNet(source.config.unet)
+    config = dataclasses.replace(
+        source.config, high_noise_expert={"sigma_switch": 10.0, "normalization": source.config.normalization}
+    )
+    combined = tmp_path / "combined.safetensors"
+    save_checkpoint(combined, source.net, config, expert_net=expert)
+    run_config = tiny_config(tmp_path / "run", f"model.init_from={combined}")
+    model = ConditionalUNet(run_config.unet_config())
+    with caplog.at_level("WARNING", logger="training"):
+        load_initial_weights(model, run_config)
+    assert "also holds a network for the noise levels above sigma 10" in caplog.text
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, source.net.state_dict()[name]), name

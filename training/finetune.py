@@ -1,15 +1,17 @@
 """Start a run from the weights of a trained model (fine-tuning), e.g. the bundled default model.
 
 ``model.init_from`` names a plugin checkpoint (``.safetensors``, as exported by a run); its weights are
-copied into the freshly built network before training. The checkpoint must match the config's
-architecture, parameterisation and noise schedule, so that the weights mean the same thing; anything else
-raises ConfigError naming the file and the fields that differ. A resumable training state in the run
-directory takes precedence, because it continues this same run.
+copied into the freshly built network before training (of a file with a high-noise expert, the main
+network's). The checkpoint must match the config's architecture, parameterisation and noise schedule, so
+that the weights mean the same thing; anything else raises ConfigError naming the file and the fields that
+differ. A resumable training state in the run directory takes precedence, because it continues this same
+run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -17,6 +19,8 @@ from napari_iscat_diffusion.diffusion.checkpoint import CheckpointError, ModelCo
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 
 from .config import ConfigError, TrainConfig
+
+log = logging.getLogger("training")
 
 
 def load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> str:
@@ -39,6 +43,13 @@ def load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> str:
             f"model.init_from: the checkpoint {path} does not fit the configured model: "
             + "; ".join(differences)
             + ". Set the model section to the checkpoint's values (iscat-diffusion info CHECKPOINT prints them)."
+        )
+    if loaded.expert_net is not None:
+        log.warning(
+            "%s also holds a network for the noise levels above sigma %g; this run starts from its main network "
+            "only and trains it on every level it is configured for (python -m training.experts combines two runs)",
+            path,
+            loaded.config.high_noise_expert["sigma_switch"],
         )
     with torch.no_grad():
         model.load_state_dict(loaded.net.state_dict())
