@@ -86,6 +86,7 @@ def test_a_checkpoint_with_an_expert_round_trips_and_denoises_with_it_above_the_
     save_checkpoint(path, main, config, expert_net=expert, dtype=torch.float16)
     loaded = load_checkpoint(path)
     assert loaded.config == config
+    assert "high_noise_expert" not in _config().to_dict()  # one-network files stay readable by older versions
     for network, original in ((loaded.net, main), (loaded.expert_net, expert)):
         for name, tensor in original.state_dict().items():
             assert torch.equal(network.state_dict()[name], tensor.half().float()), name

@@ -308,8 +308,9 @@ class ModelConfig:
         return self.unet.image_channels
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict from which ``from_dict`` rebuilds an equal config."""
-        return {
+        """A JSON-serialisable dict from which ``from_dict`` rebuilds an equal config (``high_noise_expert`` only
+        where set, so that a one-network file stays readable by versions that predate the field)."""
+        data = {
             "unet": self.unet.to_dict(),
             "schedule": copy.deepcopy(self.schedule),
             "parameterization": self.parameterization,
@@ -330,8 +331,10 @@ class ModelConfig:
             "sde_sigma_min": self.sde_sigma_min,
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
-            "high_noise_expert": copy.deepcopy(self.high_noise_expert),
         }
+        if self.high_noise_expert is not None:
+            data["high_noise_expert"] = copy.deepcopy(self.high_noise_expert)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
