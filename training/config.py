@@ -299,14 +299,6 @@ def _check_values(config: TrainConfig) -> None:
             f"train.min_snr_floor: a floor of {train.min_snr_floor} needs train.min_snr_gamma above it "
             f"(got {train.min_snr_gamma}); the floor bounds the min-SNR weight from below"
         )
-    if train.sigma_range is not None:
-        low, high = train.sigma_range
-        if not 0 < low < high:
-            raise ConfigError(f"train.sigma_range: must be [low, high] with 0 < low < high, got {[low, high]}")
-        try:
-            schedule_from_config(config.model.schedule).timesteps_between(low, high)
-        except ValueError as err:
-            raise ConfigError(f"train.sigma_range: {err}") from err
     if not config.log.val_every:
         # Both act on validation results: without validations they would silently never act.
         if config.optim.schedule == "plateau":
@@ -321,6 +313,15 @@ def _check_values(config: TrainConfig) -> None:
             check(value)
         except ValueError as err:
             raise ConfigError(f"{key}: {err}") from err
+    # After the schedule check, so that a bad schedule is reported as such.
+    if train.sigma_range is not None:
+        low, high = train.sigma_range
+        if not 0 < low < high:
+            raise ConfigError(f"train.sigma_range: must be [low, high] with 0 < low < high, got {[low, high]}")
+        try:
+            schedule_from_config(config.model.schedule).timesteps_between(low, high)
+        except ValueError as err:
+            raise ConfigError(f"train.sigma_range: {err}") from err
 
 
 def _set_dotted(data: dict, parts: list[str], value: Any, key: str) -> None:

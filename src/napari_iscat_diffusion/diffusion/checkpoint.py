@@ -55,6 +55,7 @@ _OPTIONAL_FIELDS = (
     "training",
     "high_noise_expert",
 )
+_EXPERT_KEYS = {"sigma_switch", "normalization", "training"}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _MAX_TIMESTEPS = 100_000  # guards against a crafted file allocating a huge schedule
 _LISTED = 5  # names shown per kind of problem in an error message
@@ -277,11 +278,7 @@ class ModelConfig:
         if expert is None:
             return None
         name = "high_noise_expert"
-        if not isinstance(expert, dict) or not {"sigma_switch", "normalization"} <= set(expert) <= {
-            "sigma_switch",
-            "normalization",
-            "training",
-        }:
+        if not isinstance(expert, dict) or not {"sigma_switch", "normalization"} <= set(expert) <= _EXPERT_KEYS:
             raise ValueError(f"{name}: must be a dict with sigma_switch, normalization and optionally training")
         switch = expert["sigma_switch"]
         if not _is_real(switch) or switch <= sigma_min:
