@@ -2,7 +2,8 @@
 
 Each held-out image (the evaluation's, seeds from 3e9) is noised to a level sigma (in the normalised units
 of the first checkpoint: the background's noise is about 1, a bead's peak 10-60) with the same noise for
-every checkpoint, and each checkpoint's denoiser (with its mask, no guidance) predicts the clean image.
+every checkpoint, and each checkpoint's denoiser (with its mask, no guidance; the main network of a file that
+also holds a high-noise expert) predicts the clean image.
 Checkpoints whose normalisations differ (a fine-tune recomputes it from its data) see the same physical
 noise, sigma in their own units scaled accordingly. Prints, per checkpoint and sigma, the mean squared
 error of that prediction (the first checkpoint's normalised units squared) over the pixels within 4 px of

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_iscat_diffusion.diffusion.conditioning import encode_condition, null_condition, validate_mask
+from napari_iscat_diffusion.diffusion.conditioning import class_zone, encode_condition, null_condition, validate_mask
 from napari_iscat_diffusion.diffusion.device import available_devices, resolve_device
 
 
@@ -63,3 +63,20 @@ def test_resolve_device():
             resolve_device("cuda:0")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("gpu7")
+
+
+def test_a_class_zone_covers_the_reach_around_the_named_classes_and_ramps_to_zero():
+    labels = np.zeros((2, 30, 30), np.int64)
+    labels[0, 10, 5] = 1
+    labels[0, 10, 20] = 2
+    labels[1, 10, 5] = 1
+    zone = class_zone(labels, [2, 3], reach_px=3.0)
+    assert zone.shape == (2, 30, 30)
+    row = zone[0, 10]
+    assert row[20] == 1.0 and row[23] == 1.0 and row[17] == 1.0
+    assert row[24] == pytest.approx(2 / 3) and row[26] == 0.0 and row[5] == 0.0
+    assert not zone[1].any()  # no particle of classes 2 or 3 in the second mask
+    both = class_zone(labels, [1, 2], reach_px=3.0)
+    assert both[0, 10, 5] == 1.0 and both[0, 10, 20] == 1.0 and both[1, 10, 5] == 1.0
+    with pytest.raises(ValueError, match="reach_px must be > 0"):
+        class_zone(labels, [1], reach_px=0)

@@ -79,11 +79,35 @@ def test_the_switch_asks_the_expert_above_its_noise_level_only():
     assert mixed.flatten(1).mean(1).tolist() == [0.0, 1.0, 1.0]
 
 
+def test_a_switch_with_a_zone_blends_the_expert_in_by_its_weight_and_skips_it_for_an_empty_zone():
+    calls = []
+
+    def low(x, sigma):
+        calls.append("low")
+        return torch.zeros_like(x)
+
+    def high(x, sigma):
+        calls.append("high")
+        return torch.full_like(x, 4.0)
+
+    weight = torch.tensor([[[[0.0, 0.25], [0.5, 1.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
+    switch = NoiseLevelSwitch(low, high, 8.0, weight)
+    x = torch.randn(2, 1, 2, 2)
+    assert torch.equal(switch(x, torch.full((2,), 30.0)), 4.0 * weight)
+    assert switch(x, torch.full((2,), 8.0)).eq(0).all()
+    assert torch.equal(switch(x, torch.tensor([30.0, 2.0])), torch.stack([4.0 * weight[0], torch.zeros(1, 2, 2)]))
+    calls.clear()
+    empty = NoiseLevelSwitch(low, high, 8.0, torch.zeros(2, 1, 2, 2))
+    assert empty(x, torch.full((2,), 30.0)).eq(0).all()
+    assert calls == ["low"]
+
+
 def test_a_checkpoint_with_an_expert_round_trips_and_denoises_with_it_above_the_switch(tmp_path):
     path = tmp_path / "two.safetensors"
     main, expert = _net(0), _net(1)
     config = _expert_config()
     save_checkpoint(path, main, config, expert_net=expert, dtype=torch.float16)
+    save_checkpoint(path.with_name("one.safetensors"), main, _config())
     loaded = load_checkpoint(path)
     assert loaded.config == config
     assert "high_noise_expert" not in _config().to_dict()  # one-network files stay readable by older versions
@@ -91,19 +115,17 @@ def test_a_checkpoint_with_an_expert_round_trips_and_denoises_with_it_above_the_
         for name, tensor in original.state_dict().items():
             assert torch.equal(network.state_dict()[name], tensor.half().float()), name
     assert "a second network above sigma 8" in loaded.summary()
-    denoise = loaded.denoiser()
-    x, cond = torch.randn(2, 1, 16, 16), _cond()
+    x, cond, sigma = torch.randn(2, 1, 16, 16), _cond(), torch.full((2,), 50.0)
     schedule = loaded.schedule
     with torch.no_grad():
-        below = DiscreteTimeDenoiser(loaded.net, schedule, "v")(x, torch.full((2,), 5.0), cond)
-        above = in_other_units(DiscreteTimeDenoiser(loaded.expert_net, schedule, "v"), EXPERT_NORM, MAIN_NORM)(
-            x, torch.full((2,), 50.0), cond
-        )
-        assert torch.equal(denoise(x, torch.full((2,), 5.0), cond), below)
-        assert torch.equal(denoise(x, torch.full((2,), 50.0), cond), above)
-        assert not torch.allclose(
-            denoise(x, torch.full((2,), 50.0), cond), loaded.denoiser().low(x, torch.full((2,), 50.0), cond)
-        )
+        main_prediction = DiscreteTimeDenoiser(loaded.net, schedule, "v")(x, sigma, cond)
+        expert_prediction = in_other_units(
+            DiscreteTimeDenoiser(loaded.expert_net, schedule, "v"), EXPERT_NORM, MAIN_NORM
+        )(x, sigma, cond)
+        assert torch.equal(loaded.denoiser()(x, sigma, cond), main_prediction)
+        assert torch.equal(loaded.expert_denoiser()(x, sigma, cond), expert_prediction)
+        assert not torch.allclose(main_prediction, expert_prediction)
+    assert load_checkpoint(path.with_name("one.safetensors")).expert_denoiser() is None
 
 
 def test_missing_or_unexpected_expert_weights_and_bad_expert_configs_are_refused(tmp_path):
@@ -136,6 +158,27 @@ def test_missing_or_unexpected_expert_weights_and_bad_expert_configs_are_refused
         _expert_config(normalization={"mean": [0.0], "std": [0.0]})
     with pytest.raises(ValueError, match="high_noise_expert: must be a dict with sigma_switch"):
         _config(high_noise_expert={"sigma_switch": 8.0})
+    for classes in ([], [3], [1, 1], "1", [1.0]):
+        with pytest.raises(ValueError, match=r"high_noise_expert: classes must be a non-empty list .* labels 1\.\.2"):
+            _zone_config(classes)
+    with pytest.raises(ValueError, match="high_noise_expert: reach_px must be a distance > 0"):
+        _zone_config([2], reach_px=0)
+    with pytest.raises(ValueError, match="high_noise_expert: reach_px must be a distance > 0"):
+        _config(high_noise_expert={**_expert_config().high_noise_expert, "reach_px": 6})
+
+
+def _zone_config(classes, **extra) -> ModelConfig:
+    return _config(high_noise_expert={**_expert_config().high_noise_expert, "classes": classes, **extra})
+
+
+def test_an_expert_for_some_classes_round_trips_and_says_so(tmp_path):
+    path = tmp_path / "zone.safetensors"
+    config = _zone_config([2, 1], reach_px=6)
+    assert config.high_noise_expert["classes"] == [1, 2] and config.high_noise_expert["reach_px"] == 6.0
+    save_checkpoint(path, _net(0), config, expert_net=_net(1))
+    loaded = load_checkpoint(path)
+    assert loaded.config == config
+    assert "a second network above sigma 8 around classes 1, 2" in loaded.summary()
 
 
 def test_generate_hands_over_at_the_switch(tmp_path, monkeypatch):
@@ -151,6 +194,18 @@ def test_generate_hands_over_at_the_switch(tmp_path, monkeypatch):
     reference = generate(mask, load_checkpoint(alone), **run)
     assert np.array_equal(generate(mask, load_checkpoint(same), **run), reference)
     assert not np.allclose(generate(mask, load_checkpoint(other), **run), reference)
+
+    # An expert for class 2 only: a mask without class 2 never asks it; with class 2 the image changes, most inside
+    # the zone around the class-2 particle.
+    zone = tmp_path / "zone.safetensors"
+    save_checkpoint(zone, main, _zone_config([2], reach_px=2), expert_net=_net(1))
+    assert np.array_equal(generate(mask, load_checkpoint(zone), **run), reference)
+    with_class_2 = mask.copy()
+    with_class_2[10:12, 10:12] = 2
+    change = np.abs(
+        generate(with_class_2, load_checkpoint(zone), **run) - generate(with_class_2, load_checkpoint(alone), **run)
+    )
+    assert change[9:13, 9:13].mean() > 2 * change[:4, :].mean() > 0
 
     seen = []
     info = samplers_module.SAMPLERS["dpmpp_2m"]
@@ -218,3 +273,11 @@ def test_combining_two_runs_gives_one_file_and_checks_what_the_expert_was_traine
     assert not (tmp_path / "x.safetensors").exists()
     assert experts_main(["--main", str(main), "--expert", str(expert), "--sigma-switch", "15", "--out", str(out)]) == 0
     assert "a second network above sigma 15" in capsys.readouterr().out
+    both = ["--main", str(main), "--expert", str(expert), "--sigma-switch", "15"]
+    zone = tmp_path / "zone.safetensors"
+    assert experts_main([*both, "--classes", "2", "--reach-px", "6", "--out", str(zone)]) == 0
+    assert "above sigma 15 around class 2" in capsys.readouterr().out
+    assert load_checkpoint(zone).config.high_noise_expert["reach_px"] == 6.0
+    assert experts_main([*both, "--classes", "5", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "classes must be a non-empty list" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -2,9 +2,11 @@
 
 An ensemble of expert denoisers (Balaji et al. 2022, eDiff-I): the expert is a run with ``train.sigma_range``
 (usually fine-tuned from the main model), and the plugin samples the combined file like any other, one network
-pass per step (``ModelConfig.high_noise_expert``, ``denoiser.NoiseLevelSwitch``)::
+pass per step (``ModelConfig.high_noise_expert``, ``denoiser.NoiseLevelSwitch``); with ``--classes`` the expert
+draws only around the particles of those classes, and both networks run above the switch::
 
-    python -m training.experts --main MAIN.safetensors --expert EXPERT.safetensors --sigma-switch 8 --out OUT
+    python -m training.experts --main MAIN.safetensors --expert EXPERT.safetensors --sigma-switch 8 --out OUT \
+        [--classes 2 3 [--reach-px 4]]
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ from napari_iscat_diffusion.diffusion.denoiser import std_ratio
 
 
 def combine_experts(
-    main_path: str | os.PathLike, expert_path: str | os.PathLike, sigma_switch: float, out: str | os.PathLike
+    main_path: str | os.PathLike,
+    expert_path: str | os.PathLike,
+    sigma_switch: float,
+    out: str | os.PathLike,
+    *,
+    classes: list[int] | None = None,
+    reach_px: float | None = None,
 ) -> str:
     """Write ``out``: the main checkpoint's network and config, plus the expert's network for sigma > ``sigma_switch``
-    (the main model's normalised units), stored in the main file's dtype.
+    (the main model's normalised units), stored in the main file's dtype. ``classes`` (particle labels) limits the
+    expert to the zones around those classes, ``reach_px`` (px) wide (``conditioning.class_zone``); None: the
+    whole image.
 
     Returns:
         the hex SHA-256 of the written file.
@@ -44,12 +54,16 @@ def combine_experts(
                 f"{getattr(expert.config, field)!r} in {expert.path}"
             )
     _check_coverage(main, expert, sigma_switch)
+    zone = {} if classes is None else {"classes": list(classes)}
+    if reach_px is not None:
+        zone["reach_px"] = reach_px
     config = dataclasses.replace(
         main.config,
         high_noise_expert={
             "sigma_switch": sigma_switch,
             "normalization": expert.config.normalization,
             "training": {**expert.config.training, "sha256": expert.sha256},
+            **zone,
         },
     )
     return save_checkpoint(out, main.net, config, dtype=main.storage_dtype, expert_net=expert.net)
@@ -81,10 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="noise level (main model's units) above which the expert denoises",
     )
+    parser.add_argument(
+        "--classes",
+        type=int,
+        nargs="+",
+        help="particle labels: the expert draws only around these classes (default: the whole image)",
+    )
+    parser.add_argument("--reach-px", type=float, help="with --classes: the zone's full width around a particle (px)")
     parser.add_argument("--out", required=True, help="the combined .safetensors file to write")
     args = parser.parse_args(argv)
     try:
-        digest = combine_experts(args.main, args.expert, args.sigma_switch, args.out)
+        digest = combine_experts(
+            args.main, args.expert, args.sigma_switch, args.out, classes=args.classes, reach_px=args.reach_px
+        )
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..io.atomic import atomic_write_bytes
-from .denoiser import DiscreteTimeDenoiser, NoiseLevelSwitch, in_other_units, std_ratio
+from .denoiser import ConditionalDenoiser, DiscreteTimeDenoiser, in_other_units, std_ratio
 from .device import resolve_device
 from .grid_fit import FITTED_SAMPLERS, fitted_sigmas
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
@@ -55,7 +55,7 @@ _OPTIONAL_FIELDS = (
     "training",
     "high_noise_expert",
 )
-_EXPERT_KEYS = {"sigma_switch", "normalization", "training"}
+_EXPERT_KEYS = {"sigma_switch", "normalization", "training", "classes", "reach_px"}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _MAX_TIMESTEPS = 100_000  # guards against a crafted file allocating a huge schedule
 _LISTED = 5  # names shown per kind of problem in an error message
@@ -138,7 +138,9 @@ class ModelConfig:
             ``EXPERT_PREFIX`` + name), trained on the high noise levels only: it denoises at sigma > s (this
             config's normalised units), the main network at and below (``denoiser.NoiseLevelSwitch``). Its
             ``normalization`` is its own training data's (converted by ``denoiser.in_other_units``);
-            ``training`` is its free-form training summary.
+            ``training`` is its free-form training summary. Optional ``"classes": [labels]`` limits the expert
+            to the zones around those particle classes (``conditioning.class_zone``, ``"reach_px"`` wide, default
+            ``CLASS_ZONE_REACH_PX``); the main network draws everything else at every noise level.
 
     The fields are validated (and tuples or lists normalised) on construction; a bad value raises
     ValueError naming the field.
@@ -279,7 +281,9 @@ class ModelConfig:
             return None
         name = "high_noise_expert"
         if not isinstance(expert, dict) or not {"sigma_switch", "normalization"} <= set(expert) <= _EXPERT_KEYS:
-            raise ValueError(f"{name}: must be a dict with sigma_switch, normalization and optionally training")
+            raise ValueError(
+                f"{name}: must be a dict with sigma_switch, normalization and optionally training, classes, reach_px"
+            )
         switch = expert["sigma_switch"]
         if not _is_real(switch) or switch <= sigma_min:
             raise ValueError(
@@ -292,7 +296,26 @@ class ModelConfig:
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
         training = _json_copy(f"{name}: training", expert.get("training", {}))
-        return {"sigma_switch": float(switch), "normalization": normalization, "training": training}
+        checked = {"sigma_switch": float(switch), "normalization": normalization, "training": training}
+        if "classes" in expert:
+            classes = expert["classes"]
+            if (
+                not isinstance(classes, (list, tuple))
+                or not classes
+                or any(type(c) is not int or not 1 <= c <= self.num_classes for c in classes)
+                or len(set(classes)) != len(classes)
+            ):
+                raise ValueError(
+                    f"{name}: classes must be a non-empty list of distinct particle labels 1..{self.num_classes}, "
+                    f"got {classes!r}"
+                )
+            checked["classes"] = sorted(classes)
+        if "reach_px" in expert:
+            reach = expert["reach_px"]
+            if "classes" not in expert or not _is_real(reach) or reach <= 0:
+                raise ValueError(f"{name}: reach_px must be a distance > 0 (px) next to classes, got {reach!r}")
+            checked["reach_px"] = float(reach)
+        return checked
 
     @property
     def num_classes(self) -> int:
@@ -434,18 +457,18 @@ class LoadedModel:
             return fitted_sigmas(steps, schedule.sigma_min, self.sampling_sigma_max, densities).clone()
         return sampling_sigmas(sampler, steps, schedule.sigma_min, self.sampling_sigma_max, schedule=schedule)
 
-    def denoiser(self) -> DiscreteTimeDenoiser | NoiseLevelSwitch:
-        """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the network, or around both networks split at
-        the expert's noise level where the file holds a high-noise expert."""
-        config = self.config
-        main = DiscreteTimeDenoiser(self.net, self.schedule, config.parameterization)
+    def denoiser(self) -> DiscreteTimeDenoiser:
+        """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the (main) network."""
+        return DiscreteTimeDenoiser(self.net, self.schedule, self.config.parameterization)
+
+    def expert_denoiser(self) -> ConditionalDenoiser | None:
+        """The high-noise expert as ``denoise(x, sigma, cond) -> x0_hat`` in the main network's units (sigma and
+        images normalised as ``config.normalization``), or None for a one-network file. ``generate`` hands over
+        to it above ``config.high_noise_expert["sigma_switch"]`` with ``denoiser.NoiseLevelSwitch``."""
         if self.expert_net is None:
-            return main
-        expert = config.high_noise_expert
-        high = DiscreteTimeDenoiser(self.expert_net, self.schedule, config.parameterization)
-        return NoiseLevelSwitch(
-            main, in_other_units(high, expert["normalization"], config.normalization), expert["sigma_switch"]
-        )
+            return None
+        expert = DiscreteTimeDenoiser(self.expert_net, self.schedule, self.config.parameterization)
+        return in_other_units(expert, self.config.high_noise_expert["normalization"], self.config.normalization)
 
     def summary(self) -> str:
         """One line of human-readable facts about the model (classes, channels, sizes, checksum)."""
@@ -460,7 +483,11 @@ class LoadedModel:
         pixel = "pixel size unknown" if config.pixel_size_nm is None else f"{config.pixel_size_nm:g} nm/px"
         schedule = f"{config.parameterization}-prediction, {config.schedule['name']} schedule"
         if config.high_noise_expert is not None:
-            schedule += f", a second network above sigma {config.high_noise_expert['sigma_switch']:g}"
+            expert = config.high_noise_expert
+            schedule += f", a second network above sigma {expert['sigma_switch']:g}"
+            if "classes" in expert:
+                schedule += f" around class{'es' if len(expert['classes']) > 1 else ''} "
+                schedule += ", ".join(str(c) for c in expert["classes"])
         return f"{classes}, {channels}, {size}, {pixel}, {schedule}, sha256 {self.sha256[:12]}"
 
 

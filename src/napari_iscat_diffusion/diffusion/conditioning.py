@@ -7,8 +7,18 @@ at zero, so it differs from an empty mask (no particles), whose "mask given" cha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
+from scipy import ndimage
+
+# Pixels within this distance (px) of a class's mask pixels lie fully in its zone (class guidance, a high-noise
+# expert for some classes); the weight then falls linearly to zero over the same distance again, so that what
+# changes at a zone's edge changes smoothly and leaves no seam. 4 px is one Airy radius at the simulator's optics
+# (60 nm/px, 520 nm, NA 1.4): with the blob itself that covers a particle's core and first ring, where its peak
+# contrast lies.
+CLASS_ZONE_REACH_PX = 4.0
 
 
 def validate_mask(mask: np.ndarray, num_classes: int, *, name: str = "mask") -> np.ndarray:
@@ -60,3 +70,19 @@ def encode_condition(labels: torch.Tensor, num_classes: int, dtype: torch.dtype 
 def null_condition(condition: torch.Tensor) -> torch.Tensor:
     """The unconditional input matching a condition tensor (N, K+1, H, W): all channels zero."""
     return torch.zeros_like(condition)
+
+
+def class_zone(labels: np.ndarray, classes: Iterable[int], reach_px: float = CLASS_ZONE_REACH_PX) -> np.ndarray:
+    """Weights in [0, 1] around the particles of some classes in int label masks (N, H, W).
+
+    A pixel within ``reach_px`` (px, > 0) of a pixel labelled with one of ``classes`` gets 1; the weight falls
+    linearly to 0 at ``2 * reach_px``. Returns float64 (N, H, W), all zero for a mask without those classes.
+    """
+    if not reach_px > 0:
+        raise ValueError(f"reach_px must be > 0, got {reach_px}")
+    inside = np.isin(np.asarray(labels), list(classes))
+    zone = np.zeros(inside.shape, np.float64)
+    for i, mask in enumerate(inside):
+        if mask.any():
+            zone[i] = np.clip(2.0 - ndimage.distance_transform_edt(~mask) / reach_px, 0.0, 1.0)
+    return zone

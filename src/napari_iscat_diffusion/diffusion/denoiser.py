@@ -85,20 +85,33 @@ def in_other_units(cond_denoise: ConditionalDenoiser, own: dict, target: dict) -
 
 
 class NoiseLevelSwitch:
-    """Two conditional denoisers split by noise level, an ensemble of expert denoisers (Balaji et al. 2022,
-    eDiff-I): ``high`` denoises at ``sigma > sigma_switch`` (normalised units), ``low`` at and below. Each network
-    then spends its capacity on part of the noise levels at the cost of one network pass per step, as before."""
+    """Two denoisers split by noise level, an ensemble of expert denoisers (Balaji et al. 2022, eDiff-I): ``high``
+    denoises at ``sigma > sigma_switch`` (normalised units), ``low`` at and below, so that each network spends its
+    capacity on part of the noise levels.
 
-    def __init__(self, low: ConditionalDenoiser, high: ConditionalDenoiser, sigma_switch: float) -> None:
-        self.low, self.high, self.sigma_switch = low, high, float(sigma_switch)
+    With ``weight`` (N, 1, H, W), values in [0, 1] on the images' device, the prediction above the switch is
+    ``low + weight * (high - low)``: the expert draws only where the weight is 1 (around the particles of some
+    classes, ``conditioning.class_zone``) and both networks run there; ``weight`` None hands over every pixel,
+    at one network pass per step. Extra arguments (a condition) are passed on to both denoisers.
+    """
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Predict x0 from x (N, C, H, W) at noise levels sigma (N,) given the condition cond (N, K+1, H, W)."""
+    def __init__(self, low: Callable, high: Callable, sigma_switch: float, weight: torch.Tensor | None = None) -> None:
+        self.low, self.high, self.sigma_switch, self.weight = low, high, float(sigma_switch), weight
+        # An all-zero zone (no particle of the expert's classes in these masks) never needs the expert.
+        self._needs_high = weight is None or bool(weight.any())
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """Predict x0 (N, C, H, W) from x (N, C, H, W) at noise levels sigma (N,)."""
         above = sigma.reshape(-1) > self.sigma_switch
         # A sampler step has one noise level for the whole batch; only a caller that mixes levels pays for both.
+        if not self._needs_high or not bool(above.any()):
+            return self.low(x, sigma, *cond)
+        high = self.high(x, sigma, *cond)
+        if self.weight is None and bool(above.all()):
+            return high
+        low = self.low(x, sigma, *cond)
+        if self.weight is not None:
+            high = low + self.weight.to(high.dtype) * (high - low)
         if bool(above.all()):
-            return self.high(x, sigma, cond)
-        if not bool(above.any()):
-            return self.low(x, sigma, cond)
-        inside = above.to(x.device).view(-1, *[1] * (x.ndim - 1))
-        return torch.where(inside, self.high(x, sigma, cond), self.low(x, sigma, cond))
+            return high
+        return torch.where(above.to(x.device).view(-1, *[1] * (x.ndim - 1)), high, low)

@@ -23,15 +23,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from .conditioning import CLASS_ZONE_REACH_PX, class_zone
 from .denoiser import ConditionalDenoiser, Denoiser
-
-# Pixels within this distance (px) of a class's mask pixels take that class's scale in full; the weight then
-# falls linearly to zero over the same distance again, so the scale changes smoothly and leaves no seam.
-# 4 px is one Airy radius at the simulator's optics (60 nm/px, 520 nm, NA 1.4): with the blob itself that
-# covers a particle's core and first ring, where its peak contrast lies.
-CLASS_GUIDANCE_REACH_PX = 4.0
 
 _ENTRY = re.compile(r"^\s*(\d+)\s*[=:]\s*([^,\s]+)\s*$")
 
@@ -132,7 +126,7 @@ def guidance_scale_map(
     labels: np.ndarray,
     scale: float,
     class_scales: Mapping[int, float],
-    reach_px: float = CLASS_GUIDANCE_REACH_PX,
+    reach_px: float = CLASS_ZONE_REACH_PX,
 ) -> np.ndarray | None:
     """Per-pixel guidance scales for label masks.
 
@@ -147,8 +141,6 @@ def guidance_scale_map(
     Returns:
         float32 (N, 1, H, W) scales, or None when every pixel would get ``scale`` (no class zone differs).
     """
-    if not reach_px > 0:
-        raise ValueError(f"reach_px must be > 0, got {reach_px}")
     labels = np.asarray(labels)
     differing = {k: w for k, w in class_scales.items() if w != scale and np.any(labels == k)}
     if not differing:
@@ -156,13 +148,9 @@ def guidance_scale_map(
     weighted = np.zeros(labels.shape, np.float64)
     weights = np.zeros(labels.shape, np.float64)
     for label, class_scale in differing.items():
-        for i, mask in enumerate(labels):
-            if not np.any(mask == label):
-                continue
-            distance = ndimage.distance_transform_edt(mask != label)
-            weight = np.clip(2.0 - distance / reach_px, 0.0, 1.0)
-            weighted[i] += weight * class_scale
-            weights[i] += weight
+        weight = class_zone(labels, [label], reach_px)
+        weighted += weight * class_scale
+        weights += weight
     # Inside a zone the class scales take over; on its ramp the background's share is what is left.
     background = np.clip(1.0 - weights, 0.0, None)
     scales = (weighted + background * scale) / np.maximum(weights + background, 1e-12)
