@@ -21,6 +21,7 @@ from napari_iscat_diffusion.evaluation import (
 from napari_iscat_diffusion.evaluation.c2st import _best_threshold, seed_spread
 from napari_iscat_diffusion.evaluation.evaluate import compare_image_sets, detector_settings
 from napari_iscat_diffusion.evaluation.statistics import (
+    SURROUNDING_BANDS,
     background_noise,
     distribution_distance,
     largest_spectrum_ratio,
@@ -29,6 +30,7 @@ from napari_iscat_diffusion.evaluation.statistics import (
     radial_power_spectrum,
     relative_distance_standard_error,
     spectrum_distance,
+    surroundings,
 )
 from napari_iscat_diffusion.iscat.masks import draw_blobs
 from napari_iscat_diffusion.iscat.particles import ParticleClass
@@ -150,6 +152,26 @@ def test_peak_contrast_and_background_noise_on_known_images():
     assert background_noise(image, np.array([(30.0, 40.0)]), 4.0) == pytest.approx(3e-3, rel=0.1)
 
 
+def test_surroundings_measure_each_class_s_rings_band_by_band():
+    rng = np.random.default_rng(5)
+    yy, xx = np.indices((96, 96), dtype=np.float64)
+    centres, labels = np.array([(30.0, 30.0), (60.0, 70.0)]), np.array([2, 1])
+    radius = np.hypot(yy - 30, xx - 30)
+    rings = 0.02 * np.cos(2 * np.pi * radius / 8) * np.exp(-radius / 16)  # a bright particle's rings, class 2
+    noise = 3e-3 * rng.standard_normal((2, 96, 96))
+    with_rings = surroundings(noise + rings, [(centres, labels)] * 2, 4.0)
+    weaker = surroundings(noise + 0.5 * rings, [(centres, labels)] * 2, 4.0)
+    assert sorted(with_rings) == [1, 2] and len(with_rings[2]) == len(SURROUNDING_BANDS)
+    # Class 1 has no rings: noise only, in every band.
+    assert with_rings[1] == pytest.approx([3e-3] * len(SURROUNDING_BANDS), rel=0.25)
+    ratio = np.array(weaker[2]) / np.array(with_rings[2])
+    assert np.all(ratio[:3] < 0.75) and np.all(ratio < 0.95)
+    assert weaker[1] == pytest.approx(with_rings[1], rel=0.05)  # class 1's surroundings are not class 2's rings
+    assert surroundings(noise, [(centres[:0], labels[:0])] * 2, 4.0) == {}
+    far = surroundings(noise[:1, :20, :20], [(np.array([(10.0, 10.0)]), np.array([1]))], 4.0)
+    assert far[1][-1] is None  # no pixel of a 20 px image lies 24-40 px from its centre
+
+
 def test_line_pattern_sees_column_offsets_and_their_direction():
     rng = np.random.default_rng(3)
     particle = np.array([(30.0, 40.0)])
@@ -261,6 +283,9 @@ def test_simulator_against_itself_and_against_brighter_particles():
     assert same["physics"]["power_spectrum"]["distance_decades"] < 0.05
     assert 0.9 < same["physics"]["background_noise"]["ratio"] < 1.1
     assert 0.85 < same["physics"]["line_pattern"]["columns"]["ratio"] < 1.15
+    around = same["physics"]["surroundings"]
+    assert around["bands_psf_radii"][0] == [1, 2]
+    assert all(0.8 < r < 1.25 for r in around["per_class"]["1"]["ratio"])
     camera = SimulationParameters(**single, column_noise=1.5e-3)  # three times the default column gains' spread
     no_columns = SimulationParameters(**single, column_noise=0.0)
     plain = compare_image_sets(

@@ -595,8 +595,8 @@ def _measurement_options(args: argparse.Namespace) -> dict:
 
 def _evaluation_summary(metrics: dict) -> str:
     """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor) and the
-    contrasts' median and 10-90 % range over the simulator's, the background's noise and line-pattern ratios, the
-    power spectrum's largest ratio, and the C2ST accuracy, a line each."""
+    contrasts' median and 10-90 % range over the simulator's, the background's noise and line-pattern ratios, each
+    class's surroundings, the power spectrum's largest ratio, and the C2ST accuracy, a line each."""
     from .evaluation.statistics import median_ratio
 
     def number(value: float | None) -> str:
@@ -627,6 +627,14 @@ def _evaluation_summary(metrics: dict) -> str:
             for label, ours, chance in ratios
         )
     )
+    around, chance_around = physics["surroundings"], floor_physics["surroundings"]["per_class"]
+    bands = ", ".join(f"{low:g}-{high:g}" for low, high in around["bands_psf_radii"])
+    for k, values in around["per_class"].items():
+        ours = " ".join(number(r) for r in values["ratio"])
+        chance = " ".join(number(r) for r in chance_around.get(k, {}).get("ratio", []))
+        lines.append(
+            f"class {k} surroundings / simulator at {bands} PSF radii: {ours} (two simulator sets: {chance or '-'})"
+        )
     largest, chance_largest = physics["power_spectrum"]["largest_ratio"], floor_physics["spectrum_largest_ratio"]
     lines.append(
         f"power spectrum / simulator: farthest from 1 at {largest['frequency_cycles_per_px']:.3f} cycles/px, "

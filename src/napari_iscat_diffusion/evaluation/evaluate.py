@@ -30,6 +30,7 @@ from .diversity import sample_diversity
 from .edits import edit_mask, edit_scores
 from .matching import MaskParticles, fidelity_scores, mask_particles, match_image
 from .statistics import (
+    SURROUNDING_BANDS,
     background_noise,
     distribution_distance,
     largest_spectrum_ratio,
@@ -38,6 +39,7 @@ from .statistics import (
     radial_power_spectrum,
     relative_distance_standard_error,
     spectrum_distance,
+    surroundings,
 )
 
 HELD_OUT_SEED = 3_000_000_000
@@ -113,8 +115,9 @@ def fidelity(
 
 def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: float) -> dict[str, Any]:
     """Peak contrast per class (Wasserstein distance, with its bootstrap standard error over images
-    ``relative_to_spread_se``), background noise, line pattern (columns and rows), radial power spectrum
-    distance and the frequency where the two spectra differ most (``largest_ratio``)."""
+    ``relative_to_spread_se``), background noise, line pattern (columns and rows), the surroundings of each
+    class's particles (``statistics.surroundings``), radial power spectrum distance and the frequency where the two
+    spectra differ most (``largest_ratio``)."""
 
     def contrasts(images: ImageSet) -> dict[int, list[np.ndarray]]:
         """Per class, the peak contrasts of each image (empty where an image has none of that class)."""
@@ -149,8 +152,13 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
     gen_contrast, ref_contrast = contrasts(generated), contrasts(reference)
     classes = sorted(set(gen_contrast) | set(ref_contrast))
     no_values = [np.zeros(0)]
+    no_bands = [None] * len(SURROUNDING_BANDS)
     gen_noise, ref_noise = noise(generated), noise(reference)
     gen_lines, ref_lines = lines(generated), lines(reference)
+    gen_around, ref_around = (
+        surroundings(i.images, [(b.positions, b.labels) for b in i.particles], psf_radius_px)
+        for i in (generated, reference)
+    )
     frequencies, gen_power = radial_power_spectrum(generated.images)
     _, ref_power = radial_power_spectrum(reference.images)
     worst_bin, worst_ratio = largest_spectrum_ratio(gen_power, ref_power)
@@ -162,6 +170,20 @@ def physics_statistics(generated: ImageSet, reference: ImageSet, psf_radius_px: 
         "line_pattern": {
             name: {"generated": float(g), "reference": float(r), "ratio": float(g / r)}
             for name, g, r in zip(("columns", "rows"), gen_lines, ref_lines, strict=True)
+        },
+        "surroundings": {
+            "bands_psf_radii": [list(band) for band in SURROUNDING_BANDS],
+            "per_class": {
+                str(k): {
+                    "generated": gen_around.get(k),
+                    "reference": ref_around.get(k),
+                    "ratio": [
+                        None if g is None or r is None else g / r
+                        for g, r in zip(gen_around.get(k, no_bands), ref_around.get(k, no_bands), strict=True)
+                    ],
+                }
+                for k in sorted(set(gen_around) | set(ref_around))
+            },
         },
         "power_spectrum": {
             "distance_decades": spectrum_distance(gen_power, ref_power),
@@ -194,6 +216,7 @@ def reference_floor(
         "peak_contrast": stats["peak_contrast"],
         "background_noise": stats["background_noise"],
         "line_pattern": stats["line_pattern"],
+        "surroundings": stats["surroundings"],
         "spectrum_distance_decades": stats["power_spectrum"]["distance_decades"],
         "spectrum_largest_ratio": stats["power_spectrum"]["largest_ratio"],
     }

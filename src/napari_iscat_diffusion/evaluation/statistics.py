@@ -6,6 +6,8 @@
 - background noise: robust standard deviation of the background-subtracted image away from particles;
 - line pattern: standard deviation of the column means and of the row means of that background (a
   camera's fixed-pattern noise runs along its columns, so in camera images the first exceeds the second);
+- surroundings: root mean square of the background-subtracted image in distance bands around the particles of
+  each class (a particle's rings, and for bright particles what they do to the texture around them);
 - radial power spectrum: the azimuthally averaged ``|FFT|^2`` of the Hann-windowed images.
 
 Distances between peak-contrast distributions come with a bootstrap standard error over images: the
@@ -77,6 +79,50 @@ def line_pattern(image: np.ndarray, positions: np.ndarray, psf_radius_px: float)
         return float(np.std(means))
 
     return profile_std(0), profile_std(1)
+
+
+# Bands of distance (PSF radii) from a particle's centre for ``surroundings``: the core (below 1) is its peak
+# contrast, and beyond 10 the background, measured by ``background_noise`` (which starts at 3: a bright bead's
+# outer rings reach into it).
+SURROUNDING_BANDS: tuple[tuple[float, float], ...] = ((1, 2), (2, 3), (3, 4), (4, 6), (6, 10))
+
+
+def surroundings(
+    images: Sequence[np.ndarray], particles: Sequence[tuple[np.ndarray, np.ndarray]], psf_radius_px: float
+) -> dict[int, list[float | None]]:
+    """Root mean square (image units) of the background-subtracted images in the ``SURROUNDING_BANDS`` around
+    each class's particles.
+
+    Args:
+        images: (H, W) contrast images.
+        particles: per image, particle centres (n, 2) in px (y, x) and their class labels (n,).
+        psf_radius_px: the PSF radius in px; the bands are in multiples of it.
+
+    Returns:
+        ``{label: [rms per band]}``; each pixel counts for the particle nearest to it, and a band without
+        pixels gives None.
+    """
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, np.ndarray] = {}
+    for image, (positions, labels) in zip(images, particles, strict=True):
+        if len(positions) == 0:
+            continue
+        squared = subtract_background(image, psf_radius_px) ** 2
+        distances = np.stack([_distance_to_nearest(image.shape, p) for p in positions]) / psf_radius_px
+        nearest = distances.argmin(axis=0)
+        distance = distances.min(axis=0)
+        for index, label in enumerate(np.asarray(labels).tolist()):
+            own = nearest == index
+            band_sums = sums.setdefault(label, np.zeros(len(SURROUNDING_BANDS)))
+            band_counts = counts.setdefault(label, np.zeros(len(SURROUNDING_BANDS)))
+            for b, (low, high) in enumerate(SURROUNDING_BANDS):
+                inside = own & (distance >= low) & (distance < high)
+                band_sums[b] += squared[inside].sum()
+                band_counts[b] += inside.sum()
+    return {
+        label: [float(np.sqrt(t / c)) if c else None for t, c in zip(sums[label], counts[label], strict=True)]
+        for label in sorted(sums)
+    }
 
 
 def radial_power_spectrum(images: np.ndarray, num_bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
