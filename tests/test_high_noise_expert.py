@@ -206,6 +206,13 @@ def test_generate_hands_over_at_the_switch(tmp_path, monkeypatch):
         generate(with_class_2, load_checkpoint(zone), **run) - generate(with_class_2, load_checkpoint(alone), **run)
     )
     assert change[9:13, 9:13].mean() > 2 * change[:4, :].mean() > 0
+    tiled = {**run, "tile_size": 8, "tile_overlap": 2}  # each network is tiled, the zone is the whole image's
+    assert np.array_equal(
+        generate(mask, load_checkpoint(zone), **tiled), generate(mask, load_checkpoint(alone), **tiled)
+    )
+    assert not np.allclose(
+        generate(with_class_2, load_checkpoint(zone), **tiled), generate(with_class_2, load_checkpoint(alone), **tiled)
+    )
 
     seen = []
     info = samplers_module.SAMPLERS["dpmpp_2m"]
