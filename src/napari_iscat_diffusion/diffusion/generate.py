@@ -177,18 +177,19 @@ def generate(
                 generators = [torch.Generator().manual_seed(seeds[i]) for i in indices]
                 noise = torch.stack([torch.randn(channels, height, width, generator=g) for g in generators])
                 x = noise.to(torch_device) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
-                batch_labels = torch.from_numpy(labels[indices.start : indices.stop]).to(torch_device)
-                cond = encode_condition(batch_labels, config.num_classes)
-                scale_map = guidance_scale_map(labels[indices.start : indices.stop], guidance, class_scales)
+                batch_labels = labels[indices.start : indices.stop]
+                cond = encode_condition(torch.from_numpy(batch_labels).to(torch_device), config.num_classes)
+                null = null_condition(cond)
+                scale_map = guidance_scale_map(batch_labels, guidance, class_scales)
                 scale = guidance if scale_map is None else torch.from_numpy(scale_map).to(torch_device)
-                denoise = guided_denoiser(cond_denoise, cond, null_condition(cond), scale, interval)
+                denoise = guided_denoiser(cond_denoise, cond, null, scale, interval)
                 if expert_denoise is not None:
                     # Guided like the main network, so that both see the same guidance wherever they are blended.
-                    high = guided_denoiser(expert_denoise, cond, null_condition(cond), scale, interval)
+                    high = guided_denoiser(expert_denoise, cond, null, scale, interval)
                     zone = None
                     if "classes" in expert:
                         reach = expert.get("reach_px", CLASS_ZONE_REACH_PX)
-                        zone = class_zone(labels[indices.start : indices.stop], expert["classes"], reach)
+                        zone = class_zone(batch_labels, expert["classes"], reach)
                         zone = torch.from_numpy(zone[:, None]).to(torch_device, torch.float32)
                     denoise = NoiseLevelSwitch(denoise, high, expert["sigma_switch"], zone)
 

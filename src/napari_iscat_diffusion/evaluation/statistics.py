@@ -108,11 +108,13 @@ def surroundings(
         if len(positions) == 0:
             continue
         squared = subtract_background(image, psf_radius_px) ** 2
-        distances = np.stack([_distance_to_nearest(image.shape, p) for p in positions]) / psf_radius_px
-        nearest = distances.argmin(axis=0)
+        yy, xx = np.indices(image.shape, dtype=np.float64)
+        centres = np.asarray(positions, dtype=np.float64).reshape(-1, 2)[:, :, None, None]
+        distances = np.hypot(yy - centres[:, 0], xx - centres[:, 1]) / psf_radius_px  # (n, H, W)
+        nearest_label = np.asarray(labels)[distances.argmin(axis=0)]
         distance = distances.min(axis=0)
-        for index, label in enumerate(np.asarray(labels).tolist()):
-            own = nearest == index
+        for label in np.unique(labels).tolist():
+            own = nearest_label == label
             band_sums = sums.setdefault(label, np.zeros(len(SURROUNDING_BANDS)))
             band_counts = counts.setdefault(label, np.zeros(len(SURROUNDING_BANDS)))
             for b, (low, high) in enumerate(SURROUNDING_BANDS):
