@@ -1,17 +1,17 @@
 """How well checkpoints denoise held-out simulator images, noise level by noise level.
 
-Each held-out image (the evaluation's, seeds from 3e9) is noised to a level sigma (in the normalised units
-of the first checkpoint: the background's noise is about 1, a bead's peak 10-60) with the same noise for
-every checkpoint, and each checkpoint's denoiser (with its mask, no guidance; the main network of a file that
-also holds a high-noise expert) predicts the clean image.
-Checkpoints whose normalisations differ (a fine-tune recomputes it from its data) see the same physical
-noise, sigma in their own units scaled accordingly. Prints, per checkpoint and sigma, the mean squared
-error of that prediction (the first checkpoint's normalised units squared) over the pixels within 4 px of
-a particle of each class and over the rest (background), and the ratio of each checkpoint's error to the
-first one's. At a given sigma the best possible error is the data's own uncertainty, so the ratios compare
-checkpoints; the training loss weighs these errors by the min-SNR weight (``train.min_snr_gamma``,
-``train.min_snr_floor``). Writes ``benchmarks/results/denoising_error_by_sigma.json`` with the machine's
-description.
+Each held-out image (the evaluation's, seeds from 3e9) is noised to a level sigma (in the normalised units of
+the first checkpoint: the background's noise is about 1, a bead's peak 10-60) with the same noise for every
+checkpoint, and each checkpoint's denoiser (with its mask, no guidance; the main network of a file that also
+holds a high-noise expert) predicts the clean image. Checkpoints whose normalisations differ (a fine-tune
+recomputes it from its data) see the same physical noise, sigma in their own units scaled accordingly. Prints,
+per checkpoint and sigma, the mean squared error of that prediction (the first checkpoint's normalised units
+squared) over the pixels within 4 px of a particle of each class, over the rest (background), and over each
+class's surroundings (4-16 px from its particles and more than 4 px from any: where a bead's rings lie; these
+pixels are also background), and the ratio of each checkpoint's error to the first one's. At a given sigma the
+best possible error is the data's own uncertainty, so the ratios compare checkpoints; the training loss weighs
+these errors by the min-SNR weight (``train.min_snr_gamma``, ``train.min_snr_floor``). Writes
+``benchmarks/results/denoising_error_by_sigma.json`` with the machine's description.
 
     python benchmarks/denoising_error_by_sigma.py                       # bundled model only
     python benchmarks/denoising_error_by_sigma.py --checkpoints runs/a.safetensors runs/b.safetensors
@@ -32,17 +32,23 @@ from napari_iscat_diffusion.evaluation.evaluate import HELD_OUT_SEED, simulated_
 
 SIGMAS = (0.3, 1.0, 3.0, 10.0, 30.0, 80.0, 300.0, 2000.0)
 NEIGHBOURHOOD_PX = 4
+SURROUNDINGS_PX = 16
 
 
 def pixel_groups(masks: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
     """Boolean maps (N, 1, H, W) of the pixels within ``NEIGHBOURHOOD_PX`` (px, square) of each class's mask
-    pixels (``"class k"``) and of the pixels near none (``"background"``), from label masks (N, H, W)."""
-    groups = {}
-    kernel = 2 * NEIGHBOURHOOD_PX + 1
-    for k in range(1, num_classes + 1):
+    pixels (``"class k"``), of the pixels near none (``"background"``) and, of those, the ones within
+    ``SURROUNDINGS_PX`` of class k (``"around k"``), from label masks (N, H, W)."""
+
+    def near(k: int, radius: int) -> torch.Tensor:
         labelled = (masks == k).float().unsqueeze(1)
-        groups[f"class {k}"] = torch.nn.functional.max_pool2d(labelled, kernel, stride=1, padding=NEIGHBOURHOOD_PX) > 0
-    groups["background"] = ~torch.stack(list(groups.values())).any(dim=0)
+        return torch.nn.functional.max_pool2d(labelled, 2 * radius + 1, stride=1, padding=radius) > 0
+
+    groups = {f"class {k}": near(k, NEIGHBOURHOOD_PX) for k in range(1, num_classes + 1)}
+    background = ~torch.stack(list(groups.values())).any(dim=0)
+    groups["background"] = background
+    for k in range(1, num_classes + 1):
+        groups[f"around {k}"] = background & near(k, SURROUNDINGS_PX)
     return groups
 
 
@@ -115,7 +121,13 @@ def main() -> None:
     write_results(
         "denoising_error_by_sigma",
         machine_info(torch.device("cpu")),
-        {"n": args.n, "size_px": args.size, "neighbourhood_px": NEIGHBOURHOOD_PX, "mse": results},
+        {
+            "n": args.n,
+            "size_px": args.size,
+            "neighbourhood_px": NEIGHBOURHOOD_PX,
+            "surroundings_px": SURROUNDINGS_PX,
+            "mse": results,
+        },
         args.out,
     )
 

@@ -58,6 +58,8 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("train.cond_drop_prob=1.5", r"train\.cond_drop_prob: must be a probability"),
         ("train.particle_loss_weight=-1", r"train\.particle_loss_weight: must be >= 0"),
         ("train.particle_loss_radius_px=-2", r"train\.particle_loss_radius_px: must be >= 0 pixels"),
+        ("train.surroundings_loss_weight=-1", r"train\.surroundings_loss_weight: must be >= 0"),
+        ("train.surroundings_loss_radius_px=-1", r"train\.surroundings_loss_radius_px: must be >= 0 pixels"),
         ("optim.lr=nan", r"optim\.lr: must be a positive number"),
         ("train.min_snr_floor=-0.1", r"train\.min_snr_floor: must be >= 0"),
         (("train.min_snr_floor=0.01", "train.min_snr_gamma=null"), r"train\.min_snr_floor: a floor of 0\.01 needs"),

@@ -249,7 +249,16 @@ def test_the_loss_weights_reach_the_training_and_validation_losses(
     real = trainer_module.diffusion_loss
 
     def recording(*args, **kwargs):
-        weights = (kwargs["particle_weight"], kwargs["particle_radius_px"], kwargs["min_snr_floor"])
+        weights = tuple(
+            kwargs[k]
+            for k in (
+                "particle_weight",
+                "particle_radius_px",
+                "surroundings_weight",
+                "surroundings_radius_px",
+                "min_snr_floor",
+            )
+        )
         seen.append((weights, kwargs.get("timesteps") is None))
         return real(*args, **kwargs)
 
@@ -259,12 +268,14 @@ def test_the_loss_weights_reach_the_training_and_validation_losses(
         "train.steps=1",
         "train.particle_loss_weight=9",
         "train.particle_loss_radius_px=3",
+        "train.surroundings_loss_weight=2",
+        "train.surroundings_loss_radius_px=12",
         "train.min_snr_floor=0.02",
     )
     trainer = tiny_trainer(config)
     trainer.fit()
     trainer.validate()
-    assert {weights for weights, _ in seen} == {(9.0, 3, 0.02)}
+    assert {weights for weights, _ in seen} == {(9.0, 3, 2.0, 12, 0.02)}
     assert {training for _, training in seen} == {True, False}  # both a training and a validation call
 
 

@@ -163,6 +163,40 @@ def test_particle_weight_counts_the_pixels_near_particles_more(error_near_partic
     assert loss(9.0, drop=1.0) == pytest.approx(plain)
 
 
+def test_the_surroundings_weight_counts_a_ring_around_the_particle_zone():
+    schedule = cosine_schedule(1000)
+    x0 = torch.zeros(1, 1, 12, 12)
+    labels = torch.zeros(1, 12, 12, dtype=torch.long)
+    labels[0, 5, 5] = 1
+    cond = encode_condition(labels, 2)
+    core = particle_neighbourhood(cond, 1).bool()
+    ring = particle_neighbourhood(cond, 3).bool() & ~core
+    n_core, n_ring, n_far = 9, 49 - 9, 144 - 49
+
+    def loss(where, particle_weight, surroundings_weight):
+        return diffusion_loss(
+            _ErrsAt(schedule, x0, where),
+            schedule,
+            "v",
+            x0,
+            cond,
+            generator=torch.Generator().manual_seed(3),
+            particle_weight=particle_weight,
+            particle_radius_px=1,
+            surroundings_weight=surroundings_weight,
+            surroundings_radius_px=3,
+            cond_drop_prob=0.0,
+        ).item()
+
+    # core pixels 1 + 9, ring pixels 1 + 2, the rest 1
+    total = 10 * n_core + 3 * n_ring + n_far
+    assert loss(ring, 9.0, 2.0) == pytest.approx(3 * n_ring / total)
+    assert loss(core, 9.0, 2.0) == pytest.approx(10 * n_core / total)
+    assert loss(ring, 9.0, 2.0) > loss(ring, 9.0, 0.0)
+    # a surroundings weight above the particle weight covers the core too
+    assert loss(core, 1.0, 4.0) == pytest.approx(5 * n_core / (5 * (n_core + n_ring) + n_far))
+
+
 def test_a_timestep_range_draws_only_timesteps_inside_it():
     schedule = cosine_schedule(1000)
     x0, cond = _batch(256)

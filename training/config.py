@@ -96,6 +96,8 @@ class TrainSection:
     ``batch_size * grad_accum * world_size`` images. ``precision``: "auto" is bf16 autocast on CUDA, fp32 on CPU.
     ``particle_loss_weight``: pixels within ``particle_loss_radius_px`` (px) of a mask particle count
     ``1 + particle_loss_weight`` times in the loss (training and validation); 0 weighs every pixel the same.
+    ``surroundings_loss_weight``, ``surroundings_loss_radius_px``: the same for a wider zone (a bead's rings);
+    a pixel in both zones counts 1 + the larger weight.
     ``min_snr_gamma``, ``min_snr_floor``: the clean-image error weighs ``max(min(SNR, gamma), floor)`` (min-SNR
     weighting, Hang et al. 2023, with a floor for the high noise levels; gamma null: the plain target MSE).
     ``sigma_range``: ``[low, high]`` (normalised units) trains and validates on the timesteps whose noise
@@ -112,6 +114,8 @@ class TrainSection:
     min_snr_floor: float = 0.0
     particle_loss_weight: float = 0.0
     particle_loss_radius_px: int = 4
+    surroundings_loss_weight: float = 0.0
+    surroundings_loss_radius_px: int = 16
     sigma_range: tuple[float, float] | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -270,6 +274,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.min_snr_floor", lambda v: 0 <= v < math.inf, ">= 0 (0 = min-SNR as published)"),
     ("train.particle_loss_weight", lambda v: 0 <= v < math.inf, ">= 0 (0 = every pixel weighs the same)"),
     ("train.particle_loss_radius_px", lambda v: v >= 0, ">= 0 pixels"),
+    ("train.surroundings_loss_weight", lambda v: 0 <= v < math.inf, ">= 0 (0 = no surroundings zone)"),
+    ("train.surroundings_loss_radius_px", lambda v: v >= 0, ">= 0 pixels"),
     ("train.max_nonfinite", lambda v: v >= 1, ">= 1"),
     ("train.early_stopping_patience", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("train.time_limit_minutes", lambda v: v is None or 0 < v < math.inf, "a positive number of minutes or null"),

@@ -25,6 +25,8 @@ def diffusion_loss(
     timestep_range: tuple[int, int] | None = None,
     particle_weight: float = 0.0,
     particle_radius_px: int = 4,
+    surroundings_weight: float = 0.0,
+    surroundings_radius_px: int = 16,
 ) -> torch.Tensor:
     """Mean denoising loss of ``net`` on a batch of clean images.
 
@@ -50,6 +52,10 @@ def diffusion_loss(
             of a labelled pixel of the condition the network sees: those pixels count ``1 + particle_weight``
             times, and each image's loss is the weighted mean. 0 gives every pixel the same weight.
         particle_radius_px: how far around the mask the extra weight reaches (px).
+        surroundings_weight: extra weight of the pixels within ``surroundings_radius_px`` (px, square) of a
+            labelled pixel, e.g. where a bead's rings lie; a pixel in both neighbourhoods counts 1 + the larger
+            of the two weights. 0: no such zone.
+        surroundings_radius_px: how far around the mask that second weight reaches (px).
 
     Returns:
         a scalar float32 loss. Noise, targets and the loss are computed in float32 whatever the
@@ -72,11 +78,14 @@ def diffusion_loss(
     prediction = net(x_t, t.float(), cond).float()
     target = target_from_x0_eps(x0, eps, alpha, sigma, parameterization)
     squared = (prediction - target).pow(2)
-    if particle_weight > 0:
+    if particle_weight > 0 or surroundings_weight > 0:
         # Particles cover a few per cent of an iSCAT image, so a plain mean spends the network's capacity on
         # background speckle and noise. The weight depends only on the condition the network is given, so the
         # best prediction at every pixel is still the conditional mean: the weighting moves effort, not the target.
-        weight = 1 + particle_weight * particle_neighbourhood(cond, particle_radius_px)
+        weight = 1 + torch.maximum(
+            particle_weight * particle_neighbourhood(cond, particle_radius_px),
+            surroundings_weight * particle_neighbourhood(cond, surroundings_radius_px),
+        )
         per_image = (weight * squared).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * squared.shape[1])
     else:
         per_image = squared.mean(dim=(1, 2, 3))

@@ -275,6 +275,8 @@ class Trainer:
             min_snr_floor=train.min_snr_floor,
             particle_weight=train.particle_loss_weight,
             particle_radius_px=train.particle_loss_radius_px,
+            surroundings_weight=train.surroundings_loss_weight,
+            surroundings_radius_px=train.surroundings_loss_radius_px,
             timestep_range=self.timestep_range,
             **sampling,
         )
