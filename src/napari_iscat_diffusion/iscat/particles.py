@@ -7,7 +7,7 @@ of the coverslip. The in-focus peak of the cross term is therefore
 
     c_lin = C_REF * (d / 50 nm)^3 * |K| / |K_ps| * (520 nm / lambda)^2 * r_ref / r
 
-anchored at ``C_REF = 1e-2`` for a 50 nm polystyrene sphere in water on glass at 520 nm (DESIGN.md), where
+anchored at ``C_REF = 1e-2`` for a 50 nm polystyrene sphere in water on glass at 520 nm (the design brief), where
 ``K`` is the Clausius-Mossotti factor of the particle in the medium and ``K_ps``, ``r_ref`` those of the
 anchor. Large particles leave the Rayleigh regime and their contrast saturates: ``c = c_lin / (1 + c_lin /
 c_sat)``. This form keeps the d^3 law for ``c << c_sat`` (relative deviation ``c_lin / c_sat``) and, unlike
