@@ -100,3 +100,19 @@ def test_a_file_with_a_high_noise_expert_starts_the_run_from_its_main_network(
     assert "also holds a network for the noise levels above sigma 10" in caplog.text
     for name, value in model.state_dict().items():
         assert torch.equal(value, source.net.state_dict()[name]), name
+
+
+def test_a_fine_tune_can_keep_the_checkpoints_normalisation(trained: Path, tmp_path: Path) -> None:
+    source = load_checkpoint(trained).config.normalization
+    kept, measured = tmp_path / "kept", tmp_path / "measured"
+    common = (f"model.init_from={trained}", "seed=5")
+    assert train.main(tiny_overrides(kept, *common, "data.normalization=init_from")) == 0
+    assert train.main(tiny_overrides(measured, *common)) == 0
+    assert load_checkpoint(kept / "model.safetensors").config.normalization == source
+    # the default measures the run's own images, which another seed draws differently
+    assert load_checkpoint(measured / "model.safetensors").config.normalization != source
+
+
+def test_keeping_the_normalisation_needs_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.normalization: init_from .* set model\.init_from"):
+        tiny_config(tmp_path / "run", "data.normalization=init_from")

@@ -23,6 +23,7 @@ from napari_iscat_diffusion.iscat.simulate import SimulationParameters
 from .augment import AugmentConfig
 from .config import ConfigError, TrainConfig
 from .datasets import Hdf5Source, IscatDataset, RawItem, SimulatorSource, Source, TiffPairSource
+from .finetune import initial_normalization
 from .normalization import compute_normalization
 
 # Validation images of the simulator come from seeds far above the training seeds.
@@ -167,10 +168,13 @@ def build_data(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Data:
     if config.data.validate:
         train.validate()
         val.validate()
-    try:
-        normalization = compute_normalization(train, max_images=config.data.normalization_images, seed=config.seed)
-    except ValueError as err:
-        raise DataError(train_source.location, f"no normalisation statistics: {err}") from err
+    if config.data.normalization == "init_from":
+        normalization = initial_normalization(config, train.channels)
+    else:
+        try:
+            normalization = compute_normalization(train, max_images=config.data.normalization_images, seed=config.seed)
+        except ValueError as err:
+            raise DataError(train_source.location, f"no normalisation statistics: {err}") from err
     train.normalization = val.normalization = normalization
     # The first item of each part is read now, so that a mask label above model.num_classes or a crop
     # larger than the images fails here and not mid-run (data.validate=true reads every item).

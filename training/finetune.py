@@ -56,6 +56,25 @@ def load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> str:
     return loaded.sha256
 
 
+def initial_normalization(config: TrainConfig, channels: int) -> dict:
+    """The normalisation (``{"mean": [C], "std": [C]}``, physical units) stored in ``config.model.init_from``.
+
+    Raises:
+        ConfigError: the file cannot be loaded or holds another number of channels than ``channels``.
+    """
+    path = config.model.init_from
+    try:
+        normalization = load_checkpoint(path).config.normalization
+    except CheckpointError as err:
+        raise ConfigError(f"model.init_from: {err}") from err
+    if len(normalization["std"]) != channels:
+        raise ConfigError(
+            f"data.normalization: init_from: {path} is normalised for {len(normalization['std'])} channel(s), "
+            f"the images have {channels}"
+        )
+    return normalization
+
+
 def _differences(config: TrainConfig, stored: ModelConfig) -> list[str]:
     wanted = dataclasses.asdict(config.unet_config())
     found = dataclasses.asdict(stored.unet)
