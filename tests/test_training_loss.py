@@ -136,13 +136,16 @@ class _ErrsAt(_Oracle):
         return super().forward(x_t, t, cond) + self.where.float()
 
 
-@pytest.mark.parametrize("error_near_particles", [True, False])
-def test_particle_weight_counts_the_pixels_near_particles_more(error_near_particles):
-    schedule = cosine_schedule(1000)
-    x0 = torch.zeros(1, 1, 12, 12)
+def _one_particle() -> tuple:
+    """A cosine schedule, a blank 12x12 image and the condition of one class-1 pixel at (5, 5)."""
     labels = torch.zeros(1, 12, 12, dtype=torch.long)
     labels[0, 5, 5] = 1
-    cond = encode_condition(labels, 2)
+    return cosine_schedule(1000), torch.zeros(1, 1, 12, 12), encode_condition(labels, 2)
+
+
+@pytest.mark.parametrize("error_near_particles", [True, False])
+def test_particle_weight_counts_the_pixels_near_particles_more(error_near_particles):
+    schedule, x0, cond = _one_particle()
     near = particle_neighbourhood(cond, 1).bool()
     where = near if error_near_particles else ~near
     n_near, n_far = 9, 144 - 9
@@ -164,11 +167,7 @@ def test_particle_weight_counts_the_pixels_near_particles_more(error_near_partic
 
 
 def test_the_surroundings_weight_counts_a_ring_around_the_particle_zone():
-    schedule = cosine_schedule(1000)
-    x0 = torch.zeros(1, 1, 12, 12)
-    labels = torch.zeros(1, 12, 12, dtype=torch.long)
-    labels[0, 5, 5] = 1
-    cond = encode_condition(labels, 2)
+    schedule, x0, cond = _one_particle()
     core = particle_neighbourhood(cond, 1).bool()
     ring = particle_neighbourhood(cond, 3).bool() & ~core
     n_core, n_ring, n_far = 9, 49 - 9, 144 - 49
