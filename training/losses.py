@@ -82,10 +82,9 @@ def diffusion_loss(
         # Particles cover a few per cent of an iSCAT image, so a plain mean spends the network's capacity on
         # background speckle and noise. The weight depends only on the condition the network is given, so the
         # best prediction at every pixel is still the conditional mean: the weighting moves effort, not the target.
-        weight = 1 + torch.maximum(
-            particle_weight * particle_neighbourhood(cond, particle_radius_px),
-            surroundings_weight * particle_neighbourhood(cond, surroundings_radius_px),
-        )
+        # Only zones with a weight are pooled: the wide zone's pooling would otherwise run on every training step.
+        zones = ((particle_weight, particle_radius_px), (surroundings_weight, surroundings_radius_px))
+        weight = 1 + torch.stack([w * particle_neighbourhood(cond, r) for w, r in zones if w > 0]).amax(dim=0)
         per_image = (weight * squared).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * squared.shape[1])
     else:
         per_image = squared.mean(dim=(1, 2, 3))
