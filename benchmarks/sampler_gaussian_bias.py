@@ -6,10 +6,10 @@ the grid's first sigma should end with variance P. What it ends with instead is 
 on the part of an image that is close to Gaussian: an iSCAT background (shot noise and speckle) is, each
 spatial frequency with its own P. The deterministic samplers are linear in x for a linear denoiser, so
 their output's variance is computed exactly (``grid_fit.gaussian_variance_ratios``, no random numbers); the
-SDE's is a seeded Monte Carlo estimate (``--sde-samples`` draws per density, with the checkpoint's
-``noise_sigma_min``). Each sampler runs on its plain grid (log-SNR from the checkpoint's start),
-DPM-Solver++ 2M and its SDE also on the grid fitted to the density range for DPM-Solver++ 2M
-(``grid_fit.fitted_sigmas``).
+stochastic samplers' (DDPM, the SDE) is a seeded Monte Carlo estimate (``--sde-samples`` draws per density,
+with the checkpoint's ``noise_sigma_min`` for the SDE). Each sampler runs on its plain grid (log-SNR from
+the checkpoint's start; DDPM and DDIM on the training schedule's timesteps), DPM-Solver++ 2M and its SDE
+also on the grid fitted to the density range for DPM-Solver++ 2M (``grid_fit.fitted_sigmas``).
 
 P is in the model's normalised units; the range is the checkpoint's ``sampling_density_range`` unless
 ``--density-range`` gives one (the bundled model's, 0.3-1500, runs from below the white shot-noise floor,
@@ -38,8 +38,6 @@ from napari_iscat_diffusion.diffusion.grid_fit import (
 )
 from napari_iscat_diffusion.diffusion.samplers import sampling_sigmas
 
-# The samplers that step on a continuous grid (the discrete ones sample the training schedule's own timesteps).
-CONTINUOUS = tuple(name for name, info in SAMPLERS.items() if info.grid != "discrete")
 # The fitted grid is DPM-Solver++ 2M's; its SDE form is measured on it too.
 ON_FITTED_GRID = (*FITTED_SAMPLERS, "dpmpp_2m_sde")
 
@@ -48,8 +46,10 @@ def main() -> None:
     """Print and save the variance ratios for each sampler and step count."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint [bundled]")
-    parser.add_argument("--samplers", nargs="+", default=list(CONTINUOUS), choices=CONTINUOUS)
-    parser.add_argument("--sde-samples", type=int, default=200_000, help="Monte Carlo draws per density [200000]")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument(
+        "--sde-samples", type=int, default=200_000, help="Monte Carlo draws per density for DDPM and the SDE [200000]"
+    )
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 40, 80])
     parser.add_argument(
         "--density-range",
@@ -78,13 +78,13 @@ def main() -> None:
     for sampler in args.samplers:
         rows = []
         for steps in args.steps:
-            grids = {"plain": sampling_sigmas(sampler, steps, sigma_min, sigma_max)}
+            grids = {"plain": sampling_sigmas(sampler, steps, sigma_min, sigma_max, schedule=model.schedule)}
             if sampler in ON_FITTED_GRID:
                 grids["fitted"] = fitted_sigmas(steps, sigma_min, sigma_max, (low, high))
             evaluations = steps * get_sampler(sampler).evals_per_step
             monte_carlo = {"samples": args.sde_samples, "options": model.sampler_options(sampler)}
             for grid, sigmas in grids.items():
-                extra = monte_carlo if get_sampler(sampler).sde else {}
+                extra = monte_carlo if get_sampler(sampler).stochastic else {}
                 ratios = gaussian_variance_ratios(sampler, sigmas, densities, **extra)
                 rows.append(
                     {

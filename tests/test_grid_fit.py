@@ -71,9 +71,32 @@ def test_the_sde_ratio_is_a_seeded_monte_carlo_estimate_that_agrees_with_the_ode
     assert np.allclose(sde, 1.0, atol=0.03), sde
 
 
-def test_samplers_the_ratio_does_not_model_are_refused():
+def test_a_stochastic_sampler_without_samples_is_refused():
     grid = log_snr_sigmas(4, SIGMA_MIN, SIGMA_MAX)
-    with pytest.raises(ValueError, match="dpmpp_2m_sde' adds fresh noise: give samples"):
-        gaussian_variance_ratios("dpmpp_2m_sde", grid, np.array([1.0]))
-    with pytest.raises(ValueError, match="'ddim': samplers on the discrete training grid"):
-        gaussian_variance_ratios("ddim", grid, np.array([1.0]))
+    for sampler in ("dpmpp_2m_sde", "ddpm"):
+        with pytest.raises(ValueError, match=f"{sampler}' adds fresh noise: give samples"):
+            gaussian_variance_ratios(sampler, grid, np.array([1.0]))
+
+
+def test_first_order_samplers_lose_variance_on_every_grid_and_less_with_more_steps():
+    densities = np.geomspace(*DENSITIES, 9)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # grids with random inner noise levels
+        inner = np.sort(rng.uniform(math.log(SIGMA_MIN), math.log(SIGMA_MAX), 8))[::-1]
+        grid = torch.tensor([SIGMA_MAX, *np.exp(inner), SIGMA_MIN, 0.0], dtype=torch.float64)
+        euler = gaussian_variance_ratios("euler", grid, densities)
+        assert (euler < 1).all(), euler
+        # DDIM's step is Euler's: on one grid they agree.
+        assert np.allclose(gaussian_variance_ratios("ddim", grid, densities), euler, rtol=1e-12)
+    losses = [
+        1 - gaussian_variance_ratios("euler", log_snr_sigmas(n, SIGMA_MIN, SIGMA_MAX), densities) for n in (50, 100)
+    ]
+    assert np.allclose(losses[1] / losses[0], 0.5, atol=0.05)  # first order: half the steps' size, half the loss
+
+
+def test_ddpm_keeps_gaussian_variance_on_a_fine_grid_and_loses_it_on_a_coarse_one():
+    densities = np.array([1.0, 100.0])
+    fine = gaussian_variance_ratios("ddpm", log_snr_sigmas(400, SIGMA_MIN, SIGMA_MAX), densities, samples=5000)
+    coarse = gaussian_variance_ratios("ddpm", log_snr_sigmas(20, SIGMA_MIN, SIGMA_MAX), densities, samples=5000)
+    assert np.allclose(fine, 1.0, atol=0.06), fine  # standard error 2 %, bias about 1 % at 400 steps
+    assert (coarse < 0.7).all(), coarse  # about 0.55

@@ -302,6 +302,17 @@ def test_noise_of_an_image_depends_on_its_own_generator_only(name):
     assert not torch.allclose(other, alone)
 
 
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_a_sampler_is_marked_stochastic_exactly_when_its_generators_change_its_output(name):
+    info = get_sampler(name)
+    sigmas = grid(info.grid, 6)
+    x = initial_noise((1, 1, 8, 8), float(sigmas[0]))
+    first, second = (
+        info.function(gaussian_denoiser, x, sigmas, generators=[torch.Generator().manual_seed(seed)]) for seed in (1, 2)
+    )
+    assert torch.equal(first, second) is not info.stochastic
+
+
 def test_randn_per_image_draws_each_image_from_its_generator():
     x = torch.empty(3, 2, 4, 5, dtype=torch.float64)
     noise = randn_per_image(x, [torch.Generator().manual_seed(s) for s in (7, 8, 9)])

@@ -7,7 +7,7 @@ import napari
 import numpy as np
 import pytest
 from napari.utils.notifications import ErrorNotification, NotificationSeverity, notification_manager
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion._widgets import _controls
@@ -141,6 +141,14 @@ def test_random_seed_button_and_sampler_default_steps(viewer_and_widget):
     ddpm_steps = widget.sampler.steps.value()
     widget.sampler.sampler.setCurrentIndex(widget.sampler.sampler.findData("heun"))
     assert widget.sampler.steps.value() < ddpm_steps
+
+
+def test_each_sampler_says_what_it_is_in_its_tooltip(viewer_and_widget):
+    _, widget = viewer_and_widget
+    combo = widget.sampler.sampler
+    tooltips = {combo.itemData(i): combo.itemData(i, Qt.ItemDataRole.ToolTipRole) for i in range(combo.count())}
+    assert tooltips == {name: info.description for name, info in SAMPLERS.items()}
+    assert all(tooltips.values()) and "first order" in tooltips["euler"] and "first order" not in tooltips["heun"]
 
 
 def test_several_samples_become_one_stack_layer(viewer_and_widget, qtbot):

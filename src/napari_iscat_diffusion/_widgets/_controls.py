@@ -10,7 +10,7 @@ from typing import Any
 
 import napari
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -155,8 +155,9 @@ class SamplerControls(QWidget):
     def __init__(self) -> None:
         super().__init__()
         self.sampler = QComboBox()
-        for name, info in SAMPLERS.items():
+        for index, (name, info) in enumerate(SAMPLERS.items()):
             self.sampler.addItem(info.label, name)
+            self.sampler.setItemData(index, info.description, Qt.ItemDataRole.ToolTipRole)
         self.sampler.setCurrentIndex(list(SAMPLERS).index(DEFAULT_SAMPLER))
         self.steps = QSpinBox(minimum=1, maximum=1000)
         self.guidance = QDoubleSpinBox(minimum=0.0, maximum=20.0, singleStep=0.25, decimals=2, value=1.0)

@@ -26,8 +26,9 @@ from scipy.optimize import least_squares
 from .samplers import get_sampler, log_snr_sigmas
 
 # The samplers whose grid can be fitted: deterministic, so that their output on Gaussian data is a fixed
-# multiple of the start. Euler is deterministic too, but as a first-order method it loses 50 % of the
-# variance at 10 steps and no placement of 10 steps recovers it.
+# multiple of the start, and second order. A first-order step (Euler, DDIM) keeps a Gaussian's scale as the
+# mean of 1 and sigma' / sigma weighted by P / (P + sigma^2), where the exact flow keeps their root mean square:
+# by Jensen's inequality every step loses variance, on every grid, so no placement of the steps recovers it.
 FITTED_SAMPLERS: tuple[str, ...] = ("dpmpp_2m",)
 # Spectral densities the fit checks, log-spaced over the range.
 NUM_DENSITIES = 41
@@ -51,13 +52,12 @@ def gaussian_variance_ratios(
     ``P / (P + sigma^2) x`` from the exact marginal at ``sigmas[0]``. 1 everywhere is exact.
 
     The deterministic samplers are linear in x for a linear denoiser, so their ratio is computed without
-    random numbers. A stochastic sampler (the SDE) needs ``samples``, the number of Monte Carlo draws per
+    random numbers. A stochastic sampler (DDPM, the SDE) needs ``samples``, the number of Monte Carlo draws per
     density (standard error about ``sqrt(2 / samples)``), seeded by ``seed``; ``options`` are extra keyword
-    arguments of the sampler (``noise_sigma_min``). Samplers on the discrete grid are refused."""
+    arguments of the sampler (``noise_sigma_min``). The samplers of the discrete training grid step on
+    ``sigmas`` like the others (``LoadedModel.sampling_sigmas`` gives their grid)."""
     info = get_sampler(sampler)
-    if info.grid == "discrete":
-        raise ValueError(f"{sampler!r}: samplers on the discrete training grid are not modelled here")
-    if info.sde and (samples is None or samples < 2):
+    if info.stochastic and (samples is None or samples < 2):
         raise ValueError(f"{sampler!r} adds fresh noise: give samples >= 2 for a Monte Carlo estimate")
     variance = torch.as_tensor(np.asarray(densities, dtype=np.float64)).reshape(-1, 1, 1, 1)
 
@@ -65,7 +65,7 @@ def gaussian_variance_ratios(
         return variance / (variance + sigma.reshape(-1, 1, 1, 1) ** 2) * x
 
     start = (variance + float(sigmas[0]) ** 2).sqrt()
-    if not info.sde:
+    if not info.stochastic:
         out = info.function(denoise, start, sigmas.to(torch.float64))
         return (out**2 / variance).reshape(-1).numpy()
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(variance))]
