@@ -58,11 +58,12 @@ def write_results(name: str, machine: dict, results: dict | list, out: Path | No
     return path
 
 
-def default_model_unet() -> UNetConfig:
-    """The architecture of the bundled default model, from training/configs/default_model.yaml."""
+def default_model_unet(config: Path = DEFAULT_MODEL_YAML) -> UNetConfig:
+    """The architecture of a training config's ``model`` section; by default the bundled default model's
+    (training/configs/default_model.yaml)."""
     import yaml  # the train extra; imported here so that the other helpers work without it
 
-    section = yaml.safe_load(DEFAULT_MODEL_YAML.read_text())["model"]
+    section = yaml.safe_load(config.read_text())["model"]
     return UNetConfig(**{key: value for key, value in section.items() if key in UNetConfig.__dataclass_fields__})
 
 
@@ -122,10 +123,13 @@ def count_flops(module: torch.nn.Module, *args: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_gflops(device: torch.device, size: int = 2048, seconds: float = 2.0) -> float:
-    """Measured fp32 matrix-multiply throughput in GFLOP/s: the practical peak that FLOP/s figures are compared with."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_peak_gflops(
+    device: torch.device, size: int = 2048, seconds: float = 2.0, dtype: torch.dtype = torch.float32
+) -> float:
+    """Measured matrix-multiply throughput in ``dtype`` in GFLOP/s: the practical peak that FLOP/s figures are
+    compared with."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:

@@ -65,7 +65,9 @@ def tiny_trainer(config: TrainConfig) -> Trainer:
 
 def run_python(args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python ARGS`` from the repository root with one thread per process; returns the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # The repository first, then the caller's path (which holds src/ where the package is not installed).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
