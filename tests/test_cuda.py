@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.tiny_models import perturbed_net, tiny_unet_config
+from tests.tiny_models import save_tiny_checkpoint
 from tests.tiny_training import run_python, tiny_overrides
 
-from napari_iscat_diffusion.diffusion import ModelConfig, generate, load_checkpoint, save_checkpoint
-from napari_iscat_diffusion.diffusion.schedules import linear_schedule
+from napari_iscat_diffusion.diffusion import generate, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -19,16 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny perturbed model (its output depends on its input) with guidance 1.5 by default."""
-    unet = tiny_unet_config(num_classes=2)
-    config = ModelConfig(
-        unet=unet,
-        schedule=linear_schedule(1000).to_config(),
-        parameterization="v",
-        normalization={"mean": [0.0], "std": [1.0]},
-        default_guidance=1.5,
-    )
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(path, perturbed_net(unet), config)
+    save_tiny_checkpoint(path, perturbed=True, config_fields={"default_guidance": 1.5})
     return load_checkpoint(path)
 
 

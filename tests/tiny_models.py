@@ -20,9 +20,12 @@ def tiny_unet_config(**overrides) -> UNetConfig:
     return UNetConfig(**{"num_classes": 2, **TINY_UNET, **overrides})
 
 
-def save_tiny_checkpoint(path, *, training: dict | None = None, **unet_overrides) -> str:
-    """Save an untrained tiny model (v-prediction, 60 nm/px, std 0.01) at ``path``, with ``training`` as its
-    training summary; returns its sha256."""
+def save_tiny_checkpoint(
+    path, *, training: dict | None = None, perturbed: bool = False, config_fields: dict | None = None, **unet_overrides
+) -> str:
+    """Save a tiny model (v-prediction, 60 nm/px, std 0.01) at ``path``, with ``training`` as its training summary and
+    ``config_fields`` overriding ``ModelConfig`` fields; untrained, or with ``perturbed_net``'s weights. Returns its
+    sha256."""
     unet = tiny_unet_config(**unet_overrides)
     config = ModelConfig(
         unet=unet,
@@ -31,9 +34,10 @@ def save_tiny_checkpoint(path, *, training: dict | None = None, **unet_overrides
         normalization={"mean": [0.0], "std": [0.01]},
         pixel_size_nm=60.0,
         training=training or {},
+        **(config_fields or {}),
     )
     torch.manual_seed(0)
-    return save_checkpoint(path, ConditionalUNet(unet), config)
+    return save_checkpoint(path, perturbed_net(unet) if perturbed else ConditionalUNet(unet), config)
 
 
 def perturbed_net(unet: UNetConfig, seed: int = 0) -> ConditionalUNet:
