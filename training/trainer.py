@@ -30,6 +30,7 @@ from napari_iscat_diffusion.diffusion.checkpoint import LoadedModel
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition, null_condition
 from napari_iscat_diffusion.diffusion.generate import generate
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
+from napari_iscat_diffusion.evaluation.plots import Panel, curves_figure, save_figure
 
 from .config import ConfigError, TrainConfig
 from .ema import Ema, unwrap
@@ -491,11 +492,11 @@ class Trainer:
         if not metrics.exists():
             return
         entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        for key, name, log_y in (("loss", "loss", True), ("val_loss", "val_loss", True), ("lr", "lr", False)):
-            points = [(e["step"], e[key]) for e in entries if key in e]
+        for key, log_y in (("loss", True), ("val_loss", True), ("lr", False)):
+            points = [{"step": e["step"], key: e[key]} for e in entries if key in e]
             if len(points) >= 2:
-                steps, values = zip(*points, strict=True)
-                png.write_png(self.run_dir / f"{name}.png", png.line_plot(steps, values, log_y=log_y))
+                panel = Panel(key, f"{key} (log scale)" if log_y else key, log_y=log_y)
+                save_figure(curves_figure({key: points}, "step", [panel], columns=1), self.run_dir / f"{key}.png")
 
     # ---------------------------------------------------------------------------------- checkpoints
 

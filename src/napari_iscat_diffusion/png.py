@@ -1,8 +1,7 @@
-"""Tiny PNG output without image libraries: a grayscale writer, image grids and line plots.
+"""Grayscale PNG output from numpy arrays: a writer and image grids (training's sample grids, the export's previews).
 
-Training runs on clusters where pillow or matplotlib may be missing, and the plugin needs no image
-library either; zlib and struct are enough for 8-bit grayscale PNGs. Plots are bare curves in a frame
-(no text): the numbers are in metrics.jsonl and TensorBoard.
+zlib and struct are enough for 8-bit grayscale images of exact pixel values; labelled figures are drawn with
+pillow in ``evaluation/plots.py``.
 """
 
 from __future__ import annotations
@@ -49,24 +48,3 @@ def grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
         for c, tile in enumerate(row):
             out[r * (height + gap) : r * (height + gap) + height, c * (width + gap) : c * (width + gap) + width] = tile
     return out
-
-
-def line_plot(x: Sequence[float], y: Sequence[float], *, log_y: bool = False, size: tuple[int, int] = (240, 480)):
-    """A (H, W) uint8 plot of y over x: black curve in a grey frame on white; non-finite points are dropped."""
-    height, width = size
-    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    keep = np.isfinite(xs) & np.isfinite(ys) & ((ys > 0) if log_y else True)
-    xs, ys = xs[keep], ys[keep]
-    canvas = np.full(size, 255, np.uint8)
-    canvas[[0, -1], :] = canvas[:, [0, -1]] = 160
-    if len(xs) < 2:
-        return canvas
-    if log_y:
-        ys = np.log10(ys)
-    margin = 4
-    px = margin + (xs - xs.min()) / max(np.ptp(xs), 1e-12) * (width - 1 - 2 * margin)
-    py = height - 1 - margin - (ys - ys.min()) / max(np.ptp(ys), 1e-12) * (height - 1 - 2 * margin)
-    for x0, y0, x1, y1 in zip(px[:-1], py[:-1], px[1:], py[1:], strict=True):
-        count = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
-        canvas[np.linspace(y0, y1, count).round().astype(int), np.linspace(x0, x1, count).round().astype(int)] = 0
-    return canvas

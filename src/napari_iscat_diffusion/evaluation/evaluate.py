@@ -503,9 +503,9 @@ def metric_curves(
 
 
 def write_curves(curves: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``curves.json``, a markdown table ``curves.md`` and one bare PNG line plot per sampler and
-    metric (``steps_<sampler>_<metric>.png``, ``guidance_<metric>.png``); returns the files written."""
-    from ..png import line_plot, write_png
+    """Write ``curves.json``, a markdown table ``curves.md`` and two labelled figures, ``steps.png`` (every metric
+    against steps, a line per sampler) and ``guidance.png`` (against the guidance scale); returns the files written."""
+    from .plots import write_curve_figures
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -528,14 +528,9 @@ def write_curves(curves: dict[str, Any], out_dir: str | os.PathLike) -> list[Pat
         lines += [f"## {title}", "", "| " + " | ".join([axis, *metrics]) + " |", "|" + "---|" * (len(metrics) + 1)]
         lines += ["| " + " | ".join(_cell(p[key]) for key in [axis, *metrics]) + " |" for p in points]
         lines.append("")
-        for metric in metrics:
-            values = [np.nan if p[metric] is None else p[metric] for p in points]
-            path = out / f"{title}_{metric}.png"
-            write_png(path, line_plot([p[axis] for p in points], values))
-            written.append(path)
     atomic_write_text(out / "curves.md", "\n".join(lines))
     written.append(out / "curves.md")
-    return written
+    return written + write_curve_figures(curves, out)
 
 
 def _cell(value: Any) -> str:
