@@ -45,6 +45,19 @@ GUIDANCE = 1.5
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def config_model(config: Path) -> LoadedModel:
+    """A freshly initialised network of a training config's architecture, with the guidance interval and sampling
+    start its export writes into the checkpoint, so that it runs the passes a trained one would."""
+    import yaml  # the bench extra
+
+    export = yaml.safe_load(config.read_text()).get("export") or {}
+    model = fresh_model(default_model_unet(config))
+    if export.get("default_guidance_interval") is not None:
+        model.config.default_guidance_interval = tuple(export["default_guidance_interval"])
+    model.config.sampling_sigma_max = export.get("sampling_sigma_max")
+    return model
+
+
 def network_passes(model: LoadedModel, steps: int) -> int:
     """Network passes per image for ``steps`` steps of the model's default sampler with guidance ``GUIDANCE``:
     two on every evaluation inside the model's guidance interval, one elsewhere."""
@@ -111,7 +124,7 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if args.unet_config is not None:
-        model, description = fresh_model(default_model_unet(args.unet_config)), f"fresh {args.unet_config.name} network"
+        model, description = config_model(args.unet_config), f"fresh {args.unet_config.name} network"
     else:
         model, description = benchmark_model(args.quick, args.model)
     peak = matmul_peak_gflops(

@@ -41,7 +41,9 @@ def test_cuda_in_fp32_gives_the_cpu_image(model, sampler):
     masks = _masks()
     # Every sampler draws its noise from CPU generators, so the same seed gives the same image on both devices.
     cpu = generate(masks, model, sampler=sampler, steps=6, seed=3, device="cpu", precision="fp32")
+    torch.cuda.reset_peak_memory_stats()
     cuda = generate(masks, model, sampler=sampler, steps=6, seed=3, device="cuda", precision="fp32")
+    assert torch.cuda.max_memory_allocated() > 0  # it did run on the GPU
     # cuDNN runs fp32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32): a 10-bit mantissa.
     assert _relative_error(cuda, cpu) < 2e-2
 

@@ -21,14 +21,14 @@ from napari_iscat_diffusion.evaluation.plots import (
 )
 
 
-@pytest.mark.parametrize(("low", "high"), [(0.0, 1.0), (0.4, 1.6), (-3.0, 250.0), (0.95, 0.97)])
+@pytest.mark.parametrize(("low", "high"), [(0.0, 1.0), (0.4, 1.6), (-3.0, 250.0), (0.95, 0.97), (1e-12, 3e-12)])
 def test_ticks_are_round_evenly_spaced_and_inside_the_range(low, high):
     ticks = nice_ticks(low, high)
     assert 3 <= len(ticks) <= 7
     assert low - 1e-12 <= ticks[0] and ticks[-1] <= high + 1e-12
     steps = np.diff(ticks)
     assert np.allclose(steps, steps[0])
-    mantissa = steps[0] / 10 ** np.floor(np.log10(steps[0]))
+    mantissa = steps[0] / 10 ** np.floor(np.log10(steps[0]) + 1e-9)
     assert any(np.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
 
 

@@ -14,6 +14,7 @@ import torch
 
 from napari_iscat_diffusion.diffusion.samplers import (
     SAMPLERS,
+    SamplerInfo,
     SamplingCancelled,
     get_sampler,
     randn_per_image,
@@ -351,6 +352,8 @@ def test_registry():
     assert get_sampler("ddim").function is sample_ddim
     with pytest.raises(ValueError, match="ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler, heun"):
         get_sampler("plms")
+    with pytest.raises(ValueError, match="an SDE sampler draws fresh noise"):
+        SamplerInfo("x", "X", sample_euler, 10, "logsnr", 1, sde=True)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

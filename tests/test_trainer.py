@@ -85,6 +85,21 @@ def test_export_loads_in_the_plugin_and_generates_in_physical_units(tmp_path: Pa
     assert np.abs(image - mean).max() > 0.01 * std
 
 
+def test_a_plot_that_cannot_be_drawn_costs_the_run_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_args, **_kwargs):
+        raise OSError("no font")
+
+    monkeypatch.setattr(trainer_module, "curves_figure", broken)
+    trainer = tiny_trainer(tiny_config(tmp_path, "train.steps=4"))
+    with caplog.at_level(logging.WARNING):
+        trainer.fit()
+    assert "could not draw the metric plots: no font" in caplog.text
+    assert load_checkpoint(trainer.export()).config.training["steps"] == 4
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_a_non_finite_step_is_skipped_and_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -251,7 +251,10 @@ class Trainer:
             if progress is not None:
                 progress.close()
             if self.is_main:
-                self._write_plots()
+                try:
+                    self._write_plots()
+                except Exception as error:  # a plot must never cost the run its export
+                    log.warning("could not draw the metric plots: %s", error)
                 if self._writer is not None:
                     self._writer.close()
         return self.summary(stopped_early=stopped_early, time_limit_reached=time_limit_reached)

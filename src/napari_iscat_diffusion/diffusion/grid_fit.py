@@ -25,10 +25,12 @@ from scipy.optimize import least_squares
 
 from .samplers import get_sampler, log_snr_sigmas
 
-# The samplers whose grid can be fitted: deterministic, so that their output on Gaussian data is a fixed
-# multiple of the start, and second order. A first-order step (Euler, DDIM) keeps a Gaussian's scale as the
-# mean of 1 and sigma' / sigma weighted by P / (P + sigma^2), where the exact flow keeps their root mean square:
-# by Jensen's inequality every step loses variance, on every grid, so no placement of the steps recovers it.
+# The samplers whose grid is fitted: deterministic, so that their output on Gaussian data is a fixed multiple of
+# the start, and second order; of those, DPM-Solver++ 2M, the default, at one network pass per step (Heun is
+# within 3 % from 40 steps on the log-SNR grid and costs two passes per step). A first-order step (Euler, DDIM)
+# keeps a Gaussian's scale as the mean of 1 and sigma' / sigma weighted by P / (P + sigma^2), where the exact flow
+# keeps their root mean square: by Jensen's inequality every step loses variance, on every grid, so no placement
+# of the steps recovers it.
 FITTED_SAMPLERS: tuple[str, ...] = ("dpmpp_2m",)
 # Spectral densities the fit checks, log-spaced over the range.
 NUM_DENSITIES = 41

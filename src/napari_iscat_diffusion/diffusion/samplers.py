@@ -291,6 +291,10 @@ class SamplerInfo:
     stochastic: bool = False
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if self.sde and not self.stochastic:
+            raise ValueError(f"{self.name}: an SDE sampler draws fresh noise, so it is stochastic")
+
 
 # First-order samplers lose a Gaussian texture's variance on every grid (docs/diffusion-core.md, *First-order
 # samplers*), so their descriptions say they need many steps.
@@ -357,8 +361,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
             20,
             "logsnr",
             2,
-            description="Second order, two network passes per step; overshoots at few steps (about 50 with the "
-            "bundled model).",
+            description="Second order, two network passes per step; overshoots at few steps (needs about 50 with "
+            "the bundled model).",
         ),
     )
 }

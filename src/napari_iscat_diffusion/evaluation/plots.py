@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..io.atomic import atomic_write_bytes
 
 PANEL_W, PANEL_H = 420, 260
-LEFT, RIGHT, TOP, BOTTOM = 60, 12, 30, 46
+LEFT, RIGHT, TOP, BOTTOM = 60, 30, 30, 46  # room for the tick labels
 LEGEND_H = 26
 COLOURS = ((0, 90, 200), (200, 30, 30), (0, 150, 70), (220, 120, 0), (150, 60, 170), (90, 170, 255), (0, 0, 0))
 GRID_GREY, FRAME_GREY = (150, 150, 150), (120, 120, 120)
@@ -64,8 +64,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     raw = (high - low) / max(count - 1, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-    first = math.ceil(low / step - 1e-9) * step
-    return [round(first + i * step, 10) for i in range(int((high - first) / step + 1e-9) + 1)]
+    first = math.ceil(low / step - 1e-9)
+    return [(first + i) * step for i in range(int(high / step + 1e-9) - first + 1)]
 
 
 def curves_figure(
@@ -134,6 +134,8 @@ def _draw_panel(draw, font, origin, series, axis, panel, xs, log_x, colours) -> 
         low, high = _data_range(values, from_zero=not panel.log_y)
     else:
         low, high = (scale(v) for v in panel.y_range)
+    if not high > low:  # one value, or a degenerate given range
+        low, high = low - 0.5, low + 0.5
     clipped = any(v < low or v > high for v in values)
     position = np.log if log_x and xs and xs[0] > 0 else (lambda v: v)
     left, right = (position(xs[0]), position(xs[-1])) if xs else (0.0, 1.0)
@@ -201,4 +203,4 @@ def _data_range(values: Sequence[float], *, from_zero: bool) -> tuple[float, flo
     if from_zero and 0 <= low < 0.5 * high:
         low = 0.0
     pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.5
-    return low - (pad if low else 0.0), high + pad
+    return low - (0.0 if from_zero and low == 0 else pad), high + pad
