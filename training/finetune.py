@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from napari_iscat_diffusion.diffusion.checkpoint import CheckpointError, ModelConfig, load_checkpoint
+from napari_iscat_diffusion.diffusion.checkpoint import CheckpointError, ModelConfig, load_checkpoint, read_model_config
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 
 from .config import ConfigError, TrainConfig
@@ -64,7 +64,7 @@ def initial_normalization(config: TrainConfig, channels: int) -> dict:
     """
     path = config.model.init_from
     try:
-        normalization = load_checkpoint(path).config.normalization
+        normalization = read_model_config(path).normalization
     except CheckpointError as err:
         raise ConfigError(f"model.init_from: {err}") from err
     if len(normalization["std"]) != channels:

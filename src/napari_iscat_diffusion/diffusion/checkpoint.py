@@ -559,6 +559,16 @@ def save_checkpoint(
     return hashlib.sha256(data).hexdigest()
 
 
+def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The checked model config stored in a checkpoint's metadata, without loading its weights.
+
+    Raises:
+        CheckpointError: as ``load_checkpoint`` for a file that cannot be read or whose metadata is not ours.
+    """
+    path = Path(path)
+    return _parse_metadata(path, _parse_header(path, _read_bytes(path)))[0]
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
     """Load and check a checkpoint written by ``save_checkpoint``.
 
