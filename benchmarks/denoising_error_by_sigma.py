@@ -29,6 +29,7 @@ from common import bundled_model_path, machine_info, write_results
 from napari_iscat_diffusion.diffusion import LoadedModel, load_checkpoint
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition
 from napari_iscat_diffusion.evaluation.evaluate import HELD_OUT_SEED, simulated_set, simulation_parameters_for
+from napari_iscat_diffusion.evaluation.peaks import contrast_channel
 
 SIGMAS = (0.3, 1.0, 3.0, 10.0, 30.0, 80.0, 300.0, 2000.0)
 NEIGHBOURHOOD_PX = 4
@@ -65,6 +66,7 @@ def errors_by_sigma(
     x0 = torch.from_numpy((images - mean) / std).float().unsqueeze(1)
     labels = torch.from_numpy(masks.astype(np.int64))
     groups = pixel_groups(labels, model.config.num_classes)
+    prior = model.config.particle_contrast  # a contrast channel is told each particle's peak in the clean image
     out = {}
     for j, sigma in enumerate(sigmas):
         own_sigma = sigma / to_unit
@@ -77,7 +79,8 @@ def errors_by_sigma(
                     for i in range(len(x0))[part]
                 ]
             )
-            cond = encode_condition(labels[part], model.config.num_classes)
+            contrast = None if prior is None else contrast_channel(x0[part], labels[part], prior)
+            cond = encode_condition(labels[part], model.config.num_classes, contrast=contrast)
             prediction = denoise(x0[part] + own_sigma * noise, torch.full((len(noise),), own_sigma), cond)
             squared[part] = ((prediction - x0[part]) * to_unit) ** 2
         out[sigma] = {name: float(squared[where].mean()) if where.any() else None for name, where in groups.items()}

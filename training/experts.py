@@ -39,14 +39,17 @@ def combine_experts(
 
     Raises:
         CheckpointError: a file cannot be loaded.
-        ValueError: either file already holds an expert; the two differ in architecture, schedule or
-            parameterisation; or the expert was trained (``train.sigma_range``) on noise levels that do not cover
-            those above ``sigma_switch`` at which the main model samples.
+        ValueError: either file already holds an expert or has a contrast channel; the two differ in architecture,
+            schedule or parameterisation; or the expert was trained (``train.sigma_range``) on noise levels that do
+            not cover those above ``sigma_switch`` at which the main model samples.
     """
     main, expert = load_checkpoint(main_path), load_checkpoint(expert_path)
     for name, model in (("main", main), ("expert", expert)):
         if model.config.high_noise_expert is not None:
             raise ValueError(f"the {name} checkpoint {model.path} already holds a high-noise expert")
+    if main.config.unet.contrast_channel or expert.config.unet.contrast_channel:
+        # The expert would read the contrast channel in the main network's units, measured on other normalisations.
+        raise ValueError("networks with a contrast channel (model.contrast_channel) cannot be combined with an expert")
     for field in ("unet", "schedule", "parameterization"):
         if getattr(main.config, field) != getattr(expert.config, field):
             raise ValueError(

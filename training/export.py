@@ -7,6 +7,7 @@ import os
 import torch
 
 from napari_iscat_diffusion.diffusion.checkpoint import ModelConfig, save_checkpoint
+from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet
 
 from .config import TrainConfig
@@ -20,12 +21,14 @@ def build_model_config(
     class_names: list[str] | None = None,
     summary: dict | None = None,
     measured_density_range: tuple[float, float] | None = None,
+    particle_contrast: ContrastPrior | None = None,
 ) -> ModelConfig:
     """The ``ModelConfig`` of a run: architecture, schedule, parameterisation, normalisation
     (``compute_normalization`` of the training set), pixel size (nm), crop size, class names and a
     JSON training summary. ``measured_density_range`` (``spectral_density_range`` of the training set) is
     the sampling density range where ``export.sampling_density_range`` is "auto"; ValueError if it is
-    missing there."""
+    missing there. ``particle_contrast`` (``particle_contrast.measure_prior``) is needed with
+    ``model.contrast_channel``."""
     density_range = config.export.sampling_density_range
     if density_range == "auto":
         if measured_density_range is None:
@@ -48,6 +51,7 @@ def build_model_config(
         sde_sigma_min=config.export.sde_sigma_min,
         class_names=class_names,
         training=summary or {},
+        particle_contrast=particle_contrast,
     )
 
 

@@ -4,8 +4,10 @@
 copied into the freshly built network before training (of a file with a high-noise expert, the main
 network's). The checkpoint must match the config's architecture, parameterisation and noise schedule, so
 that the weights mean the same thing; anything else raises ConfigError naming the file and the fields that
-differ. A resumable training state in the run directory takes precedence, because it continues this same
-run.
+differ. One difference is allowed: a network with ``model.contrast_channel`` may start from one without; the
+new input channel's weights start at zero, so the network starts out drawing what the checkpoint draws and
+learns to use each particle's contrast. A resumable training state in the run directory takes precedence,
+because it continues this same run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 from .config import ConfigError, TrainConfig
 
 log = logging.getLogger("training")
+
+# The first convolution, whose input channels are the image's and then the condition's (the contrast channel last).
+_INPUT_WEIGHT = "conv_in.weight"
 
 
 def load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> str:
@@ -51,8 +56,13 @@ def load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> str:
             path,
             loaded.config.high_noise_expert["sigma_switch"],
         )
+    state = loaded.net.state_dict()
+    if config.unet_config().contrast_channel and not loaded.config.unet.contrast_channel:
+        log.info("%s has no contrast channel: its input weights for that channel start at zero", path)
+        weight = state[_INPUT_WEIGHT]
+        state[_INPUT_WEIGHT] = torch.cat([weight, weight.new_zeros(weight.shape[0], 1, *weight.shape[2:])], dim=1)
     with torch.no_grad():
-        model.load_state_dict(loaded.net.state_dict())
+        model.load_state_dict(state)
     return loaded.sha256
 
 
@@ -81,7 +91,7 @@ def _differences(config: TrainConfig, stored: ModelConfig) -> list[str]:
     differences = [
         f"model.{name} is {wanted[name]!r} in the config but {found[name]!r} in the checkpoint"
         for name in wanted
-        if wanted[name] != found[name]
+        if wanted[name] != found[name] and not (name == "contrast_channel" and wanted[name])
     ]
     if config.model.parameterization != stored.parameterization:
         differences.append(

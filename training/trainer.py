@@ -29,14 +29,18 @@ from napari_iscat_diffusion import png
 from napari_iscat_diffusion.diffusion.checkpoint import LoadedModel
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition, null_condition
 from napari_iscat_diffusion.diffusion.generate import generate
+from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
+from napari_iscat_diffusion.evaluation.peaks import contrast_channel
 from napari_iscat_diffusion.evaluation.plots import Panel, curves_figure, save_figure
 
 from .config import ConfigError, TrainConfig
+from .datasets import IscatDataset
 from .ema import Ema, unwrap
 from .export import build_model_config, export_model
 from .losses import diffusion_loss
 from .normalization import RawImages, denormalize
+from .particle_contrast import measure_prior
 from .spectral_density import spectral_density_range
 from .state import (
     StateError,
@@ -151,6 +155,7 @@ class Trainer:
             pixel_size_nm=pixel_size_nm,
             class_names=class_names,
             measured_density_range=self._measured_density_range(train_loader.dataset, normalization),
+            particle_contrast=self._measured_contrast_prior(train_loader.dataset),
         )
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -181,7 +186,9 @@ class Trainer:
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and conditions on the device; mask-free items get the null condition."""
         x0 = batch["image"].to(self.device, non_blocking=True)
-        cond = encode_condition(batch["labels"].to(self.device), self.net.config.num_classes)
+        prior = self.model_config.particle_contrast
+        contrast = None if prior is None else contrast_channel(batch["image"], batch["labels"], prior)
+        cond = encode_condition(batch["labels"].to(self.device), self.net.config.num_classes, contrast=contrast)
         has_mask = torch.as_tensor(batch["has_mask"], device=self.device).view(-1, 1, 1, 1)
         return x0, torch.where(has_mask, cond, null_condition(cond))
 
@@ -679,6 +686,20 @@ class Trainer:
         if self.is_main:
             log.info("spectral density range of the training images: %g to %g (fits the sampler's grid)", *measured)
         return measured
+
+    def _measured_contrast_prior(self, dataset: IscatDataset) -> ContrastPrior | None:
+        """The particles' peak-contrast distributions for a network with ``model.contrast_channel`` (the
+        normalisation's number of images and seed), else None; ConfigError when the images give none."""
+        if not self.config.unet_config().contrast_channel:
+            return None
+        try:
+            prior = measure_prior(dataset, self.config.data.normalization_images, self.config.seed)
+        except ValueError as err:
+            raise ConfigError(f"model.contrast_channel: {err}") from err
+        if self.is_main:
+            medians = {label: values[len(values) // 2] for label, values in prior.quantiles.items()}
+            log.info("particles' median peak contrast per class (normalised units): %s", medians)
+        return prior
 
     def export(self, path: str | Path | None = None) -> Path:
         """Write the EMA model for the plugin (rank 0's job); returns the file written."""

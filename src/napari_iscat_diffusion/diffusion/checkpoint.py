@@ -30,6 +30,7 @@ from .device import resolve_device
 from .grid_fit import FITTED_SAMPLERS, fitted_sigmas
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
 from .parameterization import PARAMETERIZATIONS
+from .particle_contrast import ContrastPrior
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, get_sampler, sampling_sigmas
 from .schedules import DiscreteSchedule, schedule_from_config
 from .unet import ConditionalUNet, UNetConfig
@@ -54,6 +55,7 @@ _OPTIONAL_FIELDS = (
     "class_names",
     "training",
     "high_noise_expert",
+    "particle_contrast",
 )
 _EXPERT_KEYS = {"sigma_switch", "normalization", "training", "classes", "reach_px"}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
@@ -141,6 +143,8 @@ class ModelConfig:
             ``training`` is its free-form training summary. Optional ``"classes": [labels]`` limits the expert
             to the zones around those particle classes (``conditioning.class_zone``, ``"reach_px"`` wide, default
             ``CLASS_ZONE_REACH_PX``); the main network draws everything else at every noise level.
+        particle_contrast: the per-class distributions of particles' peak contrasts that generation draws each
+            particle's from (``particle_contrast.ContrastPrior``); set exactly when ``unet.contrast_channel`` is.
 
     The fields are validated (and tuples or lists normalised) on construction; a bad value raises
     ValueError naming the field.
@@ -163,6 +167,7 @@ class ModelConfig:
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
     high_noise_expert: dict | None = None
+    particle_contrast: ContrastPrior | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.unet, UNetConfig):
@@ -227,6 +232,18 @@ class ModelConfig:
             self.class_names = list(names)
         self.training = _json_copy("training", self.training)
         self.high_noise_expert = self._checked_expert(schedule.sigma_min)
+        self.particle_contrast = self._checked_particle_contrast()
+
+    def _checked_particle_contrast(self) -> ContrastPrior | None:
+        if not self.unet.contrast_channel:
+            if self.particle_contrast is not None:
+                raise ValueError("particle_contrast: given for a network without unet.contrast_channel")
+            return None
+        if self.particle_contrast is None:
+            raise ValueError("particle_contrast: a network with unet.contrast_channel needs the contrasts' prior")
+        prior = ContrastPrior.from_dict(self.particle_contrast)
+        prior.check_classes(self.num_classes)
+        return prior
 
     def _checked_guidance_interval(self) -> tuple[float, float] | None:
         interval = self.default_guidance_interval
@@ -354,6 +371,8 @@ class ModelConfig:
         }
         if self.high_noise_expert is not None:
             data["high_noise_expert"] = copy.deepcopy(self.high_noise_expert)
+        if self.particle_contrast is not None:
+            data["particle_contrast"] = self.particle_contrast.to_dict()
         return data
 
     @classmethod

@@ -1,7 +1,8 @@
 """Label masks: validation and the condition tensor fed to the network.
 
 A mask is a label image with 0 = background and 1..K = particle class. The network sees K one-hot
-class channels plus one "mask given" channel. The unconditional (null) condition has every channel
+class channels plus one "mask given" channel, and a model with ``UNetConfig.contrast_channel`` one more: each
+particle's peak contrast (``particle_contrast``). The unconditional (null) condition has every channel
 at zero, so it differs from an empty mask (no particles), whose "mask given" channel is one.
 """
 
@@ -60,15 +61,27 @@ def _first_fraction(array: np.ndarray) -> float:
     return float(values.flat[0])
 
 
-def encode_condition(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Turn int64 labels (N, H, W) into the network condition (N, K+1, H, W): K one-hot class channels, then ones."""
+def encode_condition(
+    labels: torch.Tensor,
+    num_classes: int,
+    dtype: torch.dtype = torch.float32,
+    contrast: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Turn int64 labels (N, H, W) into the network condition (N, K+1, H, W): K one-hot class channels, then ones.
+
+    With ``contrast`` (N, H, W), the particles' peak contrasts in the channel's units (``ContrastPrior.scale``),
+    it follows as channel K+2 (N, K+2, H, W).
+    """
     one_hot = torch.nn.functional.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2)[:, 1:]
     given = torch.ones_like(labels).unsqueeze(1)
-    return torch.cat([one_hot, given], dim=1).to(dtype)
+    channels = [one_hot.to(dtype), given.to(dtype)]
+    if contrast is not None:
+        channels.append(contrast.to(device=labels.device, dtype=dtype).unsqueeze(1))
+    return torch.cat(channels, dim=1)
 
 
 def null_condition(condition: torch.Tensor) -> torch.Tensor:
-    """The unconditional input matching a condition tensor (N, K+1, H, W): all channels zero."""
+    """The unconditional input matching a condition tensor (N, K+1 or K+2, H, W): all channels zero."""
     return torch.zeros_like(condition)
 
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, ModelConfig
 from .conditioning import CLASS_ZONE_REACH_PX, class_zone, encode_condition, null_condition, validate_mask
 from .denoiser import ConditionalDenoiser, NoiseLevelSwitch
 from .device import resolve_device
 from .guidance import check_class_guidance, check_guidance_interval, guidance_scale_map, guided_denoiser
+from .particle_contrast import ContrastPrior, blob_peaks, paint_blobs, particle_blobs
 from .samplers import SamplingCancelled, get_sampler
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
@@ -67,6 +68,7 @@ def generate(
     should_stop: Callable[[], bool] | None = None,
     tile_size: int | str | None = "auto",
     tile_overlap: int | None = None,
+    particle_contrast: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sample synthetic images that follow label masks.
 
@@ -102,6 +104,11 @@ def generate(
             see ``tiling.auto_tile_size``); None or 0 runs the whole image through the network at once.
         tile_overlap: pixels shared by neighbouring tiles, at most ``tile_size / 2``; None takes
             ``tile_size // 4``.
+        particle_contrast: for a model with a contrast channel (``UNetConfig.contrast_channel``), each particle's
+            signed peak contrast in the images' physical units (above the local background): an array of the mask's
+            shape whose value of largest magnitude over a particle's blob is that particle's; a particle whose
+            blob holds only NaN, and every particle where this is None, gets one drawn from the model's
+            distribution for its class (``ModelConfig.particle_contrast``) with the image's seed.
 
     Returns:
         float32 images in the physical units of the training data: (H, W) for a single (H, W) mask
@@ -109,7 +116,8 @@ def generate(
         (N, C, H, W).
 
     Raises:
-        ValueError: for a bad mask, sampler, step count, guidance, seed list, device, precision or batch size.
+        ValueError: for a bad mask, sampler, step count, guidance, seed list, device, precision, batch size or
+            particle contrast.
         SamplingCancelled: when the callback or ``should_stop`` asked to stop.
     """
     config = model.config
@@ -136,6 +144,8 @@ def generate(
         tile_overlap = tile_size // 4 if isinstance(tile_size, int) else 0
     check_tiling(tile_size, tile_overlap)
     seeds = _seeds_per_image(seed, num_images)
+    prior = config.particle_contrast
+    given_peaks = None if particle_contrast is None else _given_peaks(particle_contrast, labels, config)
     torch_device = resolve_device(device)
     autocast = _autocast(torch_device, precision)
 
@@ -178,7 +188,13 @@ def generate(
                 noise = torch.stack([torch.randn(channels, height, width, generator=g) for g in generators])
                 x = noise.to(torch_device) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
                 batch_labels = labels[indices.start : indices.stop]
-                cond = encode_condition(torch.from_numpy(batch_labels).to(torch_device), config.num_classes)
+                contrast = None
+                if prior is not None:
+                    given = None if given_peaks is None else given_peaks[indices.start : indices.stop]
+                    contrast = _contrast_channel(batch_labels, prior, generators, given).to(torch_device)
+                cond = encode_condition(
+                    torch.from_numpy(batch_labels).to(torch_device), config.num_classes, contrast=contrast
+                )
                 null = null_condition(cond)
                 scale_map = guidance_scale_map(batch_labels, guidance, class_scales)
                 scale = guidance if scale_map is None else torch.from_numpy(scale_map).to(torch_device)
@@ -211,6 +227,45 @@ def generate(
     if channels == 1:
         images = images[:, 0]
     return images[0] if np.asarray(mask).ndim == 2 else images
+
+
+def _given_peaks(particle_contrast: np.ndarray, labels: np.ndarray, config: ModelConfig) -> list[np.ndarray]:
+    """Each image's particles' given peaks (``particle_blobs`` order) in normalised units, NaN where not given."""
+    if config.particle_contrast is None:
+        raise ValueError(
+            "particle_contrast: this model has no contrast channel (it draws each particle's contrast itself); "
+            "train one with model.contrast_channel to set particles' contrasts"
+        )
+    values = np.asarray(particle_contrast, dtype=np.float64)
+    values = values[None] if values.ndim == 2 else values
+    if values.shape != labels.shape:
+        raise ValueError(f"particle_contrast: has shape {values.shape}, the mask {labels.shape}; they must match")
+    if np.isinf(values).any():
+        raise ValueError("particle_contrast: contains infinite values; give finite contrasts, or NaN to draw one")
+    # A peak above the local background: the normalisation's mean drops out, its scale does not.
+    return [
+        blob_peaks(particle_blobs(mask)[0], image) / config.normalization["std"][0]
+        for mask, image in zip(labels, values, strict=True)
+    ]
+
+
+def _contrast_channel(
+    labels: np.ndarray,
+    prior: ContrastPrior,
+    generators: list[torch.Generator],
+    given: list[np.ndarray] | None,
+) -> torch.Tensor:
+    """The contrast channel (N, H, W) for int label masks (N, H, W), in the channel's units: each particle's given
+    peak (normalised units) where finite, else drawn from the prior with its image's generator (after the image's
+    starting noise; every particle's number is drawn, so that giving some leaves the others as they were)."""
+    maps = []
+    for i, (mask, generator) in enumerate(zip(labels, generators, strict=True)):
+        blobs, classes = particle_blobs(mask)
+        peaks = prior.draw(classes, generator)
+        if given is not None:
+            peaks = np.where(np.isfinite(given[i]), given[i], peaks)
+        maps.append(paint_blobs(blobs, peaks / prior.scale))
+    return torch.from_numpy(np.stack(maps))
 
 
 def _stoppable(

@@ -33,6 +33,8 @@ class UNetConfig:
         dropout: dropout probability inside residual blocks.
         antialias: blur with a [1, 2, 1] binomial filter before each stride-2 downsampling.
         norm_groups: GroupNorm groups; must divide ``base_channels * m`` for every multiplier m.
+        contrast_channel: one more condition channel, each particle's peak contrast (``particle_contrast``);
+            the network input then has C + K + 2 channels.
     """
 
     image_channels: int = 1
@@ -45,6 +47,7 @@ class UNetConfig:
     dropout: float = 0.0
     antialias: bool = True
     norm_groups: int = 32
+    contrast_channel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_channels", "num_classes", "base_channels", "num_res_blocks", "num_heads", "norm_groups"):
@@ -68,8 +71,9 @@ class UNetConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout: must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
-        if not isinstance(self.antialias, bool):
-            raise ValueError(f"antialias: must be true or false, got {self.antialias!r}")
+        for name in ("antialias", "contrast_channel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         # Every channel count in the network (concatenated skips included) is a sum of these, so
         # checking them here is enough for every GroupNorm.
         for level, mult in enumerate(self.channel_mults):
@@ -86,12 +90,16 @@ class UNetConfig:
 
     @property
     def condition_channels(self) -> int:
-        """Channels of the condition tensor: K one-hot classes plus the "mask given" channel."""
-        return self.num_classes + 1
+        """Channels of the condition tensor: K one-hot classes, the "mask given" channel, and the contrast channel."""
+        return self.num_classes + 1 + int(self.contrast_channel)
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict (tuples become lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        """A JSON-serialisable dict (tuples become lists; ``contrast_channel`` only where set, so that other
+        files stay readable by versions that predate it)."""
+        data = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        if not self.contrast_channel:
+            del data["contrast_channel"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> UNetConfig:

@@ -1,0 +1,149 @@
+"""Each particle's peak contrast as a condition: the prior it is drawn from and the map the network sees.
+
+A label mask says where particles are and of which class, not how bright each is; in iSCAT that is set by
+each particle's height above the coverslip, its size and the phase of the reference, and a network that must
+invent it draws the contrasts of a class too narrow (docs/model-history.md). A model with
+``UNetConfig.contrast_channel`` sees one more condition channel: each particle's signed peak contrast
+(normalised units, divided by ``ContrastPrior.scale``) painted over its blob, 0 elsewhere. Training measures it
+on each training image (``training.particle_contrast``); generation draws it per particle from the class's
+distribution over the training set, stored in the checkpoint as quantiles (``ContrastPrior``), with the image's
+own generator, so that the same seed and mask give the same image, or takes it from the caller.
+
+A particle is a 4-connected blob of one label (touching blobs of different classes stay apart), as in the
+evaluation's ``matching.mask_particles``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.measure import label as connected_components
+
+# Quantile levels stored per class: 0, 1/128, ..., 1. Enough to keep a distribution's shape (its tails to
+# within 1/128 of the particles) in a few kB of JSON.
+NUM_QUANTILE_LEVELS = 129
+
+
+@dataclass(frozen=True)
+class ContrastPrior:
+    """Per-class distributions of particles' signed peak contrast, and the units of the condition channel.
+
+    Attributes:
+        scale: normalised image units per unit of the condition channel (the 90th percentile of the training
+            set's peak magnitudes, so that the channel is of order 1).
+        reach_px: how far (px) beyond its blob a particle's peak was looked for when measured.
+        quantiles: ``{label: values}``, for every class 1..K, ``NUM_QUANTILE_LEVELS`` non-decreasing signed peak
+            contrasts (normalised units) at evenly spaced levels from 0 to 1.
+    """
+
+    scale: float
+    reach_px: float
+    quantiles: Mapping[int, tuple[float, ...]]
+
+    def __post_init__(self) -> None:
+        if not _positive(self.scale):
+            raise ValueError(f"particle_contrast.scale: must be a positive number, got {self.scale!r}")
+        if not _positive(self.reach_px) and self.reach_px != 0:
+            raise ValueError(f"particle_contrast.reach_px: must be a number >= 0, got {self.reach_px!r}")
+        if not isinstance(self.quantiles, Mapping) or not self.quantiles:
+            raise ValueError("particle_contrast.quantiles: must map each class label to its quantiles")
+        checked = {}
+        for key, values in self.quantiles.items():
+            label = int(key)
+            array = np.asarray(values, dtype=np.float64)
+            if array.shape != (NUM_QUANTILE_LEVELS,) or not np.isfinite(array).all() or np.any(np.diff(array) < 0):
+                raise ValueError(
+                    f"particle_contrast.quantiles[{label}]: must be {NUM_QUANTILE_LEVELS} finite non-decreasing numbers"
+                )
+            checked[label] = tuple(float(v) for v in array)
+        object.__setattr__(self, "quantiles", dict(sorted(checked.items())))
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "reach_px", float(self.reach_px))
+
+    def check_classes(self, num_classes: int) -> None:
+        """Raise ValueError unless the prior has a distribution for exactly the classes 1..``num_classes``."""
+        if sorted(self.quantiles) != list(range(1, num_classes + 1)):
+            raise ValueError(
+                f"particle_contrast.quantiles: has classes {sorted(self.quantiles)}, the model 1..{num_classes}"
+            )
+
+    @classmethod
+    def from_samples(cls, samples: Mapping[int, Sequence[float]], reach_px: float) -> ContrastPrior:
+        """The prior of measured signed peaks ``{label: values}`` (normalised units); a class with no particle
+        measured gets a distribution at 0 (its particles are then drawn without contrast). ValueError when no
+        class has any."""
+        levels = np.linspace(0.0, 1.0, NUM_QUANTILE_LEVELS)
+        every = np.concatenate([np.asarray(v, dtype=np.float64) for v in samples.values()] or [np.empty(0)])
+        if every.size == 0 or not np.any(every):
+            raise ValueError("particle_contrast: no particle with a contrast was measured; a mask must mark some")
+        quantiles = {
+            label: np.quantile(values, levels) if len(values) else np.zeros(NUM_QUANTILE_LEVELS)
+            for label, values in samples.items()
+        }
+        return cls(float(np.quantile(np.abs(every), 0.9)) or float(np.abs(every).max()), reach_px, quantiles)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (class labels as strings)."""
+        return {
+            "scale": self.scale,
+            "reach_px": self.reach_px,
+            "quantiles": {str(k): list(v) for k, v in self.quantiles.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> ContrastPrior:
+        """Build a prior from ``to_dict`` output (or return a ``ContrastPrior`` as it is); ValueError if malformed."""
+        if isinstance(data, ContrastPrior):
+            return data
+        if not isinstance(data, dict) or set(data) != {"scale", "reach_px", "quantiles"}:
+            raise ValueError("particle_contrast: must be a dict with the keys scale, reach_px and quantiles")
+        try:
+            quantiles = {int(k): v for k, v in data["quantiles"].items()}
+        except (AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"particle_contrast.quantiles: must map class labels to quantiles ({err})") from err
+        return cls(data["scale"], data["reach_px"], quantiles)
+
+    def draw(self, classes: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """Signed peak contrasts (n,) float64, normalised units, for particles of ``classes`` (n,) int: each drawn
+        from its class's distribution with one uniform number of ``generator``, in order."""
+        levels = torch.rand(len(classes), generator=generator, dtype=torch.float64).numpy()
+        grid = np.linspace(0.0, 1.0, NUM_QUANTILE_LEVELS)
+        return np.array([np.interp(u, grid, self.quantiles[int(c)]) for u, c in zip(levels, classes, strict=True)])
+
+
+def particle_blobs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The particles of an int label mask (H, W): blob numbers (H, W) int (0 background, 1..n in raster order of
+    their first pixel) and each blob's class (n,) int64."""
+    blobs = connected_components(np.asarray(labels), background=0, connectivity=1)
+    count = int(blobs.max()) if blobs.size else 0
+    classes = np.zeros(count, dtype=np.int64)
+    classes[blobs[blobs > 0] - 1] = np.asarray(labels)[blobs > 0]
+    return blobs, classes
+
+
+def blob_peaks(blobs: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The signed value of largest magnitude of ``image`` (H, W) over each blob's finite pixels (n,) float64, in
+    ``particle_blobs`` order; NaN for a blob with none."""
+    peaks = np.full(int(blobs.max(initial=0)), np.nan)
+    for index, pixels in enumerate(ndimage.find_objects(blobs)):
+        values = image[pixels][(blobs[pixels] == index + 1) & np.isfinite(image[pixels])]
+        if values.size:
+            peaks[index] = values[np.argmax(np.abs(values))]
+    return peaks
+
+
+def paint_blobs(blobs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(H, W) float32: blob i's pixels (``particle_blobs`` numbering) hold ``values[i - 1]``, the rest 0."""
+    table = np.concatenate([[0.0], np.asarray(values, dtype=np.float64).ravel()])
+    if len(table) != int(blobs.max(initial=0)) + 1:
+        raise ValueError(f"got {len(table) - 1} values for {int(blobs.max(initial=0))} particles")
+    return table[blobs].astype(np.float32)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
