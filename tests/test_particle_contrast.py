@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
-from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config
+from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config, uniform_contrast_prior
 from tests.tiny_training import tiny_config, tiny_overrides
 from training import train
 from training.experts import combine_experts
 from training.finetune import load_initial_weights
 
+from napari_iscat_diffusion.cli import main
 from napari_iscat_diffusion.diffusion import ModelConfig, encode_condition, generate, linear_schedule, load_checkpoint
 from napari_iscat_diffusion.diffusion.particle_contrast import (
     NUM_QUANTILE_LEVELS,
@@ -25,11 +27,6 @@ from napari_iscat_diffusion.diffusion.unet import ConditionalUNet, UNetConfig
 from napari_iscat_diffusion.evaluation.peaks import contrast_channel, measure_peaks
 
 STD = 0.01  # the tiny checkpoints' normalisation std
-
-
-def _prior(values: dict[int, tuple[float, float]], scale: float = 2.0) -> ContrastPrior:
-    """A prior uniform between (low, high) for each class."""
-    return ContrastPrior(scale, 2.0, {k: np.linspace(lo, hi, NUM_QUANTILE_LEVELS) for k, (lo, hi) in values.items()})
 
 
 def _mask() -> np.ndarray:
@@ -61,7 +58,7 @@ def test_a_blob_peak_is_the_signed_value_of_largest_magnitude() -> None:
 
 
 def test_the_prior_round_trips_and_refuses_malformed_quantiles() -> None:
-    prior = _prior({1: (-1.0, 1.0), 2: (5.0, 9.0)})
+    prior = uniform_contrast_prior({1: (-1.0, 1.0), 2: (5.0, 9.0)})
     assert ContrastPrior.from_dict(prior.to_dict()) == prior
     prior.check_classes(2)
     with pytest.raises(ValueError, match=r"classes \[1, 2\], the model 1\.\.3"):
@@ -104,7 +101,9 @@ def test_a_particles_peak_is_measured_above_a_sloping_background_with_its_sign()
     assert classes.tolist() == [3, 1]
     assert peaks[0] == pytest.approx(-5.0, rel=0.03)
     assert peaks[1] == pytest.approx(3.0, rel=0.03)
-    channel = contrast_channel(torch.from_numpy(image)[None, None], torch.from_numpy(labels)[None], _prior({1: (0, 1)}))
+    channel = contrast_channel(
+        torch.from_numpy(image)[None, None], torch.from_numpy(labels)[None], uniform_contrast_prior({1: (0, 1)})
+    )
     assert channel.shape == (1, 64, 64)
     assert channel[0, 20, 20] == pytest.approx(peaks[0] / 2.0) and channel[0, 45, 40] == pytest.approx(peaks[1] / 2.0)
     assert channel[0, 0, 0] == 0
@@ -130,7 +129,7 @@ def test_the_unet_config_counts_the_contrast_channel_and_stores_it_only_where_se
 def test_a_model_config_has_a_prior_exactly_when_its_network_has_the_channel() -> None:
     common = {"schedule": linear_schedule(1000).to_config(), "parameterization": "v"}
     norm = {"mean": [0.0], "std": [STD]}
-    prior = _prior({1: (0, 1), 2: (0, 1)})
+    prior = uniform_contrast_prior({1: (0, 1), 2: (0, 1)})
     with pytest.raises(ValueError, match="needs the contrasts' prior"):
         ModelConfig(unet=tiny_unet_config(contrast_channel=True), normalization=norm, **common)
     with pytest.raises(ValueError, match=r"without unet\.contrast_channel"):
@@ -139,7 +138,7 @@ def test_a_model_config_has_a_prior_exactly_when_its_network_has_the_channel() -
         ModelConfig(
             unet=tiny_unet_config(contrast_channel=True),
             normalization=norm,
-            particle_contrast=_prior({1: (0, 1)}),
+            particle_contrast=uniform_contrast_prior({1: (0, 1)}),
             **common,
         )
     config = ModelConfig(
@@ -151,15 +150,16 @@ def test_a_model_config_has_a_prior_exactly_when_its_network_has_the_channel() -
 @pytest.fixture(scope="module")
 def contrast_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("contrast") / "model.safetensors"
-    prior = _prior({1: (-2.0, -1.0), 2: (3.0, 6.0)})
+    prior = uniform_contrast_prior({1: (-2.0, -1.0), 2: (3.0, 6.0)})
     save_tiny_checkpoint(path, perturbed=True, contrast_channel=True, config_fields={"particle_contrast": prior})
     return path
 
 
 def test_a_saved_prior_loads_back(contrast_model: Path) -> None:
     model = load_checkpoint(contrast_model)
-    assert model.config.particle_contrast == _prior({1: (-2.0, -1.0), 2: (3.0, 6.0)})
+    assert model.config.particle_contrast == uniform_contrast_prior({1: (-2.0, -1.0), 2: (3.0, 6.0)})
     assert model.net.conv_in.in_channels == 1 + 4
+    assert "each particle's contrast drawn or given" in model.summary()
 
 
 def test_drawn_contrasts_follow_the_seed_whatever_the_batch(contrast_model: Path) -> None:
@@ -176,7 +176,7 @@ def test_given_contrasts_reach_the_network_as_the_prior_s_would(contrast_model: 
     model = load_checkpoint(contrast_model)
     # A prior that can only draw 4.5 for class 2 and -1.5 for class 1 (normalised units) ...
     fixed = tmp_path / "fixed.safetensors"
-    config_fields = {"particle_contrast": _prior({1: (-1.5, -1.5), 2: (4.5, 4.5)})}
+    config_fields = {"particle_contrast": uniform_contrast_prior({1: (-1.5, -1.5), 2: (4.5, 4.5)})}
     save_tiny_checkpoint(fixed, perturbed=True, contrast_channel=True, config_fields=config_fields)
     drawn = generate(_mask(), load_checkpoint(fixed), steps=3, seed=2)
     # ... gives the image that those contrasts, given in physical units, give.
@@ -213,7 +213,7 @@ def trained_with_contrast(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir / "model.safetensors"
 
 
-def test_a_run_with_the_channel_exports_the_training_sets_prior(trained_with_contrast: Path) -> None:
+def test_a_run_with_the_channel_exports_the_training_setsuniform_contrast_prior(trained_with_contrast: Path) -> None:
     model = load_checkpoint(trained_with_contrast)
     prior = model.config.particle_contrast
     assert sorted(prior.quantiles) == [1, 2, 3]
@@ -236,3 +236,16 @@ def test_a_fine_tune_adds_the_channel_without_changing_what_the_network_draws(tm
         expected = original(x, t, encode_condition(labels, 3))
         got = widened(x, t, encode_condition(labels, 3, contrast=torch.randn(2, 32, 32)))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_the_command_line_takes_particles_contrasts_from_a_tiff(contrast_model: Path, tmp_path: Path, capsys) -> None:
+    tifffile.imwrite(tmp_path / "mask.tif", _mask().astype(np.uint8))
+    given = np.where(_mask() == 2, 4.5 * STD, np.nan).astype(np.float32)
+    tifffile.imwrite(tmp_path / "contrast.tif", given)
+    args = ["generate", "--mask", str(tmp_path / "mask.tif"), "--checkpoint", str(contrast_model), "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "out.tif"), "--particle-contrast", str(tmp_path / "contrast.tif")]) == 0
+    expected = generate(_mask(), load_checkpoint(contrast_model), steps=2, seed=0, particle_contrast=given)
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "out.tif"), expected, atol=1e-6)
+    tifffile.imwrite(tmp_path / "small.tif", given[:16])
+    assert main([*args, "--out", str(tmp_path / "bad.tif"), "--particle-contrast", str(tmp_path / "small.tif")]) == 2
+    assert "small.tif: has shape (16, 32)" in capsys.readouterr().err and not (tmp_path / "bad.tif").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from napari.utils.notifications import ErrorNotification, NotificationSeverity, notification_manager
 from qtpy.QtCore import Qt, QTimer
+from tests.tiny_models import save_tiny_checkpoint, uniform_contrast_prior
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion._widgets import _controls
@@ -401,3 +402,39 @@ def test_bad_class_proportions_give_a_notification(viewer_and_widget, notificati
     [note] = notifications()
     assert "class proportions must be numbers" in note.message and "'half, half'" in note.message
     assert not widget.mask_layer.layer().data.any()
+
+
+def test_particle_contrasts_come_from_a_chosen_image_layer_for_a_model_with_the_channel(
+    viewer_and_widget, qtbot, notifications, tmp_path
+):
+    viewer, widget = viewer_and_widget
+    assert not widget.particle_contrast.isEnabled()  # the tiny default model draws contrasts itself
+    path = tmp_path / "contrast.safetensors"
+    prior = uniform_contrast_prior({1: (-2.0, -1.0), 2: (3.0, 6.0)})
+    save_tiny_checkpoint(path, perturbed=True, contrast_channel=True, config_fields={"particle_contrast": prior})
+    widget.checkpoint.set_path(path)
+    assert widget.particle_contrast.isEnabled()
+    widget.sampler.steps.setValue(2)  # the new model's default replaced the fixture's
+    _pick(widget, viewer.add_labels(_mask(), name="cells"))
+    widget.sampler.seed.setValue(4)
+    given = np.where(_mask() == 2, 0.05, np.nan)  # 5 normalised units of the tiny model (std 0.01)
+    viewer.add_image(given, name="contrasts")
+    assert widget.particle_contrast.currentText() == "drawn from the model"
+    _run(qtbot, widget)
+    assert viewer.layers[-1].metadata["particle_contrast"] == "drawn from the model"
+    drawn = np.array(viewer.layers[-1].data)
+    widget.particle_contrast.setCurrentText("contrasts")
+    _run(qtbot, widget)
+    layer = viewer.layers[-1]
+    assert layer.metadata["particle_contrast"] == "contrasts"
+    expected = generate(_mask(), load_checkpoint(path), steps=2, seed=4, device="cpu", particle_contrast=given)
+    np.testing.assert_array_equal(layer.data, expected)
+    assert not np.array_equal(layer.data, drawn)
+    viewer.add_image(np.zeros((8, 8)), name="small")
+    widget.particle_contrast.setCurrentText("small")
+    layers = len(viewer.layers)
+    widget.generate_button.click()
+    (refusal,) = notifications()
+    assert refusal.severity == NotificationSeverity.ERROR
+    assert all(word in refusal.message for word in ("'small'", "'cells'", "(16, 24)"))
+    assert len(viewer.layers) == layers and widget.generate_button.isEnabled() and not widget.job.running

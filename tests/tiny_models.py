@@ -1,8 +1,10 @@
 """Tiny networks for fast tests on the CPU."""
 
+import numpy as np
 import torch
 
 from napari_iscat_diffusion.diffusion import ConditionalUNet, ModelConfig, linear_schedule, save_checkpoint
+from napari_iscat_diffusion.diffusion.particle_contrast import NUM_QUANTILE_LEVELS, ContrastPrior
 from napari_iscat_diffusion.diffusion.unet import UNetConfig
 
 TINY_UNET = {
@@ -49,3 +51,8 @@ def perturbed_net(unet: UNetConfig, seed: int = 0) -> ConditionalUNet:
         for parameter in net.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     return net.eval()
+
+
+def uniform_contrast_prior(ranges: dict[int, tuple[float, float]], scale: float = 2.0) -> ContrastPrior:
+    """A particle-contrast prior uniform between ``(low, high)`` (normalised units) for each class label."""
+    return ContrastPrior(scale, 2.0, {k: np.linspace(lo, hi, NUM_QUANTILE_LEVELS) for k, (lo, hi) in ranges.items()})

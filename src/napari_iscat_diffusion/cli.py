@@ -54,6 +54,15 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--mask", type=Path, required=True, help="label mask TIFF: 0 background, 1..K classes")
     generate.add_argument("--out", type=Path, required=True, help="output TIFF (never overwritten)")
     generate.add_argument("--n", type=int, default=1, help="samples per mask [1]")
+    generate.add_argument(
+        "--particle-contrast",
+        type=Path,
+        default=None,
+        metavar="TIFF",
+        help="models with a contrast channel: a float TIFF of the mask's shape whose value of largest magnitude "
+        "over each particle's blob is its peak contrast (the images' units); NaN blobs, and every particle without "
+        "this option, get one drawn from the model's distribution for the class",
+    )
     _add_sampler_arguments(generate)
     generate.set_defaults(run=_run_generate)
 
@@ -99,7 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_generate(args: argparse.Namespace) -> int:
     from .diffusion.checkpoint import load_checkpoint
     from .diffusion.generate import GenerationProgress
-    from .io.tiff_pairs import read_mask, write_tiff
+    from .io.tiff_pairs import read_image, read_mask, write_tiff
     from .synthetic import synthesize
 
     if args.out.exists():
@@ -107,13 +116,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     masks = read_mask(args.mask, allow_stack=True)
+    contrasts = None if args.particle_contrast is None else read_image(args.particle_contrast)
+    if contrasts is not None and contrasts.shape != masks.shape:
+        raise ValueError(f"{args.particle_contrast}: has shape {contrasts.shape}, the mask {args.mask} {masks.shape}")
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     settings = _sampler_settings(args, args.device)
 
     def report(progress: GenerationProgress) -> None:
         _show_progress("generate", progress.completed, progress.total)
 
-    result = synthesize(masks, model, settings, samples=args.n, callback=report, name=str(args.mask))
+    result = synthesize(
+        masks, model, settings, samples=args.n, callback=report, name=str(args.mask), particle_contrast=contrasts
+    )
     print(file=sys.stderr)
     # Samples, then planes (then channels of multi-channel models) follow each other along one axis.
     images = result.images.reshape(-1, *masks.shape[-2:])

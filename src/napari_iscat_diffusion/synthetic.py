@@ -103,13 +103,15 @@ def synthesize(
     callback: Callable[[GenerationProgress], bool | None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     name: str = "mask",
+    particle_contrast: np.ndarray | None = None,
 ) -> Synthesis:
     """Generate ``samples`` images for a 2-D mask (H, W) or one per plane of a 3-D mask (P, H, W).
 
     Sample ``s`` of plane ``p`` gets seed ``settings.seed + s * P + p``. ``callback`` is ``generate``'s
     (return True to cancel after a step), and so is ``should_stop`` (return True to cancel before the next
-    tile). Raises ValueError for a bad mask (``name`` identifies it) or bad settings, SamplingCancelled
-    when cancelled.
+    tile). ``particle_contrast``, of the mask's shape, sets particles' peak contrasts for a model with a
+    contrast channel (``generate``'s), the same for every sample. Raises ValueError for a bad mask (``name``
+    identifies it), bad settings or contrasts, SamplingCancelled when cancelled.
     """
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
@@ -120,6 +122,12 @@ def synthesize(
         )
     planes = validate_mask(array, model.config.num_classes, name=name)  # (P, H, W)
     batch = np.concatenate([planes] * samples)
+    contrasts = None
+    if particle_contrast is not None:
+        contrasts = np.asarray(particle_contrast, dtype=np.float64)
+        if contrasts.shape != array.shape:
+            raise ValueError(f"particle contrasts: have shape {contrasts.shape}, {name} {array.shape}; they must match")
+        contrasts = np.concatenate([contrasts.reshape(planes.shape)] * samples)
     steps: list[np.ndarray] = []
 
     def on_step(progress: GenerationProgress) -> bool:
@@ -143,6 +151,7 @@ def synthesize(
         batch_size=s.batch_size,
         callback=on_step,
         should_stop=should_stop,
+        particle_contrast=contrasts,
     )
     images = images.reshape(samples, len(planes), *images.shape[1:])
     if array.ndim == 2:

@@ -50,11 +50,19 @@ def parse_proportions(text: str) -> list[float]:
 
 
 class LayerPicker(QComboBox):
-    """Labels layers of the viewer (then Image layers, so a mask opened as an image gets a clear message)."""
+    """Layers of the viewer of some kinds, in that order of kinds (by default Labels, then Image layers, so that a
+    mask opened as an image gets a clear message); with ``none_text`` that choice first, meaning no layer."""
 
-    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+    def __init__(
+        self,
+        viewer: napari.viewer.Viewer,
+        kinds: tuple[type, ...] = (napari.layers.Labels, napari.layers.Image),
+        none_text: str | None = None,
+    ) -> None:
         super().__init__()
         self._viewer = viewer
+        self._kinds = kinds
+        self._none_text = none_text
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             event.connect(self.refresh)
         viewer.layers.events.inserted.connect(lambda event: event.value.events.name.connect(self.refresh))
@@ -65,17 +73,20 @@ class LayerPicker(QComboBox):
     def refresh(self, _event: object = None) -> None:
         """Rebuild the list from the viewer's layers, keeping the current choice when it still exists."""
         current = self.currentText()
-        layers = [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Labels)]
-        layers += [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Image)]
+        names = [layer.name for kind in self._kinds for layer in self._viewer.layers if isinstance(layer, kind)]
+        if self._none_text is not None:
+            names.insert(0, self._none_text)
         self.blockSignals(True)
         self.clear()
-        self.addItems([layer.name for layer in layers])
+        self.addItems(names)
         self.blockSignals(False)
-        if current in [layer.name for layer in layers]:
+        if current in names:
             self.setCurrentText(current)
 
     def layer(self) -> napari.layers.Layer | None:
-        """The chosen layer, or None when there is none."""
+        """The chosen layer, or None when there is none (or the no-layer choice is made)."""
+        if self.currentIndex() == 0 and self._none_text is not None:
+            return None
         name = self.currentText()
         return next((layer for layer in self._viewer.layers if layer.name == name), None)
 

@@ -24,6 +24,9 @@ from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance,
 from ._controls import CheckpointChooser, LayerPicker, RunControls, SamplerControls, parse_proportions
 from ._job import Job, Outcome, Report
 
+# The contrast picker's choice of no layer: each particle's contrast is drawn from the model's distribution.
+DRAWN_CONTRASTS = "drawn from the model"
+
 OUT_OF_MEMORY = (
     "The GPU ran out of memory. Generate fewer samples at once, use a smaller mask, choose precision bf16 or fp16, "
     "or choose the cpu device."
@@ -48,8 +51,14 @@ class GenerateWidget(QWidget):
         self.proportions.setToolTip("Relative frequency of classes 1..K, for example 0.5, 0.3, 0.2")
         self.checkpoint = CheckpointChooser()
         self.sampler = SamplerControls()
-        self.checkpoint.changed.connect(lambda: self.sampler.use_model_defaults(self.checkpoint.model))
-        self.sampler.use_model_defaults(self.checkpoint.model)
+        self.particle_contrast = LayerPicker(napari_viewer, (napari.layers.Image,), none_text=DRAWN_CONTRASTS)
+        self.particle_contrast.setToolTip(
+            "For models with a contrast channel: an Image layer of the mask's shape whose value of largest "
+            "magnitude over each particle is its peak contrast (the images' units); NaN there, or no layer, "
+            "draws one from the model's distribution for the particle's class"
+        )
+        self.checkpoint.changed.connect(self._use_model)
+        self._use_model()
         self.samples = QSpinBox(minimum=1, maximum=64, value=1)
         self.show_steps = QCheckBox("show denoising steps")
         self.generate_button = QPushButton("Generate")
@@ -92,12 +101,19 @@ class GenerateWidget(QWidget):
         form.addRow("Particles, classes", particles)
         form.addRow(self.checkpoint)
         form.addRow(self.sampler)
+        form.addRow("Particle contrast", self.particle_contrast)
         form.addRow("Samples", self.samples)
         form.addRow(self.show_steps)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.run_controls)
         layout.addStretch()
+
+    def _use_model(self) -> None:
+        model = self.checkpoint.model
+        self.sampler.use_model_defaults(model)
+        # Not among the run's controls (which re-enable every control after a run): a run reads it when it starts.
+        self.particle_contrast.setEnabled(model is not None and model.config.particle_contrast is not None)
 
     # --- masks ---------------------------------------------------------------------------------------------
 
@@ -176,9 +192,13 @@ class GenerateWidget(QWidget):
         model = self.checkpoint.model
         try:
             settings = self.sampler.settings().resolved(model)
+            contrasts = self._particle_contrasts(layer, mask, model)
         except ValueError as error:
             show_error(str(error))
             return
+        contrast_source = None
+        if model.config.particle_contrast is not None:
+            contrast_source = DRAWN_CONTRASTS if contrasts is None else self.particle_contrast.currentText()
         samples, keep_steps = self.samples.value(), self.show_steps.isChecked()
         planes = 1 if mask.ndim == 2 else len(mask)
 
@@ -197,20 +217,44 @@ class GenerateWidget(QWidget):
                 callback=callback,
                 should_stop=report.stop_requested,
                 name=layer.name,
+                particle_contrast=contrasts,
             )
 
         self.run_controls.start(
             work,
             description=f"synthetic ({layer.name})",
             status="Generating...",
-            on_done=lambda outcome: self._done(outcome, layer, model, settings),
+            on_done=lambda outcome: self._done(outcome, layer, model, settings, contrast_source),
         )
+
+    def _particle_contrasts(
+        self, layer: napari.layers.Labels, mask: np.ndarray, model: LoadedModel
+    ) -> np.ndarray | None:
+        """The chosen contrast layer's data for a model with a contrast channel, else None; ValueError naming the
+        layers when its shape is not the mask's."""
+        contrast_layer = self.particle_contrast.layer()
+        if model.config.particle_contrast is None or contrast_layer is None:
+            return None
+        data = np.asarray(contrast_layer.data, dtype=np.float64)
+        if data.shape != mask.shape:
+            raise ValueError(
+                f"Particle contrast: '{contrast_layer.name}' has shape {data.shape} but the mask '{layer.name}' "
+                f"{mask.shape}; choose a layer of the mask's shape or '{DRAWN_CONTRASTS}'"
+            )
+        return data
 
     def cancel(self) -> None:
         """Stop before the next tile or sampler step; no layer is added."""
         self.run_controls.cancel()
 
-    def _done(self, outcome: Outcome, layer: napari.layers.Labels, model: LoadedModel, settings: SamplerSettings):
+    def _done(
+        self,
+        outcome: Outcome,
+        layer: napari.layers.Labels,
+        model: LoadedModel,
+        settings: SamplerSettings,
+        contrast_source: str | None,
+    ) -> None:
         if torch.cuda.is_available():  # generate() frees its cache too; this also covers errors raised before it
             torch.cuda.empty_cache()
         if outcome.cancelled:
@@ -221,11 +265,16 @@ class GenerateWidget(QWidget):
             error = outcome.error
             show_error(OUT_OF_MEMORY if isinstance(error, torch.OutOfMemoryError) else f"Generation failed: {error}")
         else:
-            self._add_layers(outcome.value, layer, model, settings)
+            self._add_layers(outcome.value, layer, model, settings, contrast_source)
             self.status.setText("Done.")
 
     def _add_layers(
-        self, result: Synthesis, layer: napari.layers.Labels, model: LoadedModel, settings: SamplerSettings
+        self,
+        result: Synthesis,
+        layer: napari.layers.Labels,
+        model: LoadedModel,
+        settings: SamplerSettings,
+        contrast_source: str | None,
     ) -> None:
         images = result.images
         extra = images.ndim - layer.data.ndim  # leading samples axis and channel axis
@@ -234,6 +283,8 @@ class GenerateWidget(QWidget):
         units = ("pixel",) * extra + tuple(str(unit) for unit in layer.units)
         metadata = provenance(model, settings, seed=settings.seed, source=layer.name)
         metadata["samples"] = self.samples.value()  # sample s of plane p has seed + s * planes + p
+        if contrast_source is not None:
+            metadata["particle_contrast"] = contrast_source
         self.viewer.add_image(
             images,
             name=f"synthetic ({layer.name})",

@@ -507,6 +507,8 @@ class LoadedModel:
             if "classes" in expert:
                 schedule += f" around class{'es' if len(expert['classes']) > 1 else ''} "
                 schedule += ", ".join(str(c) for c in expert["classes"])
+        if config.particle_contrast is not None:
+            classes += ", each particle's contrast drawn or given"
         return f"{classes}, {channels}, {size}, {pixel}, {schedule}, sha256 {self.sha256[:12]}"
 
 
