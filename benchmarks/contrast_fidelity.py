@@ -7,7 +7,8 @@ and with its own drawn ones; a model without the channel generates one image (it
 particle's peak is measured the same way. Prints, per class, the correlation between the physics' peaks and the
 generated ones, the median of |generated - physics| / |physics|, and the fraction of particles whose peak has the
 physics' sign: given contrasts should give a correlation near 1, drawn ones (and a model without the channel)
-near 0. Writes ``benchmarks/results/contrast_fidelity.json`` with the machine's description.
+near 0. Unguided (guidance 1), the use given contrasts are for: guidance extrapolates them. Writes
+``benchmarks/results/contrast_fidelity.json`` with the machine's description.
 
     python benchmarks/contrast_fidelity.py --checkpoints runs/contrast.safetensors [runs/plain.safetensors] --n 64
 """
@@ -22,18 +23,22 @@ import torch
 
 from common import bundled_model_path, machine_info, write_results
 from napari_iscat_diffusion.diffusion import LoadedModel, generate, load_checkpoint
-from napari_iscat_diffusion.diffusion.particle_contrast import paint_blobs
+from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior, paint_blobs
 from napari_iscat_diffusion.evaluation.evaluate import HELD_OUT_SEED, simulated_set, simulation_parameters_for
 from napari_iscat_diffusion.evaluation.peaks import measure_peaks
 
 GENERATION_SEED = 7
 
 
-def peak_table(images: np.ndarray, masks: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Each image's blob numbering, and every particle's class and signed peak (physical units), over images."""
+def peak_table(
+    images: np.ndarray, masks: np.ndarray, prior: ContrastPrior | None
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Each image's blob numbering, and every particle's class and signed peak (physical units), over images,
+    measured as the prior's were (the default measurement without one)."""
+    settings = () if prior is None else (prior.reach_px, prior.background_radius_px)
     blobs, classes, peaks = [], [], []
     for image, mask in zip(images, masks, strict=True):
-        numbered, image_classes, image_peaks = measure_peaks(image, mask.astype(np.int64))
+        numbered, image_classes, image_peaks = measure_peaks(image, mask.astype(np.int64), *settings)
         blobs.append(numbered)
         classes.append(image_classes)
         peaks.append(image_peaks)
@@ -41,10 +46,11 @@ def peak_table(images: np.ndarray, masks: np.ndarray) -> tuple[list[np.ndarray],
 
 
 def agreement(classes: np.ndarray, physics: np.ndarray, generated: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per class: Pearson correlation, median relative deviation and sign agreement of generated peaks."""
+    """Per class: Pearson correlation, median relative deviation and sign agreement of generated peaks (particles
+    whose physics peak is 0 left out)."""
     out = {}
     for label in np.unique(classes):
-        chosen = classes == label
+        chosen = (classes == label) & (physics != 0)
         reference, drawn = physics[chosen], generated[chosen]
         out[str(int(label))] = {
             "particles": int(chosen.sum()),
@@ -58,7 +64,8 @@ def agreement(classes: np.ndarray, physics: np.ndarray, generated: np.ndarray) -
 def run(model: LoadedModel, n: int, size: int, batch: int) -> dict[str, dict]:
     """The agreement of given and of drawn contrasts (only drawn for a model without the channel)."""
     reference = simulated_set(simulation_parameters_for(model, size), n, HELD_OUT_SEED)
-    blobs, classes, physics = peak_table(reference.images, reference.masks)
+    prior = model.config.particle_contrast
+    blobs, classes, physics = peak_table(reference.images, reference.masks, prior)
     masks = reference.masks.astype(np.int64)
     given, start = [], 0
     for numbered in blobs:
@@ -67,12 +74,21 @@ def run(model: LoadedModel, n: int, size: int, batch: int) -> dict[str, dict]:
         start += count
     seeds = [GENERATION_SEED + i for i in range(n)]
     ways = {"drawn": None}
-    if model.config.particle_contrast is not None:
+    if prior is not None:
         ways["given"] = np.stack(given)
     results = {}
     for way, contrasts in ways.items():
-        images = generate(masks, model, seed=seeds, batch_size=batch, device="cpu", particle_contrast=contrasts)
-        _, _, generated = peak_table(images, masks)
+        images = generate(
+            masks,
+            model,
+            seed=seeds,
+            guidance=1.0,
+            class_guidance={},
+            batch_size=batch,
+            device="cpu",
+            particle_contrast=contrasts,
+        )
+        _, _, generated = peak_table(images, masks, prior)
         results[way] = agreement(classes, physics, generated)
         for label, row in results[way].items():
             deviation, sign, count = row["median_relative_deviation"], row["same_sign"], row["particles"]
@@ -89,7 +105,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, nargs="+", default=None, help="safetensors files [bundled model]")
     parser.add_argument("--n", type=int, default=64, help="held-out masks [64]")
     parser.add_argument("--size", type=int, default=128, help="image side in px [128]")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass [8]")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     paths = args.checkpoints or [bundled_model_path()]

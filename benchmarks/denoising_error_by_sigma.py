@@ -29,7 +29,7 @@ from common import bundled_model_path, machine_info, write_results
 from napari_iscat_diffusion.diffusion import LoadedModel, load_checkpoint
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition
 from napari_iscat_diffusion.evaluation.evaluate import HELD_OUT_SEED, simulated_set, simulation_parameters_for
-from napari_iscat_diffusion.evaluation.peaks import contrast_channel
+from napari_iscat_diffusion.evaluation.peaks import peak_map
 
 SIGMAS = (0.3, 1.0, 3.0, 10.0, 30.0, 80.0, 300.0, 2000.0)
 NEIGHBOURHOOD_PX = 4
@@ -79,7 +79,11 @@ def errors_by_sigma(
                     for i in range(len(x0))[part]
                 ]
             )
-            contrast = None if prior is None else contrast_channel(x0[part], labels[part], prior)
+            contrast = None
+            if prior is not None:
+                pairs = zip(x0[part], labels[part], strict=True)
+                maps = [peak_map(image[0].numpy(), mask.numpy(), prior) for image, mask in pairs]
+                contrast = torch.from_numpy(np.stack(maps) / prior.scale)
             cond = encode_condition(labels[part], model.config.num_classes, contrast=contrast)
             prediction = denoise(x0[part] + own_sigma * noise, torch.full((len(noise),), own_sigma), cond)
             squared[part] = ((prediction - x0[part]) * to_unit) ** 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +12,25 @@ import torch
 from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config, uniform_contrast_prior
 from tests.tiny_training import tiny_config, tiny_overrides
 from training import train
+from training.data import build_data
 from training.experts import combine_experts
 from training.finetune import load_initial_weights
+from training.normalization import compute_normalization
+from training.particle_contrast import contrast_channel, measure_prior
 
 from napari_iscat_diffusion.cli import main
 from napari_iscat_diffusion.diffusion import ModelConfig, encode_condition, generate, linear_schedule, load_checkpoint
+from napari_iscat_diffusion.diffusion.generate import _contrast_channel
 from napari_iscat_diffusion.diffusion.particle_contrast import (
     NUM_QUANTILE_LEVELS,
     ContrastPrior,
     blob_peaks,
+    check_given_contrasts,
     paint_blobs,
     particle_blobs,
 )
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet, UNetConfig
-from napari_iscat_diffusion.evaluation.peaks import contrast_channel, measure_peaks
+from napari_iscat_diffusion.evaluation.peaks import measure_peaks
 
 STD = 0.01  # the tiny checkpoints' normalisation std
 
@@ -71,6 +77,15 @@ def test_the_prior_round_trips_and_refuses_malformed_quantiles() -> None:
         ContrastPrior(0.0, 2.0, {1: np.zeros(NUM_QUANTILE_LEVELS)})
     with pytest.raises(ValueError, match="keys scale, reach_px and quantiles"):
         ContrastPrior.from_dict({"scale": 1.0})
+    with pytest.raises(ValueError, match="reach_px: must be a number >= 0"):
+        ContrastPrior(1.0, False, {1: np.zeros(NUM_QUANTILE_LEVELS)})
+    with pytest.raises(ValueError, match=r"quantiles\['x'\]: must be 129 finite"):
+        ContrastPrior(1.0, 2.0, {"x": np.zeros(NUM_QUANTILE_LEVELS)})
+    with pytest.raises(ValueError, match=r"quantiles\[1\]: must be 129 finite"):
+        ContrastPrior(1.0, 2.0, {1: ["a"] * NUM_QUANTILE_LEVELS})
+    # Files written before the background radius was stored read with the radius every prior was measured with.
+    old = {key: value for key, value in prior.to_dict().items() if key != "background_radius_px"}
+    assert ContrastPrior.from_dict(old) == prior
 
 
 def test_a_prior_from_samples_keeps_their_distribution_and_draws_it() -> None:
@@ -101,12 +116,13 @@ def test_a_particles_peak_is_measured_above_a_sloping_background_with_its_sign()
     assert classes.tolist() == [3, 1]
     assert peaks[0] == pytest.approx(-5.0, rel=0.03)
     assert peaks[1] == pytest.approx(3.0, rel=0.03)
-    channel = contrast_channel(
-        torch.from_numpy(image)[None, None], torch.from_numpy(labels)[None], uniform_contrast_prior({1: (0, 1)})
-    )
-    assert channel.shape == (1, 64, 64)
-    assert channel[0, 20, 20] == pytest.approx(peaks[0] / 2.0) and channel[0, 45, 40] == pytest.approx(peaks[1] / 2.0)
-    assert channel[0, 0, 0] == 0
+    prior = uniform_contrast_prior({1: (0, 1)})
+    channel = contrast_channel(torch.from_numpy(image)[None], torch.from_numpy(labels), prior)
+    assert channel.shape == (64, 64) and channel.dtype == torch.float32
+    assert channel[20, 20] == pytest.approx(peaks[0] / 2.0) and channel[45, 40] == pytest.approx(peaks[1] / 2.0)
+    assert channel[0, 0] == 0
+    with pytest.raises(ValueError, match="reach_px must be >= 0"):
+        measure_peaks(image, labels, reach_px=-1.0)
 
 
 def test_the_contrast_follows_the_mask_given_channel() -> None:
@@ -145,6 +161,9 @@ def test_a_model_config_has_a_prior_exactly_when_its_network_has_the_channel() -
         unet=tiny_unet_config(contrast_channel=True), normalization=norm, particle_contrast=prior, **common
     )
     assert ModelConfig.from_dict(config.to_dict()) == config
+    expert = {"sigma_switch": 10.0, "normalization": norm, "training": {}}
+    with pytest.raises(ValueError, match="cannot hold a high-noise expert"):
+        dataclasses.replace(config, high_noise_expert=expert)
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +187,21 @@ def test_drawn_contrasts_follow_the_seed_whatever_the_batch(contrast_model: Path
     together = generate(masks, model, steps=3, seed=[5, 6, 7], batch_size=3)
     alone = generate(masks[1], model, steps=3, seed=6)
     np.testing.assert_allclose(together[1], alone, atol=1e-6)
-    # The same noise, other particles' contrasts: the images differ.
-    assert not np.allclose(together[0], together[1], atol=1e-4)
+    # The same seed under a prior of other contrasts: the images differ.
+    other = dataclasses.replace(model.config, particle_contrast=uniform_contrast_prior({1: (5.0, 6.0), 2: (-9, -8)}))
+    brighter = generate(masks[1], dataclasses.replace(model, config=other), steps=3, seed=6)
+    assert not np.allclose(brighter, alone, atol=1e-4)
+
+
+def test_giving_some_particles_contrasts_leaves_the_others_as_drawn(contrast_model: Path) -> None:
+    prior = load_checkpoint(contrast_model).config.particle_contrast
+    labels = np.stack([_mask()])
+    drawn = _contrast_channel(labels, prior, [torch.Generator().manual_seed(4)], None)
+    given = [np.array([np.nan, 7.0, np.nan])]  # the second particle (class 1, at rows 6-7) only
+    mixed = _contrast_channel(labels, prior, [torch.Generator().manual_seed(4)], given)
+    assert mixed[0, 7, 7] == pytest.approx(7.0 / prior.scale)
+    second = particle_blobs(_mask())[0] == 2
+    torch.testing.assert_close(mixed[0][~torch.from_numpy(second)], drawn[0][~torch.from_numpy(second)])
 
 
 def test_given_contrasts_reach_the_network_as_the_prior_s_would(contrast_model: Path, tmp_path: Path) -> None:
@@ -182,6 +214,16 @@ def test_given_contrasts_reach_the_network_as_the_prior_s_would(contrast_model: 
     # ... gives the image that those contrasts, given in physical units, give.
     given = np.where(_mask() == 2, 4.5 * STD, np.where(_mask() == 1, -1.5 * STD, np.nan))
     np.testing.assert_allclose(generate(_mask(), model, steps=3, seed=2, particle_contrast=given), drawn, atol=1e-6)
+    # Given contrasts are above the background: a normalisation's mean does not enter, only its std.
+    offset = tmp_path / "offset.safetensors"
+    config_fields["normalization"] = {"mean": [0.5], "std": [STD]}
+    save_tiny_checkpoint(offset, perturbed=True, contrast_channel=True, config_fields=config_fields)
+    offset_model = load_checkpoint(offset)
+    np.testing.assert_allclose(
+        generate(_mask(), offset_model, steps=3, seed=2, particle_contrast=given),
+        generate(_mask(), offset_model, steps=3, seed=2),
+        atol=1e-6,
+    )
     # NaN everywhere: every particle drawn, as without the argument.
     nothing = np.full((32, 32), np.nan)
     np.testing.assert_array_equal(
@@ -191,7 +233,7 @@ def test_given_contrasts_reach_the_network_as_the_prior_s_would(contrast_model: 
 
 def test_bad_given_contrasts_are_refused(contrast_model: Path, tmp_path: Path) -> None:
     model = load_checkpoint(contrast_model)
-    with pytest.raises(ValueError, match=r"has shape \(1, 16, 16\), the mask \(1, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"particle_contrast: has shape \(16, 16\), the mask \(32, 32\)"):
         generate(_mask(), model, steps=2, particle_contrast=np.zeros((16, 16)))
     with pytest.raises(ValueError, match="infinite"):
         generate(_mask(), model, steps=2, particle_contrast=np.full((32, 32), np.inf))
@@ -199,6 +241,8 @@ def test_bad_given_contrasts_are_refused(contrast_model: Path, tmp_path: Path) -
     save_tiny_checkpoint(plain)
     with pytest.raises(ValueError, match="no contrast channel"):
         generate(_mask(), load_checkpoint(plain), steps=2, particle_contrast=np.zeros((32, 32)))
+    with pytest.raises(ValueError, match="'layer c': contains infinite"):
+        check_given_contrasts(np.full((32, 32), -np.inf), (1, 32, 32), model.config.particle_contrast, "'layer c'")
 
 
 def test_networks_with_a_contrast_channel_are_not_combined_with_an_expert(contrast_model: Path) -> None:
@@ -213,7 +257,7 @@ def trained_with_contrast(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir / "model.safetensors"
 
 
-def test_a_run_with_the_channel_exports_the_training_setsuniform_contrast_prior(trained_with_contrast: Path) -> None:
+def test_a_run_with_the_channel_exports_the_training_sets_contrasts(trained_with_contrast: Path) -> None:
     model = load_checkpoint(trained_with_contrast)
     prior = model.config.particle_contrast
     assert sorted(prior.quantiles) == [1, 2, 3]
@@ -248,4 +292,29 @@ def test_the_command_line_takes_particles_contrasts_from_a_tiff(contrast_model: 
     np.testing.assert_allclose(tifffile.imread(tmp_path / "out.tif"), expected, atol=1e-6)
     tifffile.imwrite(tmp_path / "small.tif", given[:16])
     assert main([*args, "--out", str(tmp_path / "bad.tif"), "--particle-contrast", str(tmp_path / "small.tif")]) == 2
-    assert "small.tif: has shape (16, 32)" in capsys.readouterr().err and not (tmp_path / "bad.tif").exists()
+    assert "small.tif: has shape (16, 32), the mask (32, 32)" in capsys.readouterr().err
+    assert not (tmp_path / "bad.tif").exists()
+
+
+def test_a_fine_tune_of_a_model_with_the_channel_keeps_its_units(trained_with_contrast: Path, tmp_path: Path) -> None:
+    source = load_checkpoint(trained_with_contrast).config.particle_contrast
+    run = tmp_path / "run"
+    # Other images (a new seed) measure another scale; the fine-tune keeps the one the network learned.
+    overrides = tiny_overrides(run, f"model.init_from={trained_with_contrast}", "model.contrast_channel=true", "seed=9")
+    assert train.main(overrides) == 0
+    tuned = load_checkpoint(run / "model.safetensors").config.particle_contrast
+    assert tuned.scale == source.scale and tuned.reach_px == source.reach_px
+    assert tuned.quantiles != source.quantiles
+
+
+def test_the_dataset_measures_the_channel_as_the_trainer_would(tmp_path: Path) -> None:
+    data = build_data(tiny_config(tmp_path / "run", "model.contrast_channel=true"))
+    dataset = data.train_loader.dataset
+    dataset.normalization = compute_normalization(dataset, max_images=8)
+    prior = measure_prior(dataset, max_images=8)
+    plain = dataset[(3, 0)]
+    assert "contrast" not in plain
+    dataset.contrast_prior = prior
+    item = dataset[(3, 0)]
+    torch.testing.assert_close(item["contrast"], contrast_channel(plain["image"], plain["labels"], prior))
+    assert item["contrast"].abs().max() > 0.1 and torch.all(item["contrast"][plain["labels"] == 0] == 0)

@@ -33,10 +33,12 @@ def save_tiny_checkpoint(
         unet=unet,
         schedule=linear_schedule(1000).to_config(),
         parameterization="v",
-        normalization={"mean": [0.0], "std": [0.01]},
-        pixel_size_nm=60.0,
-        training=training or {},
-        **(config_fields or {}),
+        **{
+            "normalization": {"mean": [0.0], "std": [0.01]},
+            "pixel_size_nm": 60.0,
+            "training": training or {},
+            **(config_fields or {}),
+        },
     )
     torch.manual_seed(0)
     return save_checkpoint(path, perturbed_net(unet) if perturbed else ConditionalUNet(unet), config)

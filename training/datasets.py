@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.io.hdf5_patches import (
     IMAGE_PATCHES,
     MASK_PATCHES,
@@ -41,6 +42,7 @@ from napari_iscat_diffusion.iscat.simulate import SimulationParameters, simulate
 
 from .augment import AugmentConfig, augment
 from .normalization import normalize
+from .particle_contrast import contrast_channel
 
 _LISTED_ERRORS = 10  # bad items spelled out by validate(); the rest are counted
 
@@ -255,7 +257,9 @@ class IscatDataset(Dataset):
 
     ``dataset[i]`` is a dict: ``image`` float32 (C, h, w) normalised (physical = image * std + mean),
     ``labels`` int64 (h, w), ``has_mask`` bool (False: labels are all 0, train with the null condition),
-    ``name`` str. Each item is checked when read; ``validate()`` checks them all up front.
+    ``name`` str, and where the attribute ``contrast_prior`` is set (a network with a contrast channel),
+    ``contrast`` float32 (h, w), the condition's contrast channel (``particle_contrast.contrast_channel``),
+    measured in the loader's workers. Each item is checked when read; ``validate()`` checks them all up front.
     """
 
     def __init__(
@@ -287,6 +291,7 @@ class IscatDataset(Dataset):
         self.epoch = 0
         self.channels = channels if channels is not None else len(source.read_image(0)[0])
         self.normalization = normalization
+        self.contrast_prior: ContrastPrior | None = None
 
     @property
     def normalization(self) -> dict | None:
@@ -342,7 +347,10 @@ class IscatDataset(Dataset):
         image = normalize(image, self.normalization)
         if self.augment is not None:
             image, crop_labels = augment(image, crop_labels, self.augment, generator)
-        return {"image": image, "labels": crop_labels, "has_mask": item.labels is not None, "name": item.name}
+        out = {"image": image, "labels": crop_labels, "has_mask": item.labels is not None, "name": item.name}
+        if self.contrast_prior is not None:
+            out["contrast"] = contrast_channel(image, crop_labels, self.contrast_prior)
+        return out
 
     def _checked_index(self, index: int) -> int:
         if not 0 <= index < len(self):

@@ -18,6 +18,7 @@ import logging
 import torch
 
 from napari_iscat_diffusion.diffusion.checkpoint import CheckpointError, ModelConfig, load_checkpoint, read_model_config
+from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 
 from .config import ConfigError, TrainConfig
@@ -83,6 +84,18 @@ def initial_normalization(config: TrainConfig, channels: int) -> dict:
             f"the images have {channels}"
         )
     return normalization
+
+
+def initial_contrast_prior(config: TrainConfig) -> ContrastPrior | None:
+    """The particle-contrast prior stored in ``config.model.init_from`` (None for a file without a contrast channel).
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    try:
+        return read_model_config(config.model.init_from).particle_contrast
+    except CheckpointError as err:
+        raise ConfigError(f"model.init_from: {err}") from err
 
 
 def _differences(config: TrainConfig, stored: ModelConfig) -> list[str]:

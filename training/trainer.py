@@ -31,16 +31,16 @@ from napari_iscat_diffusion.diffusion.conditioning import encode_condition, null
 from napari_iscat_diffusion.diffusion.generate import generate
 from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
-from napari_iscat_diffusion.evaluation.peaks import contrast_channel
 from napari_iscat_diffusion.evaluation.plots import Panel, curves_figure, save_figure
 
 from .config import ConfigError, TrainConfig
 from .datasets import IscatDataset
 from .ema import Ema, unwrap
 from .export import build_model_config, export_model
+from .finetune import initial_contrast_prior
 from .losses import diffusion_loss
 from .normalization import RawImages, denormalize
-from .particle_contrast import measure_prior
+from .particle_contrast import contrast_channel, measure_prior
 from .spectral_density import spectral_density_range
 from .state import (
     StateError,
@@ -155,7 +155,7 @@ class Trainer:
             pixel_size_nm=pixel_size_nm,
             class_names=class_names,
             measured_density_range=self._measured_density_range(train_loader.dataset, normalization),
-            particle_contrast=self._measured_contrast_prior(train_loader.dataset),
+            particle_contrast=self._measured_contrast_prior(train_loader, val_loader),
         )
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -187,7 +187,13 @@ class Trainer:
         """Normalised images and conditions on the device; mask-free items get the null condition."""
         x0 = batch["image"].to(self.device, non_blocking=True)
         prior = self.model_config.particle_contrast
-        contrast = None if prior is None else contrast_channel(batch["image"], batch["labels"], prior)
+        contrast = None
+        if prior is not None:
+            # IscatDataset measures it in the loader's workers; other datasets' batches are measured here.
+            contrast = batch.get("contrast")
+            if contrast is None:
+                pairs = zip(batch["image"], batch["labels"], strict=True)
+                contrast = torch.stack([contrast_channel(image, labels, prior) for image, labels in pairs])
         cond = encode_condition(batch["labels"].to(self.device), self.net.config.num_classes, contrast=contrast)
         has_mask = torch.as_tensor(batch["has_mask"], device=self.device).view(-1, 1, 1, 1)
         return x0, torch.where(has_mask, cond, null_condition(cond))
@@ -687,18 +693,29 @@ class Trainer:
             log.info("spectral density range of the training images: %g to %g (fits the sampler's grid)", *measured)
         return measured
 
-    def _measured_contrast_prior(self, dataset: IscatDataset) -> ContrastPrior | None:
-        """The particles' peak-contrast distributions for a network with ``model.contrast_channel`` (the
-        normalisation's number of images and seed), else None; ConfigError when the images give none."""
+    def _measured_contrast_prior(self, train_loader: DataLoader, val_loader: DataLoader) -> ContrastPrior | None:
+        """For a network with ``model.contrast_channel``: the particles' peak-contrast distributions over the
+        training set (the normalisation's number of images and seed; in the units of ``model.init_from``'s channel
+        where it has one), handed to the loaders' datasets to measure the channel; else None. ConfigError when the
+        images give none."""
         if not self.config.unet_config().contrast_channel:
             return None
+        units = initial_contrast_prior(self.config) if self.config.model.init_from else None
         try:
-            prior = measure_prior(dataset, self.config.data.normalization_images, self.config.seed)
+            prior = measure_prior(train_loader.dataset, self.config.data.normalization_images, self.config.seed, units)
         except ValueError as err:
             raise ConfigError(f"model.contrast_channel: {err}") from err
+        for loader in (train_loader, val_loader):
+            if isinstance(loader.dataset, IscatDataset):
+                loader.dataset.contrast_prior = prior
         if self.is_main:
-            medians = {label: values[len(values) // 2] for label, values in prior.quantiles.items()}
-            log.info("particles' median peak contrast per class (normalised units): %s", medians)
+            medians = {label: round(values[len(values) // 2], 3) for label, values in prior.quantiles.items()}
+            log.info(
+                "particles' median peak contrast per class (normalised units): %s; channel unit %.4g%s",
+                medians,
+                prior.scale,
+                "" if units is None else f" (that of {self.config.model.init_from})",
+            )
         return prior
 
     def export(self, path: str | Path | None = None) -> Path:

@@ -61,7 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="TIFF",
         help="models with a contrast channel: a float TIFF of the mask's shape whose value of largest magnitude "
         "over each particle's blob is its peak contrast (the images' units); NaN blobs, and every particle without "
-        "this option, get one drawn from the model's distribution for the class",
+        "this option, get one drawn from the model's distribution for the class (keep --guidance 1: guidance "
+        "brightens given particles)",
     )
     _add_sampler_arguments(generate)
     generate.set_defaults(run=_run_generate)
@@ -117,8 +118,6 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     masks = read_mask(args.mask, allow_stack=True)
     contrasts = None if args.particle_contrast is None else read_image(args.particle_contrast)
-    if contrasts is not None and contrasts.shape != masks.shape:
-        raise ValueError(f"{args.particle_contrast}: has shape {contrasts.shape}, the mask {args.mask} {masks.shape}")
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     settings = _sampler_settings(args, args.device)
 
@@ -126,7 +125,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         _show_progress("generate", progress.completed, progress.total)
 
     result = synthesize(
-        masks, model, settings, samples=args.n, callback=report, name=str(args.mask), particle_contrast=contrasts
+        masks,
+        model,
+        settings,
+        samples=args.n,
+        callback=report,
+        name=str(args.mask),
+        particle_contrast=contrasts,
+        contrast_name=str(args.particle_contrast),
     )
     print(file=sys.stderr)
     # Samples, then planes (then channels of multi-channel models) follow each other along one axis.

@@ -20,6 +20,7 @@ from .diffusion.guidance import (
     format_class_guidance,
     format_guidance_interval,
 )
+from .diffusion.particle_contrast import check_given_contrasts
 
 # Robust half-width of the displayed range: this percentile of |image - median| keeps a few bright
 # particles from washing out the background while the range stays symmetric (iSCAT contrast has both signs).
@@ -104,6 +105,7 @@ def synthesize(
     should_stop: Callable[[], bool] | None = None,
     name: str = "mask",
     particle_contrast: np.ndarray | None = None,
+    contrast_name: str = "particle contrast",
 ) -> Synthesis:
     """Generate ``samples`` images for a 2-D mask (H, W) or one per plane of a 3-D mask (P, H, W).
 
@@ -111,7 +113,8 @@ def synthesize(
     (return True to cancel after a step), and so is ``should_stop`` (return True to cancel before the next
     tile). ``particle_contrast``, of the mask's shape, sets particles' peak contrasts for a model with a
     contrast channel (``generate``'s), the same for every sample. Raises ValueError for a bad mask (``name``
-    identifies it), bad settings or contrasts, SamplingCancelled when cancelled.
+    identifies it), bad settings or bad contrasts (``contrast_name`` identifies them), SamplingCancelled when
+    cancelled.
     """
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
@@ -124,10 +127,8 @@ def synthesize(
     batch = np.concatenate([planes] * samples)
     contrasts = None
     if particle_contrast is not None:
-        contrasts = np.asarray(particle_contrast, dtype=np.float64)
-        if contrasts.shape != array.shape:
-            raise ValueError(f"particle contrasts: have shape {contrasts.shape}, {name} {array.shape}; they must match")
-        contrasts = np.concatenate([contrasts.reshape(planes.shape)] * samples)
+        given = check_given_contrasts(particle_contrast, planes.shape, model.config.particle_contrast, contrast_name)
+        contrasts = np.concatenate([given] * samples)
     steps: list[np.ndarray] = []
 
     def on_step(progress: GenerationProgress) -> bool:

@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..diffusion import GenerationProgress, LoadedModel, validate_mask
+from ..diffusion.particle_contrast import check_given_contrasts
 from ..iscat.masks import random_mask
 from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance, synthesize
 from ._controls import CheckpointChooser, LayerPicker, RunControls, SamplerControls, parse_proportions
@@ -190,15 +191,20 @@ class GenerateWidget(QWidget):
             return
         layer, mask = chosen
         model = self.checkpoint.model
+        prior = model.config.particle_contrast
+        contrast_layer = None if prior is None else self.particle_contrast.layer()
+        contrasts = None if contrast_layer is None else np.asarray(contrast_layer.data)
+        contrast_source = None if prior is None else DRAWN_CONTRASTS if contrast_layer is None else contrast_layer.name
+        contrast_name = f"Particle contrast '{contrast_source}' (for the mask '{layer.name}')"
         try:
             settings = self.sampler.settings().resolved(model)
-            contrasts = self._particle_contrasts(layer, mask, model)
+            if contrasts is not None:  # checked here too, so that a bad layer is refused before a thread starts
+                check_given_contrasts(
+                    contrasts, mask.shape if mask.ndim == 3 else (1, *mask.shape), prior, contrast_name
+                )
         except ValueError as error:
             show_error(str(error))
             return
-        contrast_source = None
-        if model.config.particle_contrast is not None:
-            contrast_source = DRAWN_CONTRASTS if contrasts is None else self.particle_contrast.currentText()
         samples, keep_steps = self.samples.value(), self.show_steps.isChecked()
         planes = 1 if mask.ndim == 2 else len(mask)
 
@@ -216,8 +222,9 @@ class GenerateWidget(QWidget):
                 keep_steps=keep_steps,
                 callback=callback,
                 should_stop=report.stop_requested,
-                name=layer.name,
+                name=f"'{layer.name}'",
                 particle_contrast=contrasts,
+                contrast_name=f"Particle contrast '{contrast_source}'",
             )
 
         self.run_controls.start(
@@ -226,22 +233,6 @@ class GenerateWidget(QWidget):
             status="Generating...",
             on_done=lambda outcome: self._done(outcome, layer, model, settings, contrast_source),
         )
-
-    def _particle_contrasts(
-        self, layer: napari.layers.Labels, mask: np.ndarray, model: LoadedModel
-    ) -> np.ndarray | None:
-        """The chosen contrast layer's data for a model with a contrast channel, else None; ValueError naming the
-        layers when its shape is not the mask's."""
-        contrast_layer = self.particle_contrast.layer()
-        if model.config.particle_contrast is None or contrast_layer is None:
-            return None
-        data = np.asarray(contrast_layer.data, dtype=np.float64)
-        if data.shape != mask.shape:
-            raise ValueError(
-                f"Particle contrast: '{contrast_layer.name}' has shape {data.shape} but the mask '{layer.name}' "
-                f"{mask.shape}; choose a layer of the mask's shape or '{DRAWN_CONTRASTS}'"
-            )
-        return data
 
     def cancel(self) -> None:
         """Stop before the next tile or sampler step; no layer is added."""

@@ -241,6 +241,9 @@ class ModelConfig:
             return None
         if self.particle_contrast is None:
             raise ValueError("particle_contrast: a network with unet.contrast_channel needs the contrasts' prior")
+        if self.high_noise_expert is not None:
+            # The expert would read the channel in the main network's units, measured on another normalisation.
+            raise ValueError("particle_contrast: a network with a contrast channel cannot hold a high-noise expert")
         prior = ContrastPrior.from_dict(self.particle_contrast)
         prior.check_classes(self.num_classes)
         return prior

@@ -15,7 +15,7 @@ from .conditioning import CLASS_ZONE_REACH_PX, class_zone, encode_condition, nul
 from .denoiser import ConditionalDenoiser, NoiseLevelSwitch
 from .device import resolve_device
 from .guidance import check_class_guidance, check_guidance_interval, guidance_scale_map, guided_denoiser
-from .particle_contrast import ContrastPrior, blob_peaks, paint_blobs, particle_blobs
+from .particle_contrast import ContrastPrior, blob_peaks, check_given_contrasts, paint_blobs, particle_blobs
 from .samplers import SamplingCancelled, get_sampler
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
@@ -108,7 +108,9 @@ def generate(
             signed peak contrast in the images' physical units (above the local background): an array of the mask's
             shape whose value of largest magnitude over a particle's blob is that particle's; a particle whose
             blob holds only NaN, and every particle where this is None, gets one drawn from the model's
-            distribution for its class (``ModelConfig.particle_contrast``) with the image's seed.
+            distribution for its class (``ModelConfig.particle_contrast``) with the image's seed. Guidance other
+            than 1 extrapolates away from the unconditional branch, which knows no contrast, so guided particles
+            come out brighter than given.
 
     Returns:
         float32 images in the physical units of the training data: (H, W) for a single (H, W) mask
@@ -231,22 +233,10 @@ def generate(
 
 def _given_peaks(particle_contrast: np.ndarray, labels: np.ndarray, config: ModelConfig) -> list[np.ndarray]:
     """Each image's particles' given peaks (``particle_blobs`` order) in normalised units, NaN where not given."""
-    if config.particle_contrast is None:
-        raise ValueError(
-            "particle_contrast: this model has no contrast channel (it draws each particle's contrast itself); "
-            "train one with model.contrast_channel to set particles' contrasts"
-        )
-    values = np.asarray(particle_contrast, dtype=np.float64)
-    values = values[None] if values.ndim == 2 else values
-    if values.shape != labels.shape:
-        raise ValueError(f"particle_contrast: has shape {values.shape}, the mask {labels.shape}; they must match")
-    if np.isinf(values).any():
-        raise ValueError("particle_contrast: contains infinite values; give finite contrasts, or NaN to draw one")
+    values = check_given_contrasts(particle_contrast, labels.shape, config.particle_contrast)
     # A peak above the local background: the normalisation's mean drops out, its scale does not.
-    return [
-        blob_peaks(particle_blobs(mask)[0], image) / config.normalization["std"][0]
-        for mask, image in zip(labels, values, strict=True)
-    ]
+    std = config.normalization["std"][0]
+    return [blob_peaks(particle_blobs(mask)[0], image) / std for mask, image in zip(labels, values, strict=True)]
 
 
 def _contrast_channel(

@@ -27,6 +27,9 @@ from skimage.measure import label as connected_components
 # Quantile levels stored per class: 0, 1/128, ..., 1. Enough to keep a distribution's shape (its tails to
 # within 1/128 of the particles) in a few kB of JSON.
 NUM_QUANTILE_LEVELS = 129
+# The PSF radius (px) that sets the background subtracted before a peak is measured: one Airy radius at the
+# simulator's optics (60 nm/px, 520 nm, NA 1.4).
+DEFAULT_BACKGROUND_RADIUS_PX = 4.0
 
 
 @dataclass(frozen=True)
@@ -39,31 +42,41 @@ class ContrastPrior:
         reach_px: how far (px) beyond its blob a particle's peak was looked for when measured.
         quantiles: ``{label: values}``, for every class 1..K, ``NUM_QUANTILE_LEVELS`` non-decreasing signed peak
             contrasts (normalised units) at evenly spaced levels from 0 to 1.
+        background_radius_px: the PSF radius (px) that set the smooth background subtracted before measuring
+            (``evaluation.detector.subtract_background``: a Gaussian of 4 such radii).
     """
 
     scale: float
     reach_px: float
     quantiles: Mapping[int, tuple[float, ...]]
+    background_radius_px: float = DEFAULT_BACKGROUND_RADIUS_PX
 
     def __post_init__(self) -> None:
         if not _positive(self.scale):
             raise ValueError(f"particle_contrast.scale: must be a positive number, got {self.scale!r}")
-        if not _positive(self.reach_px) and self.reach_px != 0:
+        if not (_positive(self.reach_px) or (_number(self.reach_px) and self.reach_px == 0)):
             raise ValueError(f"particle_contrast.reach_px: must be a number >= 0, got {self.reach_px!r}")
+        if not _positive(self.background_radius_px):
+            raise ValueError(
+                f"particle_contrast.background_radius_px: must be a positive number, got {self.background_radius_px!r}"
+            )
         if not isinstance(self.quantiles, Mapping) or not self.quantiles:
             raise ValueError("particle_contrast.quantiles: must map each class label to its quantiles")
         checked = {}
         for key, values in self.quantiles.items():
-            label = int(key)
-            array = np.asarray(values, dtype=np.float64)
+            problem = (
+                f"particle_contrast.quantiles[{key!r}]: must be {NUM_QUANTILE_LEVELS} finite non-decreasing numbers"
+            )
+            try:
+                label, array = int(key), np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{problem} under an integer class label ({err})") from err
             if array.shape != (NUM_QUANTILE_LEVELS,) or not np.isfinite(array).all() or np.any(np.diff(array) < 0):
-                raise ValueError(
-                    f"particle_contrast.quantiles[{label}]: must be {NUM_QUANTILE_LEVELS} finite non-decreasing numbers"
-                )
+                raise ValueError(problem)
             checked[label] = tuple(float(v) for v in array)
         object.__setattr__(self, "quantiles", dict(sorted(checked.items())))
-        object.__setattr__(self, "scale", float(self.scale))
-        object.__setattr__(self, "reach_px", float(self.reach_px))
+        for name in ("scale", "reach_px", "background_radius_px"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def check_classes(self, num_classes: int) -> None:
         """Raise ValueError unless the prior has a distribution for exactly the classes 1..``num_classes``."""
@@ -73,10 +86,15 @@ class ContrastPrior:
             )
 
     @classmethod
-    def from_samples(cls, samples: Mapping[int, Sequence[float]], reach_px: float) -> ContrastPrior:
-        """The prior of measured signed peaks ``{label: values}`` (normalised units); a class with no particle
-        measured gets a distribution at 0 (its particles are then drawn without contrast). ValueError when no
-        class has any."""
+    def from_samples(
+        cls,
+        samples: Mapping[int, Sequence[float]],
+        reach_px: float,
+        background_radius_px: float = DEFAULT_BACKGROUND_RADIUS_PX,
+    ) -> ContrastPrior:
+        """The prior of signed peaks ``{label: values}`` (normalised units) measured with ``reach_px`` and
+        ``background_radius_px`` (px); a class with no particle measured gets a distribution at 0 (its particles
+        are then drawn without contrast). ValueError when no class has any."""
         levels = np.linspace(0.0, 1.0, NUM_QUANTILE_LEVELS)
         every = np.concatenate([np.asarray(v, dtype=np.float64) for v in samples.values()] or [np.empty(0)])
         if every.size == 0 or not np.any(every):
@@ -85,13 +103,15 @@ class ContrastPrior:
             label: np.quantile(values, levels) if len(values) else np.zeros(NUM_QUANTILE_LEVELS)
             for label, values in samples.items()
         }
-        return cls(float(np.quantile(np.abs(every), 0.9)) or float(np.abs(every).max()), reach_px, quantiles)
+        scale = float(np.quantile(np.abs(every), 0.9)) or float(np.abs(every).max())
+        return cls(scale, reach_px, quantiles, background_radius_px)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (class labels as strings)."""
         return {
             "scale": self.scale,
             "reach_px": self.reach_px,
+            "background_radius_px": self.background_radius_px,
             "quantiles": {str(k): list(v) for k, v in self.quantiles.items()},
         }
 
@@ -100,13 +120,15 @@ class ContrastPrior:
         """Build a prior from ``to_dict`` output (or return a ``ContrastPrior`` as it is); ValueError if malformed."""
         if isinstance(data, ContrastPrior):
             return data
-        if not isinstance(data, dict) or set(data) != {"scale", "reach_px", "quantiles"}:
-            raise ValueError("particle_contrast: must be a dict with the keys scale, reach_px and quantiles")
-        try:
-            quantiles = {int(k): v for k, v in data["quantiles"].items()}
-        except (AttributeError, TypeError, ValueError) as err:
-            raise ValueError(f"particle_contrast.quantiles: must map class labels to quantiles ({err})") from err
-        return cls(data["scale"], data["reach_px"], quantiles)
+        required, optional = {"scale", "reach_px", "quantiles"}, {"background_radius_px"}
+        if not isinstance(data, dict) or not required <= set(data) <= required | optional:
+            raise ValueError(
+                "particle_contrast: must be a dict with the keys scale, reach_px and quantiles (and optionally "
+                "background_radius_px)"
+            )
+        if not isinstance(data["quantiles"], dict):
+            raise ValueError("particle_contrast.quantiles: must map class labels to quantiles")
+        return cls(**data)
 
     def draw(self, classes: np.ndarray, generator: torch.Generator) -> np.ndarray:
         """Signed peak contrasts (n,) float64, normalised units, for particles of ``classes`` (n,) int: each drawn
@@ -116,13 +138,38 @@ class ContrastPrior:
         return np.array([np.interp(u, grid, self.quantiles[int(c)]) for u, c in zip(levels, classes, strict=True)])
 
 
+def check_given_contrasts(
+    values: np.ndarray, labels_shape: tuple[int, ...], prior: ContrastPrior | None, name: str = "particle_contrast"
+) -> np.ndarray:
+    """Given particle contrasts (any float array) checked against int label masks of ``labels_shape`` (N, H, W) and
+    a model's prior (None: the model has no contrast channel); returns them as float64 (N, H, W). Raises
+    ValueError naming ``name`` (a file or layer) for a model without the channel, another shape or an infinity."""
+    if prior is None:
+        raise ValueError(
+            f"{name}: this model has no contrast channel (it draws each particle's contrast itself); "
+            "particle contrasts need a model trained with model.contrast_channel"
+        )
+    array = np.asarray(values, dtype=np.float64)
+    array = array[None] if array.ndim == 2 else array
+    if array.shape != tuple(labels_shape):
+        shown = tuple(labels_shape[1:]) if array.ndim == 3 and labels_shape[0] == 1 else tuple(labels_shape)
+        raise ValueError(f"{name}: has shape {np.shape(values)}, the mask {shown}; they must match")
+    if np.isinf(array).any():
+        raise ValueError(f"{name}: contains infinite values; give finite contrasts, or NaN to draw one")
+    return array
+
+
 def particle_blobs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The particles of an int label mask (H, W): blob numbers (H, W) int (0 background, 1..n in raster order of
-    their first pixel) and each blob's class (n,) int64."""
-    blobs = connected_components(np.asarray(labels), background=0, connectivity=1)
+    their first pixel) and each blob's class (n,) int64. ValueError for anything but a 2-D integer array."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"expected a 2-D integer label mask (H, W), got {labels.dtype} with shape {labels.shape}")
+    # label() connects pixels of equal value only, so each blob keeps its own class.
+    blobs = connected_components(labels, background=0, connectivity=1)
     count = int(blobs.max()) if blobs.size else 0
     classes = np.zeros(count, dtype=np.int64)
-    classes[blobs[blobs > 0] - 1] = np.asarray(labels)[blobs > 0]
+    classes[blobs[blobs > 0] - 1] = labels[blobs > 0]
     return blobs, classes
 
 
@@ -145,5 +192,9 @@ def paint_blobs(blobs: np.ndarray, values: np.ndarray) -> np.ndarray:
     return table[blobs].astype(np.float32)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _number(value) and value > 0

@@ -23,7 +23,7 @@ class UNetConfig:
 
     Attributes:
         image_channels: C, channels of the image (1, or more for focal stacks).
-        num_classes: K mask classes; the network input has C + K + 1 channels.
+        num_classes: K mask classes; the network input has C + K + 1 channels (C + K + 2 with ``contrast_channel``).
         base_channels: channels at the first resolution level.
         channel_mults: channel multiplier per resolution level; each level after the first halves H and W.
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
@@ -301,7 +301,7 @@ class ConditionalUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Predict (N, C, H, W) from x (N, C, H, W), t (N,) and cond (N, K + 1, H, W)."""
+        """Predict (N, C, H, W) from x (N, C, H, W), t (N,) and cond (N, ``condition_channels``, H, W)."""
         self._check_inputs(x, t, cond)
         height, width = x.shape[-2:]
         h = _pad_to_multiple(torch.cat([x, cond.to(x.dtype)], dim=1), 2 ** (len(self.config.channel_mults) - 1))
@@ -345,7 +345,8 @@ class ConditionalUNet(nn.Module):
         if tuple(cond.shape) != expected_cond:
             raise ValueError(
                 f"cond must have shape {expected_cond} (N, H, W of x; {self.config.num_classes} class channels "
-                f"plus the 'mask given' channel), got {tuple(cond.shape)}"
+                f"plus the 'mask given' channel{' and the contrast channel' if self.config.contrast_channel else ''}), "
+                f"got {tuple(cond.shape)}"
             )
         if tuple(t.shape) != (n,):
             raise ValueError(f"t must have shape ({n},), one timestep per image, got {tuple(t.shape)}")

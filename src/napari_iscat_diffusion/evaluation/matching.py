@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from skimage.measure import label as connected_components
 from skimage.measure import regionprops
+
+from ..diffusion.particle_contrast import particle_blobs
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ def mask_particles(mask: np.ndarray) -> MaskParticles:
         raise ValueError(f"expected a 2-D integer label mask (H, W), got {mask.dtype} with shape {mask.shape}")
     if mask.size and mask.min() < 0:
         raise ValueError("mask labels must be >= 0")
-    # label() connects pixels of equal value only, so each blob keeps its own class.
-    regions = regionprops(connected_components(mask, background=0, connectivity=1), intensity_image=mask)
+    regions = regionprops(particle_blobs(mask)[0], intensity_image=mask)
     positions = np.array([r.centroid for r in regions], dtype=np.float64).reshape(-1, 2)
     labels = np.array([int(r.intensity_max) for r in regions], dtype=np.int64)
     radii = np.sqrt(np.array([r.area for r in regions], dtype=np.float64) / np.pi)

@@ -10,11 +10,9 @@ and the reference phase). A real image is measured the same way, so a lab's own 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from ..diffusion.conditioning import CLASS_ZONE_REACH_PX
-from ..diffusion.particle_contrast import ContrastPrior, paint_blobs, particle_blobs
+from ..diffusion.particle_contrast import DEFAULT_BACKGROUND_RADIUS_PX, ContrastPrior, paint_blobs, particle_blobs
 from .detector import subtract_background
 
 # A particle's peak is looked for this far (px) beyond its blob: a mask's blob marks the centre to within a pixel
@@ -23,7 +21,10 @@ REACH_PX = 2.0
 
 
 def measure_peaks(
-    image: np.ndarray, labels: np.ndarray, reach_px: float = REACH_PX
+    image: np.ndarray,
+    labels: np.ndarray,
+    reach_px: float = REACH_PX,
+    background_radius_px: float = DEFAULT_BACKGROUND_RADIUS_PX,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Signed peak contrasts of the particles of one image.
 
@@ -31,15 +32,18 @@ def measure_peaks(
         image: (H, W) image (any units; normalised in training).
         labels: (H, W) int label mask, 0 background, 1..K classes.
         reach_px: how far beyond its blob a particle's peak may lie (px, >= 0).
+        background_radius_px: the PSF radius (px) whose 4-fold Gaussian is the smooth background subtracted first.
 
     Returns:
         ``(blobs, classes, peaks)``: ``particle_contrast.particle_blobs`` of the mask and each particle's signed
         peak (image units, background subtracted).
     """
+    if not reach_px >= 0:
+        raise ValueError(f"reach_px must be >= 0, got {reach_px}")
     blobs, classes = particle_blobs(labels)
     if not len(classes):
         return blobs, classes, np.zeros(0)
-    flat = subtract_background(image, CLASS_ZONE_REACH_PX)
+    flat = subtract_background(image, background_radius_px)
     reach = int(np.floor(reach_px))
     yy, xx = np.mgrid[-reach : reach + 1, -reach : reach + 1]
     # Touching particles' reaches overlap; there the later blob's number wins, which moves a boundary pixel only.
@@ -51,13 +55,8 @@ def measure_peaks(
     return blobs, classes, np.where(-lowest > highest, lowest, highest)
 
 
-def contrast_channel(images: torch.Tensor, labels: torch.Tensor, prior: ContrastPrior) -> torch.Tensor:
-    """The condition's contrast channel (N, H, W) float32 on the CPU, in the channel's units (``prior.scale``),
-    for normalised images (N, C, H, W) (the first channel is measured) and int labels (N, H, W)."""
-    images = images.detach().float().cpu().numpy()
-    labels = labels.cpu().numpy()
-    maps = []
-    for image, mask in zip(images, labels, strict=True):
-        blobs, _, peaks = measure_peaks(image[0], mask, prior.reach_px)
-        maps.append(paint_blobs(blobs, peaks / prior.scale))
-    return torch.from_numpy(np.stack(maps))
+def peak_map(image: np.ndarray, labels: np.ndarray, prior: ContrastPrior) -> np.ndarray:
+    """(H, W) float32: each particle's signed peak (``measure_peaks`` with the prior's reach and background radius,
+    image units) painted over its blob, 0 elsewhere; the contrast channel times ``prior.scale``."""
+    blobs, _, peaks = measure_peaks(image, labels, prior.reach_px, prior.background_radius_px)
+    return paint_blobs(blobs, peaks)
