@@ -5,7 +5,8 @@ measured as training measures them (``evaluation.peaks.measure_peaks``, physical
 channel generates an image for the same mask with those contrasts given (``generate(..., particle_contrast=)``)
 and with its own drawn ones; a model without the channel generates one image (it cannot be told). Every generated
 particle's peak is measured the same way. Prints, per class, the correlation between the physics' peaks and the
-generated ones, the median of |generated - physics| / |physics|, and the fraction of particles whose peak has the
+generated ones, the slope of the generated over the physics' (below 1: drawn towards the class's typical peak),
+the median of |generated - physics| / |physics|, and the fraction of particles whose peak has the
 physics' sign: given contrasts should give a correlation near 1, drawn ones (and a model without the channel)
 near 0. Unguided (guidance 1), the use given contrasts are for: guidance extrapolates them. Writes
 ``benchmarks/results/contrast_fidelity.json`` with the machine's description.
@@ -46,8 +47,8 @@ def peak_table(
 
 
 def agreement(classes: np.ndarray, physics: np.ndarray, generated: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per class: Pearson correlation, median relative deviation and sign agreement of generated peaks (particles
-    whose physics peak is 0 left out)."""
+    """Per class: Pearson correlation, least-squares slope (generated over physics), median relative deviation and
+    sign agreement of generated peaks (particles whose physics peak is 0 left out)."""
     out = {}
     for label in np.unique(classes):
         chosen = (classes == label) & (physics != 0)
@@ -55,6 +56,7 @@ def agreement(classes: np.ndarray, physics: np.ndarray, generated: np.ndarray) -
         out[str(int(label))] = {
             "particles": int(chosen.sum()),
             "correlation": float(np.corrcoef(reference, drawn)[0, 1]),
+            "slope": float(np.polyfit(reference, drawn, 1)[0]),
             "median_relative_deviation": float(np.median(np.abs(drawn - reference) / np.abs(reference))),
             "same_sign": float(np.mean(np.sign(drawn) == np.sign(reference))),
         }
@@ -93,7 +95,8 @@ def run(model: LoadedModel, n: int, size: int, batch: int) -> dict[str, dict]:
         for label, row in results[way].items():
             deviation, sign, count = row["median_relative_deviation"], row["same_sign"], row["particles"]
             print(
-                f"  {way:5s} class {label}: r {row['correlation']:.3f}, median |dev| / |physics| {deviation:.3f}, "
+                f"  {way:5s} class {label}: r {row['correlation']:.3f}, slope {row['slope']:.3f}, "
+                f"median |dev| / |physics| {deviation:.3f}, "
                 f"same sign {sign:.3f} ({count} particles)"
             )
     return results
