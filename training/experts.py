@@ -47,9 +47,6 @@ def combine_experts(
     for name, model in (("main", main), ("expert", expert)):
         if model.config.high_noise_expert is not None:
             raise ValueError(f"the {name} checkpoint {model.path} already holds a high-noise expert")
-    if main.config.unet.contrast_channel or expert.config.unet.contrast_channel:
-        # The expert would read the contrast channel in the main network's units, measured on other normalisations.
-        raise ValueError("networks with a contrast channel (model.contrast_channel) cannot be combined with an expert")
     for field in ("unet", "schedule", "parameterization"):
         if getattr(main.config, field) != getattr(expert.config, field):
             raise ValueError(

@@ -222,9 +222,9 @@ class GenerateWidget(QWidget):
                 keep_steps=keep_steps,
                 callback=callback,
                 should_stop=report.stop_requested,
-                name=f"'{layer.name}'",
+                name=layer.name,
                 particle_contrast=contrasts,
-                contrast_name=f"Particle contrast '{contrast_source}'",
+                contrast_name=contrast_name,
             )
 
         self.run_controls.start(
