@@ -20,6 +20,7 @@ from training.particle_contrast import contrast_channel, measure_prior
 
 from napari_iscat_diffusion.cli import main
 from napari_iscat_diffusion.diffusion import ModelConfig, encode_condition, generate, linear_schedule, load_checkpoint
+from napari_iscat_diffusion.diffusion.checkpoint import save_checkpoint
 from napari_iscat_diffusion.diffusion.generate import _contrast_channel
 from napari_iscat_diffusion.diffusion.particle_contrast import (
     NUM_QUANTILE_LEVELS,
@@ -86,6 +87,28 @@ def test_the_prior_round_trips_and_refuses_malformed_quantiles() -> None:
     # Files written before the background radius was stored read with the radius every prior was measured with.
     old = {key: value for key, value in prior.to_dict().items() if key != "background_radius_px"}
     assert ContrastPrior.from_dict(old) == prior
+
+
+def test_a_channel_map_moves_magnitudes_keeps_signs_and_round_trips() -> None:
+    base = uniform_contrast_prior({1: (-1.0, 1.0), 2: (5.0, 9.0)}, scale=2.0)
+    prior = dataclasses.replace(base, channel_map={2: ((1.0, 2.0), (2.0, 6.0))})
+    assert ContrastPrior.from_dict(prior.to_dict()) == prior
+    assert "channel_map" not in base.to_dict()
+    peaks, classes = np.array([1.5, -1.5, 0.5, 3.0, 1.5]), np.array([2, 2, 2, 2, 1])
+    # Inside the map linear, below and above it proportional to its end points; class 1 has no map.
+    np.testing.assert_allclose(prior.to_channel(peaks, classes), np.array([4.0, -4.0, 1.0, 9.0, 1.5]) / 2.0)
+    np.testing.assert_allclose(base.to_channel(peaks, classes), peaks / 2.0)
+    for bad in (
+        {3: ((1.0, 2.0), (1.0, 2.0))},
+        {2: ((2.0, 1.0), (1.0, 2.0))},
+        {2: ((1.0, 2.0), (2.0, 1.0))},
+        {2: ((0.0, 2.0), (1.0, 2.0))},
+        {2: ((1.0,), (1.0,))},
+        {2: ((1.0, 2.0), (1.0, 2.0, 3.0))},
+        {2: "x"},
+    ):
+        with pytest.raises(ValueError, match=r"channel_map\["):
+            dataclasses.replace(base, channel_map=bad)
 
 
 def test_a_prior_from_samples_keeps_their_distribution_and_draws_it() -> None:
@@ -231,6 +254,22 @@ def test_given_contrasts_reach_the_network_as_the_prior_s_would(contrast_model: 
     )
 
 
+def test_drawn_and_given_contrasts_go_through_the_channel_map(contrast_model: Path) -> None:
+    model = load_checkpoint(contrast_model)
+    prior = model.config.particle_contrast
+    mapped = dataclasses.replace(prior, channel_map={2: ((3.0, 6.0), (6.0, 12.0))})  # class 2's peaks doubled
+    labels = np.stack([_mask()])
+    plain = _contrast_channel(labels, prior, [torch.Generator().manual_seed(4)], None)
+    doubled = _contrast_channel(labels, mapped, [torch.Generator().manual_seed(4)], None)
+    beads, other = torch.from_numpy(_mask() == 2), torch.from_numpy(_mask() == 1)
+    torch.testing.assert_close(doubled[0][beads], 2 * plain[0][beads])
+    torch.testing.assert_close(doubled[0][other], plain[0][other])
+    given = [np.array([4.0, np.nan, np.nan])]
+    assert _contrast_channel(labels, mapped, [torch.Generator().manual_seed(4)], given)[0, 5, 5] == pytest.approx(
+        8.0 / prior.scale
+    )
+
+
 def test_bad_given_contrasts_are_refused(contrast_model: Path, tmp_path: Path) -> None:
     model = load_checkpoint(contrast_model)
     with pytest.raises(ValueError, match=r"particle_contrast: has shape \(16, 16\), the mask \(32, 32\)"):
@@ -297,14 +336,20 @@ def test_the_command_line_takes_particles_contrasts_from_a_tiff(contrast_model: 
 
 
 def test_a_fine_tune_of_a_model_with_the_channel_keeps_its_units(trained_with_contrast: Path, tmp_path: Path) -> None:
-    source = load_checkpoint(trained_with_contrast).config.particle_contrast
+    model = load_checkpoint(trained_with_contrast)
+    source = model.config.particle_contrast
+    # A calibrated map fits the network it was measured on; the fine-tune must not keep it.
+    calibrated = dataclasses.replace(source, channel_map={1: ((1.0, 2.0), (1.5, 3.0))})
+    init = tmp_path / "calibrated.safetensors"
+    save_checkpoint(init, model.net, dataclasses.replace(model.config, particle_contrast=calibrated))
     run = tmp_path / "run"
     # Other images (a new seed) measure another scale; the fine-tune keeps the one the network learned.
-    overrides = tiny_overrides(run, f"model.init_from={trained_with_contrast}", "model.contrast_channel=true", "seed=9")
+    overrides = tiny_overrides(run, f"model.init_from={init}", "model.contrast_channel=true", "seed=9")
     assert train.main(overrides) == 0
     tuned = load_checkpoint(run / "model.safetensors").config.particle_contrast
     assert tuned.scale == source.scale and tuned.reach_px == source.reach_px
     assert tuned.quantiles != source.quantiles
+    assert tuned.channel_map is None
 
 
 def test_the_dataset_measures_the_channel_as_the_trainer_would(tmp_path: Path) -> None:

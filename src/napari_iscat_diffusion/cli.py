@@ -1,4 +1,5 @@
-"""The ``iscat-diffusion`` command line: generate, export, simulate, dataset check, info, evaluate, calibrate.
+"""The ``iscat-diffusion`` command line: generate, export, simulate, dataset check, info, evaluate, calibrate,
+calibrate-contrast.
 
 Each command imports what it needs when it runs, so ``iscat-diffusion --help`` answers at once.
 Errors in the user's input end the command with a one-line message and exit status 2; nothing
@@ -103,6 +104,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_export_parser(commands)
     _add_evaluate_parser(commands)
     _add_calibrate_parser(commands)
+    _add_calibrate_contrast_parser(commands)
     return parser
 
 
@@ -171,9 +173,9 @@ def _checkpoint_path(choice: str | None) -> Path:
     return bundled.get(choice, Path(choice))
 
 
-def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = True) -> None:
+def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = True, interval: bool = True) -> None:
     """The model and sampler options that generate, export, evaluate and calibrate share (calibrate chooses the
-    guidance itself: ``guidance=False`` leaves those options out)."""
+    guidance itself: ``guidance=False`` leaves the scales out; an unguided command leaves out the interval too)."""
     parser.add_argument(
         "--checkpoint", default=None, help="a .safetensors checkpoint or the name of a bundled model [bundled default]"
     )
@@ -191,14 +193,15 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
             help="guidance around the particles of single classes, e.g. 1=1.0,3=2.0; 'none' for --guidance "
             "everywhere [the model's calibrated values]",
         )
-    parser.add_argument(
-        "--guidance-interval",
-        type=_guidance_interval_argument,
-        default=None,
-        metavar="LOW,HIGH",
-        help="guide only at noise levels LOW < sigma <= HIGH (normalised units), the other steps run one network "
-        "pass instead of two; 'all' for every step [the model's default]",
-    )
+    if interval:
+        parser.add_argument(
+            "--guidance-interval",
+            type=_guidance_interval_argument,
+            default=None,
+            metavar="LOW,HIGH",
+            help="guide only at noise levels LOW < sigma <= HIGH (normalised units), the other steps run one "
+            "network pass instead of two; 'all' for every step [the model's default]",
+        )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [auto]")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 [auto]")
@@ -602,6 +605,85 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate_contrast_parser(commands: argparse._SubParsersAction) -> None:
+    calibrate = commands.add_parser(
+        "calibrate-contrast",
+        help="fit a contrast-channel model's map so that drawn particle contrasts come out as in its training data",
+        description="For a model trained with model.contrast_channel: generate images for simulator masks "
+        "(calibration seeds) with each particle's peak drawn from the model's distributions, unguided, measure the "
+        "generated peaks and move the channel values until each class's generated peak magnitudes follow its "
+        "distribution (quantile mapping, --rounds times). --save writes a copy of the checkpoint with the map.",
+    )
+    calibrate.add_argument("--out", type=Path, required=True, help="output JSON file (never overwritten)")
+    calibrate.add_argument("--save", type=Path, default=None, help="write the calibrated checkpoint here (new file)")
+    calibrate.add_argument("--n", type=int, default=None, help="calibration masks [160]")
+    calibrate.add_argument("--rounds", type=int, default=None, help="map updates; each generates the set once more [2]")
+    calibrate.add_argument("--size", type=int, default=128, help="image side in pixels [128]")
+    _add_sampler_arguments(calibrate, guidance=False, interval=False)
+    calibrate.set_defaults(run=_run_calibrate_contrast)
+
+
+def _run_calibrate_contrast(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .diffusion.checkpoint import load_checkpoint, save_checkpoint
+    from .evaluation import run_metadata
+    from .evaluation.calibration import CALIBRATION_SEED
+    from .evaluation.contrast_calibration import DEFAULT_N, DEFAULT_ROUNDS, calibrate_contrast_channel
+    from .evaluation.evaluate import simulated_set, simulation_parameters_for
+
+    for path in (args.out, args.save):
+        if path is not None and path.exists():
+            raise FileExistsError(f"{path} already exists; choose another file")
+    path = _checkpoint_path(args.checkpoint)
+    model = load_checkpoint(path)
+    if model.config.particle_contrast is None:
+        raise ValueError(f"{path}: this model has no contrast channel (model.contrast_channel); nothing to calibrate")
+    n = DEFAULT_N if args.n is None else args.n
+    masks = simulated_set(simulation_parameters_for(model, args.size), n, CALIBRATION_SEED).masks
+    prior, result = calibrate_contrast_channel(
+        model,
+        masks,
+        rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        progress=_show_progress,
+    )
+    print(file=sys.stderr)
+    result["settings"]["mask_seeds"] = f"{CALIBRATION_SEED}..{CALIBRATION_SEED + n - 1}"
+    report = {
+        **run_metadata(),
+        "checkpoint": {"summary": model.summary(), "sha256": model.sha256},
+        **result,
+        "channel_map": prior.to_dict().get("channel_map"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {args.out}")
+    for index, measured in enumerate(result["rounds"]):
+        rows = "; ".join(
+            f"class {label} W/spread {_number(row['relative_to_spread'])}, median {_number(row['median_ratio'])}, "
+            f"range {_number(row['range_ratio'])}"
+            for label, row in measured.items()
+        )
+        print(f"round {index}{' (no map)' if index == 0 else ''}: {rows}")
+    for label, correlation in result["left"].items():
+        shown = "-" if correlation is None else f"{correlation:.2f}"
+        print(f"class {label} left unmapped: its peaks follow the channel with correlation {shown}")
+    if args.save is not None:
+        config = dataclasses.replace(model.config, particle_contrast=prior)
+        digest = save_checkpoint(args.save, model.net, config, dtype=model.storage_dtype, expert_net=model.expert_net)
+        print(
+            f"wrote {args.save} (sha256 {digest[:12]}) with the contrast map for classes {', '.join(result['mapped'])}"
+        )
+    return 0
+
+
 def _measurement_options(args: argparse.Namespace) -> dict:
     """The image size and generation options that evaluate and calibrate share."""
     return {
@@ -613,24 +695,26 @@ def _measurement_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _number(value: float | None) -> str:
+    """A measured number to 3 decimals, "-" where there is none."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _evaluation_summary(metrics: dict) -> str:
     """Per class F1 and peak-contrast distance (with its bootstrap standard error and the reference floor) and the
     contrasts' median and 10-90 % range over the simulator's, the background's noise and line-pattern ratios, each
     class's surroundings, the power spectrum's largest ratio, and the C2ST accuracy, a line each."""
     from .evaluation.statistics import median_ratio
 
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
     fidelity = metrics["fidelity"]["per_class"]
     contrast = metrics["physics"]["peak_contrast"]
     floor = metrics["reference_floor"]["peak_contrast"]
     lines = [
-        f"class {k}: F1 {number(fidelity[k]['f1']) if k in fidelity else '-'}, "
-        f"contrast W/spread {number(contrast[k]['relative_to_spread'])} "
-        f"+- {number(contrast[k].get('relative_to_spread_se'))} "
-        f"(two simulator sets: {number(floor.get(k, {}).get('relative_to_spread'))}), "
-        f"median {number(median_ratio(contrast[k]))} and range {number(contrast[k]['range_ratio'])} "
+        f"class {k}: F1 {_number(fidelity[k]['f1']) if k in fidelity else '-'}, "
+        f"contrast W/spread {_number(contrast[k]['relative_to_spread'])} "
+        f"+- {_number(contrast[k].get('relative_to_spread_se'))} "
+        f"(two simulator sets: {_number(floor.get(k, {}).get('relative_to_spread'))}), "
+        f"median {_number(median_ratio(contrast[k]))} and range {_number(contrast[k]['range_ratio'])} "
         "of the simulator's"
         for k in contrast
     ]
@@ -643,22 +727,22 @@ def _evaluation_summary(metrics: dict) -> str:
     lines.append(
         "background / simulator: "
         + ", ".join(
-            f"{label} {number(ours['ratio'])} (two simulator sets: {number(chance['ratio'])})"
+            f"{label} {_number(ours['ratio'])} (two simulator sets: {_number(chance['ratio'])})"
             for label, ours, chance in ratios
         )
     )
     around, chance_around = physics["surroundings"], floor_physics["surroundings"]["per_class"]
     bands = ", ".join(f"{low:g}-{high:g}" for low, high in around["bands_psf_radii"])
     for k, values in around["per_class"].items():
-        ours = " ".join(number(r) for r in values["ratio"])
-        chance = " ".join(number(r) for r in chance_around.get(k, {}).get("ratio", []))
+        ours = " ".join(_number(r) for r in values["ratio"])
+        chance = " ".join(_number(r) for r in chance_around.get(k, {}).get("ratio", []))
         lines.append(
             f"class {k} surroundings / simulator at {bands} PSF radii: {ours} (two simulator sets: {chance or '-'})"
         )
     largest, chance_largest = physics["power_spectrum"]["largest_ratio"], floor_physics["spectrum_largest_ratio"]
     lines.append(
         f"power spectrum / simulator: farthest from 1 at {largest['frequency_cycles_per_px']:.3f} cycles/px, "
-        f"{number(largest['ratio'])} (two simulator sets: {number(chance_largest['ratio'])} at "
+        f"{_number(largest['ratio'])} (two simulator sets: {_number(chance_largest['ratio'])} at "
         f"{chance_largest['frequency_cycles_per_px']:.3f})"
     )
     if "c2st" in metrics:

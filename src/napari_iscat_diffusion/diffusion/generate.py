@@ -245,16 +245,17 @@ def _contrast_channel(
     generators: list[torch.Generator],
     given: list[np.ndarray] | None,
 ) -> torch.Tensor:
-    """The contrast channel (N, H, W) for int label masks (N, H, W), in the channel's units: each particle's given
-    peak (normalised units) where finite, else drawn from the prior with its image's generator (after the image's
-    starting noise; every particle's number is drawn, so that giving some leaves the others as they were)."""
+    """The contrast channel (N, H, W) for int label masks (N, H, W), in the channel's units
+    (``ContrastPrior.to_channel``): each particle's given peak (normalised units) where finite, else drawn from the
+    prior with its image's generator (after the image's starting noise; every particle's number is drawn, so that
+    giving some leaves the others as they were)."""
     maps = []
     for i, (mask, generator) in enumerate(zip(labels, generators, strict=True)):
         blobs, classes = particle_blobs(mask)
         peaks = prior.draw(classes, generator)
         if given is not None:
             peaks = np.where(np.isfinite(given[i]), given[i], peaks)
-        maps.append(paint_blobs(blobs, peaks / prior.scale))
+        maps.append(paint_blobs(blobs, prior.to_channel(peaks, classes)))
     return torch.from_numpy(np.stack(maps))
 
 

@@ -9,6 +9,10 @@ on each training image (``training.particle_contrast``); generation draws it per
 distribution over the training set, stored in the checkpoint as quantiles (``ContrastPrior``), with the image's
 own generator, so that the same seed and mask give the same image, or takes it from the caller.
 
+A network follows the channel only part of the way (it draws each particle towards its class's typical peak), so
+a prior may carry a calibrated ``channel_map`` (``evaluation.contrast_calibration``): per class, the channel
+magnitude that makes the network draw a wanted peak magnitude. Drawn and given contrasts alike go through it.
+
 A particle is a 4-connected blob of one label (touching blobs of different classes stay apart), as in the
 evaluation's ``matching.mask_particles``.
 """
@@ -44,12 +48,18 @@ class ContrastPrior:
             contrasts (normalised units) at evenly spaced levels from 0 to 1.
         background_radius_px: the PSF radius (px) that set the smooth background subtracted before measuring
             (``evaluation.detector.subtract_background``: a Gaussian of 4 such radii).
+        channel_map: ``{label: (wanted, channel)}`` for calibrated classes: two sequences of positive peak
+            magnitudes (normalised units) of equal length >= 2, wanted increasing, channel non-decreasing; a
+            particle whose peak should have magnitude ``wanted[i]`` gets ``channel[i]`` in the channel, with its
+            sign (linear in between, proportional beyond the ends). Classes left out, or no map (None), get their
+            peak as it is.
     """
 
     scale: float
     reach_px: float
     quantiles: Mapping[int, tuple[float, ...]]
     background_radius_px: float = DEFAULT_BACKGROUND_RADIUS_PX
+    channel_map: Mapping[int, tuple[tuple[float, ...], tuple[float, ...]]] | None = None
 
     def __post_init__(self) -> None:
         if not _positive(self.scale):
@@ -75,8 +85,52 @@ class ContrastPrior:
                 raise ValueError(problem)
             checked[label] = tuple(float(v) for v in array)
         object.__setattr__(self, "quantiles", dict(sorted(checked.items())))
+        if self.channel_map is not None:
+            object.__setattr__(self, "channel_map", self._checked_channel_map(self.channel_map))
         for name in ("scale", "reach_px", "background_radius_px"):
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _checked_channel_map(self, channel_map: object) -> dict[int, tuple[tuple[float, ...], tuple[float, ...]]]:
+        if not isinstance(channel_map, Mapping):
+            raise ValueError("particle_contrast.channel_map: must map class labels to (wanted, channel) magnitudes")
+        checked = {}
+        for key, pair in channel_map.items():
+            problem = (
+                f"particle_contrast.channel_map[{key!r}]: must be a class of the prior with two sequences of "
+                "positive finite magnitudes of equal length >= 2, wanted increasing and channel non-decreasing"
+            )
+            try:
+                label = int(key)
+                wanted, channel = (np.asarray(values, dtype=np.float64) for values in pair)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{problem} ({err})") from err
+            valid = (
+                label in self.quantiles
+                and wanted.ndim == 1
+                and wanted.shape == channel.shape
+                and len(wanted) >= 2
+                and all(np.isfinite(v).all() and (v > 0).all() for v in (wanted, channel))
+                and (np.diff(wanted) > 0).all()
+                and (np.diff(channel) >= 0).all()
+            )
+            if not valid:
+                raise ValueError(problem)
+            checked[label] = (tuple(float(v) for v in wanted), tuple(float(v) for v in channel))
+        return dict(sorted(checked.items()))
+
+    def to_channel(self, peaks: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """The channel's values (n,) float64 for particles of ``classes`` (n,) int whose signed peaks should be
+        ``peaks`` (n,) (normalised units): through ``channel_map`` where the class has one, over ``scale``."""
+        peaks = np.asarray(peaks, dtype=np.float64)
+        mapped = peaks.copy()
+        for label, (wanted, channel) in (self.channel_map or {}).items():
+            chosen = np.asarray(classes) == label
+            magnitude = np.abs(peaks[chosen])
+            inside = np.interp(magnitude, wanted, channel)
+            below, above = magnitude * (channel[0] / wanted[0]), magnitude * (channel[-1] / wanted[-1])
+            magnitude = np.where(magnitude < wanted[0], below, np.where(magnitude > wanted[-1], above, inside))
+            mapped[chosen] = np.sign(peaks[chosen]) * magnitude
+        return mapped / self.scale
 
     def check_classes(self, num_classes: int) -> None:
         """Raise ValueError unless the prior has a distribution for exactly the classes 1..``num_classes``."""
@@ -107,24 +161,27 @@ class ContrastPrior:
         return cls(scale, reach_px, quantiles, background_radius_px)
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict (class labels as strings)."""
-        return {
+        """A JSON-serialisable dict (class labels as strings; ``channel_map`` only where set)."""
+        data = {
             "scale": self.scale,
             "reach_px": self.reach_px,
             "background_radius_px": self.background_radius_px,
             "quantiles": {str(k): list(v) for k, v in self.quantiles.items()},
         }
+        if self.channel_map is not None:
+            data["channel_map"] = {str(k): [list(w), list(c)] for k, (w, c) in self.channel_map.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> ContrastPrior:
         """Build a prior from ``to_dict`` output (or return a ``ContrastPrior`` as it is); ValueError if malformed."""
         if isinstance(data, ContrastPrior):
             return data
-        required, optional = {"scale", "reach_px", "quantiles"}, {"background_radius_px"}
+        required, optional = {"scale", "reach_px", "quantiles"}, {"background_radius_px", "channel_map"}
         if not isinstance(data, dict) or not required <= set(data) <= required | optional:
             raise ValueError(
                 "particle_contrast: must be a dict with the keys scale, reach_px and quantiles (and optionally "
-                "background_radius_px)"
+                "background_radius_px and channel_map)"
             )
         if not isinstance(data["quantiles"], dict):
             raise ValueError("particle_contrast.quantiles: must map class labels to quantiles")
