@@ -258,6 +258,9 @@ def test_drawn_and_given_contrasts_go_through_the_channel_map(contrast_model: Pa
     model = load_checkpoint(contrast_model)
     prior = model.config.particle_contrast
     mapped = dataclasses.replace(prior, channel_map={2: ((3.0, 6.0), (6.0, 12.0))})  # class 2's peaks doubled
+    calibrated = dataclasses.replace(model, config=dataclasses.replace(model.config, particle_contrast=mapped))
+    assert "each particle's contrast drawn or given (calibrated for class 2)" in calibrated.summary()
+    assert "calibrated" not in model.summary()
     labels = np.stack([_mask()])
     plain = _contrast_channel(labels, prior, [torch.Generator().manual_seed(4)], None)
     doubled = _contrast_channel(labels, mapped, [torch.Generator().manual_seed(4)], None)

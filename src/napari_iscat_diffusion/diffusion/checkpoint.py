@@ -512,6 +512,9 @@ class LoadedModel:
                 schedule += ", ".join(str(c) for c in expert["classes"])
         if config.particle_contrast is not None:
             classes += ", each particle's contrast drawn or given"
+            mapped = list(config.particle_contrast.channel_map or {})
+            if mapped:
+                classes += f" (calibrated for class{'es' if len(mapped) > 1 else ''} {', '.join(map(str, mapped))})"
         return f"{classes}, {channels}, {size}, {pixel}, {schedule}, sha256 {self.sha256[:12]}"
 
 

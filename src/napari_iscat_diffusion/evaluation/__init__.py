@@ -4,6 +4,7 @@ See docs/evaluation.md."""
 
 from .c2st import C2STResult, classifier_two_sample_test, repeated_two_sample_test, wilson_interval
 from .calibration import CALIBRATION_SEED, calibrate_class_guidance
+from .contrast_calibration import calibrate_contrast_channel
 from .detector import Detections, DetectorSettings, detect_particles, robust_std
 from .diversity import sample_diversity
 from .edits import EditedMask, edit_mask, edit_scores
@@ -28,6 +29,7 @@ __all__ = [
     "ImageSet",
     "MatchCounts",
     "calibrate_class_guidance",
+    "calibrate_contrast_channel",
     "classifier_two_sample_test",
     "compare_image_sets",
     "detect_particles",
