@@ -491,7 +491,6 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    import json
 
     from .diffusion.checkpoint import load_checkpoint
     from .evaluation import evaluate_model, metric_curves, run_metadata, write_curves
@@ -525,9 +524,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
         written = write_curves({**run_metadata(), **curves}, args.out.with_name(f"{args.out.stem}_curves"))
         print(f"wrote {len(written)} curve files to {written[0].parent}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    print(f"wrote {args.out}")
+    _write_report(args.out, report)
     print(_evaluation_summary(report["metrics"]))
     return 0
 
@@ -558,16 +555,13 @@ def _add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
 
     from .diffusion.checkpoint import load_checkpoint, save_checkpoint
     from .diffusion.guidance import format_class_guidance, format_guidance_interval
     from .evaluation import run_metadata
     from .evaluation.calibration import DEFAULT_N, DEFAULT_SCALES, calibrate_class_guidance
 
-    for path in (args.out, args.save):
-        if path is not None and path.exists():
-            raise FileExistsError(f"{path} already exists; choose another file")
+    _refuse_existing(args.out, args.save)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     result = calibrate_class_guidance(
         model,
@@ -581,9 +575,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     )
     print(file=sys.stderr)
     report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}, **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    print(f"wrote {args.out}")
+    _write_report(args.out, report)
     scales = ", ".join(f"{s:g}" for s in result["settings"]["scales"])
     for label, distances in result["contrast_w_rel"].items():
         shown = ", ".join("-" if d is None else f"{d:.2f}" for d in distances)
@@ -625,7 +617,6 @@ def _add_calibrate_contrast_parser(commands: argparse._SubParsersAction) -> None
 
 def _run_calibrate_contrast(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
 
     from .diffusion.checkpoint import load_checkpoint, save_checkpoint
     from .evaluation import run_metadata
@@ -633,26 +624,22 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
     from .evaluation.contrast_calibration import DEFAULT_N, DEFAULT_ROUNDS, calibrate_contrast_channel
     from .evaluation.evaluate import simulated_set, simulation_parameters_for
 
-    for path in (args.out, args.save):
-        if path is not None and path.exists():
-            raise FileExistsError(f"{path} already exists; choose another file")
+    _refuse_existing(args.out, args.save)
     path = _checkpoint_path(args.checkpoint)
     model = load_checkpoint(path)
     if model.config.particle_contrast is None:
         raise ValueError(f"{path}: this model has no contrast channel (model.contrast_channel); nothing to calibrate")
     n = DEFAULT_N if args.n is None else args.n
-    masks = simulated_set(simulation_parameters_for(model, args.size), n, CALIBRATION_SEED).masks
+    options = _measurement_options(args)
+    masks = simulated_set(simulation_parameters_for(model, options.pop("size")), n, CALIBRATION_SEED).masks
     prior, result = calibrate_contrast_channel(
         model,
         masks,
         rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds,
         sampler=args.sampler,
         steps=args.steps,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
         progress=_show_progress,
+        **options,
     )
     print(file=sys.stderr)
     result["settings"]["mask_seeds"] = f"{CALIBRATION_SEED}..{CALIBRATION_SEED + n - 1}"
@@ -662,9 +649,7 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
         **result,
         "channel_map": prior.to_dict().get("channel_map"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    print(f"wrote {args.out}")
+    _write_report(args.out, report)
     for index, measured in enumerate(result["rounds"]):
         rows = "; ".join(
             f"class {label} W/spread {_number(row['relative_to_spread'])}, median {_number(row['median_ratio'])}, "
@@ -682,6 +667,22 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
             f"wrote {args.save} (sha256 {digest[:12]}) with the contrast map for classes {', '.join(result['mapped'])}"
         )
     return 0
+
+
+def _refuse_existing(*paths: Path | None) -> None:
+    """FileExistsError for the first of the output ``paths`` (None: not asked for) that exists already."""
+    for path in paths:
+        if path is not None and path.exists():
+            raise FileExistsError(f"{path} already exists; choose another file")
+
+
+def _write_report(path: Path, report: dict) -> None:
+    """Write a JSON report atomically (its folder created) and say so."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {path}")
 
 
 def _measurement_options(args: argparse.Namespace) -> dict:
