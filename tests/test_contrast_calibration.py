@@ -41,25 +41,32 @@ def test_a_step_moves_each_quantile_by_its_shortfall_over_the_slope() -> None:
     assert np.all(np.diff(next_channel_magnitudes(wanted, channel, np.array([1.0, 9.0, 2.0]), 1.0)) >= 0)
 
 
+def _network_drawing_towards_the_typical_peak(prior, typical: dict[int, float]):
+    """A stand-in for ``generated_images``: a particle of a class in ``typical`` gets 0.6 of its channel value plus 0.4
+    of the class's typical peak (normalised units); any other class a peak unrelated to its channel."""
+    rng = np.random.default_rng(0)
+
+    def network(trial, masks, seeds, options, stage, progress):
+        images = []
+        for mask, given in zip(masks, options["particle_contrast"], strict=True):
+            blobs, classes = particle_blobs(mask)
+            channel = trial.config.particle_contrast.to_channel(blob_peaks(blobs, given) / STD, classes) * prior.scale
+            towards = np.array([typical.get(int(c), np.nan) for c in classes])
+            peaks = np.where(np.isfinite(towards), 0.6 * channel + 0.4 * towards, -rng.uniform(1.0, 2.0, len(classes)))
+            images.append(paint_blobs(blobs, peaks * STD))
+        return np.stack(images)
+
+    return network
+
+
 def test_the_calibration_undoes_a_network_that_draws_towards_the_typical_peak(tmp_path, monkeypatch) -> None:
     path = tmp_path / "model.safetensors"
     prior = uniform_contrast_prior({1: (-2.0, -1.0), 2: (3.0, 9.0)})
     save_tiny_checkpoint(path, contrast_channel=True, config_fields={"particle_contrast": prior})
     model = load_checkpoint(path)
-    rng = np.random.default_rng(0)
-
-    def network(trial, masks, seeds, options, stage, progress):
-        """Class 2's peak 0.6 of its channel value plus 0.4 of the class's typical 6; class 1's unrelated to it."""
-        images = []
-        for mask, given in zip(masks, options["particle_contrast"], strict=True):
-            blobs, classes = particle_blobs(mask)
-            channel = trial.config.particle_contrast.to_channel(blob_peaks(blobs, given) / STD, classes) * prior.scale
-            peaks = np.where(classes == 2, 0.6 * channel + 0.4 * 6.0, -rng.uniform(1.0, 2.0, len(classes)))
-            images.append(paint_blobs(blobs, peaks * STD))
-        return np.stack(images)
-
+    network = _network_drawing_towards_the_typical_peak(prior, {2: 6.0})
     monkeypatch.setattr(contrast_calibration, "generated_images", network)
-    calibrated, report = calibrate_contrast_channel(model, _masks(), rounds=2)
+    calibrated, report = calibrate_contrast_channel(model, _masks(64), rounds=2)
     first, last = report["rounds"][0], report["rounds"][-1]
     assert first["2"]["slope"] == pytest.approx(0.6, rel=0.05) and first["2"]["range_ratio"] < 0.7
     assert last["2"]["relative_to_spread"] < 0.25 * first["2"]["relative_to_spread"]
@@ -69,7 +76,7 @@ def test_the_calibration_undoes_a_network_that_draws_towards_the_typical_peak(tm
     wanted, channel = calibrated.channel_map[2]
     np.testing.assert_allclose(wanted, wanted_magnitudes(prior, 2))
     # The network's inverse: a wanted peak m needs the channel value (m - 2.4) / 0.6, give or take the scatter of
-    # 144 drawn peaks and the background the measurement subtracts; the ends widen well beyond the wanted range.
+    # 576 drawn peaks and the background the measurement subtracts; the ends widen well beyond the wanted range.
     np.testing.assert_allclose(channel, (np.array(wanted) - 2.4) / 0.6, atol=1.0)
     assert channel[0] < wanted[0] - 1.0 and channel[-1] > wanted[-1] + 1.5
 
@@ -90,37 +97,65 @@ def test_the_calibration_refuses_a_model_without_the_channel_and_masks_without_p
         calibrate_contrast_channel(load_checkpoint(contrast), _masks(4), rounds=0)
 
 
-def test_the_command_writes_a_report_and_a_checkpoint_with_the_map(tmp_path, capsys) -> None:
-    path = tmp_path / "model.safetensors"
+def _simulator_contrast_checkpoint(path, prior) -> None:
     training = {"config": {"data": {"source": "simulator", "simulator": SIMULATOR}}}
-    prior = uniform_contrast_prior({1: (-2.0, -1.0), 2: (3.0, 9.0), 3: (4.0, 12.0)})
+    fields = {"particle_contrast": prior}
     save_tiny_checkpoint(
-        path,
-        perturbed=True,
-        num_classes=3,
-        contrast_channel=True,
-        training=training,
-        config_fields={"particle_contrast": prior},
+        path, perturbed=True, num_classes=3, contrast_channel=True, training=training, config_fields=fields
     )
+
+
+def test_the_command_writes_a_report_and_a_checkpoint_with_the_map(tmp_path, monkeypatch, capsys) -> None:
+    path = tmp_path / "model.safetensors"
+    prior = uniform_contrast_prior({1: (-2.0, -1.0), 2: (3.0, 9.0), 3: (4.0, 12.0)})
+    _simulator_contrast_checkpoint(path, prior)
+    monkeypatch.setattr(
+        contrast_calibration, "generated_images", _network_drawing_towards_the_typical_peak(prior, {2: 6.0, 3: 8.0})
+    )
+    out, saved = tmp_path / "report.json", tmp_path / "calibrated.safetensors"
+    args = ["calibrate-contrast", "--checkpoint", str(path), "--n", "24", "--rounds", "2", "--size", "32"]
+    assert main([*args, "--out", str(out), "--save", str(saved)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 3 and report["settings"]["mask_seeds"] == "2000000000..2000000023"
+    assert report["mapped"] == ["2", "3"] and list(report["left"]) == ["1"]
+    calibrated = load_checkpoint(saved).config.particle_contrast
+    expected = {int(k): (tuple(w), tuple(c)) for k, (w, c) in report["channel_map"].items()}
+    assert calibrated.channel_map == expected and set(expected) == {2, 3}
+    assert dataclasses.replace(calibrated, channel_map=None) == prior
+    printed = capsys.readouterr().out
+    assert "round 0 (no map): class 1 W/spread" in printed and "class 1 left unmapped" in printed
+    assert f"wrote {saved} (sha256 " in printed and "with the contrast map for classes 2, 3" in printed
+    # Nothing is overwritten.
+    assert main([*args, "--out", str(tmp_path / "again.json"), "--save", str(saved)]) == 2
+    assert "already exists" in capsys.readouterr().err and not (tmp_path / "again.json").exists()
+
+
+def test_the_command_runs_the_network_and_refuses_what_it_cannot_calibrate(tmp_path, capsys) -> None:
+    path = tmp_path / "model.safetensors"
+    _simulator_contrast_checkpoint(path, uniform_contrast_prior({1: (-2.0, -1.0), 2: (3.0, 9.0), 3: (4.0, 12.0)}))
     out, saved = tmp_path / "report.json", tmp_path / "calibrated.safetensors"
     args = ["calibrate-contrast", "--checkpoint", str(path), "--n", "4", "--rounds", "1", "--size", "32"]
     assert main([*args, "--steps", "2", "--device", "cpu", "--out", str(out), "--save", str(saved)]) == 0
     report = json.loads(out.read_text())
-    assert len(report["rounds"]) == 2 and report["settings"]["mask_seeds"].startswith("2000000000..")
-    calibrated = load_checkpoint(saved)
-    expected = {int(k): (tuple(w), tuple(c)) for k, (w, c) in (report["channel_map"] or {}).items()}
-    assert (calibrated.config.particle_contrast.channel_map or {}) == expected
-    assert dataclasses.replace(calibrated.config.particle_contrast, channel_map=None) == prior
-    printed = capsys.readouterr().out
-    assert "round 0 (no map): class 1 W/spread" in printed
-    for label in report["left"]:
-        assert f"class {label} left unmapped" in printed
-    # Nothing is overwritten, and a model without the channel is refused by name.
-    assert main([*args, "--out", str(tmp_path / "again.json"), "--save", str(saved)]) == 2
-    assert "already exists" in capsys.readouterr().err and not (tmp_path / "again.json").exists()
+    # An untrained network does not follow the channel: every class is left, and no copy is written.
+    assert len(report["rounds"]) == 2 and report["mapped"] == [] and report["channel_map"] is None
+    assert set(report["left"]) == {"1", "2", "3"}
+    assert f"no class could be mapped; {saved} not written" in capsys.readouterr().out and not saved.exists()
     plain = tmp_path / "plain.safetensors"
-    save_tiny_checkpoint(plain, num_classes=3, training=training)
+    save_tiny_checkpoint(plain, num_classes=3)
     bad = ["calibrate-contrast", "--checkpoint", str(plain), "--out", str(tmp_path / "plain.json")]
     assert main(bad) == 2
     assert f"{plain}: this model has no contrast channel" in capsys.readouterr().err
     assert not (tmp_path / "plain.json").exists()
+
+
+def test_a_class_without_contrasts_is_left_unmapped_from_the_first_round(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "model.safetensors"
+    # A class whose training set held no measured particle has a distribution at 0 (ContrastPrior.from_samples).
+    prior = uniform_contrast_prior({1: (0.0, 0.0), 2: (3.0, 9.0)})
+    save_tiny_checkpoint(path, contrast_channel=True, config_fields={"particle_contrast": prior})
+    monkeypatch.setattr(
+        contrast_calibration, "generated_images", _network_drawing_towards_the_typical_peak(prior, {2: 6.0})
+    )
+    calibrated, report = calibrate_contrast_channel(load_checkpoint(path), _masks(8), rounds=1)
+    assert report["mapped"] == ["2"] and "1" in report["left"] and list(calibrated.channel_map) == [2]

@@ -660,7 +660,14 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
     for label, correlation in result["left"].items():
         shown = "-" if correlation is None else f"{correlation:.2f}"
         print(f"class {label} left unmapped: its peaks follow the channel with correlation {shown}")
-    if args.save is not None:
+    for label, levels in result["floored"].items():
+        print(
+            f"class {label}: at the quantiles {', '.join(f'{level:.2f}' for level in levels)} the network draws the "
+            "particles too bright whatever the channel says; the map holds them at its floor"
+        )
+    if args.save is not None and prior.channel_map is None:
+        print(f"no class could be mapped; {args.save} not written")
+    elif args.save is not None:
         config = dataclasses.replace(model.config, particle_contrast=prior)
         digest = save_checkpoint(args.save, model.net, config, dtype=model.storage_dtype, expert_net=model.expert_net)
         print(

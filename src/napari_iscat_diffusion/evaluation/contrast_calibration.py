@@ -37,11 +37,17 @@ MIN_CORRELATION = 0.5
 MIN_SLOPE = 0.5
 # 192 masks of the simulator's hold about 240 600-nm beads; with three rounds the stage-13 file's in-sample distances
 # went from 0.21 / 0.28 of the spread to 0.08 / 0.13 for the beads, still falling (docs/model-history.md).
+# A channel magnitude never goes below this fraction of the wanted one: where the network draws a class's faintest
+# particles too bright at any channel value (a floor in its response), the map would otherwise run to 0.
+FLOOR = 0.1
 DEFAULT_N = 192
 DEFAULT_ROUNDS = 3
 # The prior's distributions are piecewise linear in the level; magnitudes' quantiles are read off this many
 # evenly spaced levels.
 _FINE_LEVELS = 8193
+# Image i's peaks are drawn from a generator seeded ``seed + _DRAW_SEED_OFFSET + i``: seeded ``seed + i`` like the
+# image's starting noise, its first numbers would tie each particle's peak to the noise of the image's first pixels.
+_DRAW_SEED_OFFSET = 1_000_000_007
 
 Progress = Callable[[str, int, int], None]
 
@@ -53,10 +59,10 @@ def wanted_magnitudes(prior: ContrastPrior, label: int, levels: tuple[float, ...
 
 def next_channel_magnitudes(wanted: np.ndarray, channel: np.ndarray, generated: np.ndarray, slope: float) -> np.ndarray:
     """One quantile-mapping step: the channel magnitudes (at the same levels as the wanted and generated magnitude
-    quantiles, all normalised units) moved by ``(wanted - generated) / max(slope, MIN_SLOPE)``, kept above a tenth
-    of the wanted ones and non-decreasing."""
+    quantiles, all normalised units) moved by ``(wanted - generated) / max(slope, MIN_SLOPE)``, kept at least
+    ``FLOOR`` times the wanted ones and non-decreasing."""
     moved = np.asarray(channel) + (np.asarray(wanted) - np.asarray(generated)) / max(slope, MIN_SLOPE)
-    return np.maximum.accumulate(np.maximum(moved, 0.1 * np.asarray(wanted)))
+    return np.maximum.accumulate(np.maximum(moved, FLOOR * np.asarray(wanted)))
 
 
 def calibrate_contrast_channel(
@@ -91,7 +97,9 @@ def calibrate_contrast_channel(
         ``(prior, report)``: the model's prior with the fitted ``channel_map`` (None where no class qualifies), and a
         JSON-ready report: ``settings``; ``rounds``, a list of ``{class: {"correlation", "slope",
         "relative_to_spread", "median_ratio", "range_ratio"}}`` of the generated magnitudes against the prior's,
-        per round (round 0 without a map); ``mapped`` classes and ``left`` ``{class: correlation}`` unmapped.
+        per round (round 0 without a map); ``mapped`` classes and ``left`` ``{class: correlation}`` unmapped;
+        ``floored`` ``{class: levels}`` whose channel magnitude the last round held at ``FLOOR`` times the wanted
+        one (the network drew them too bright whatever the channel said).
 
     Raises:
         ValueError: for a model without a contrast channel, too few masks or rounds, or masks without particles.
@@ -110,7 +118,7 @@ def calibrate_contrast_channel(
     if not len(classes):
         raise ValueError("the masks hold no particle; calibration needs masks like the training set's")
     peaks = [
-        prior.draw(image_classes, torch.Generator().manual_seed(seed + i))
+        prior.draw(image_classes, torch.Generator().manual_seed(seed + _DRAW_SEED_OFFSET + i))
         for i, (_, image_classes) in enumerate(numbered)
     ]
     given = np.stack([paint_blobs(blobs, values * std) for (blobs, _), values in zip(numbered, peaks, strict=True)])
@@ -118,7 +126,8 @@ def calibrate_contrast_channel(
     labels = [int(label) for label in np.unique(classes)]
     wanted = {label: wanted_magnitudes(prior, label) for label in labels}
     channel = {label: wanted[label].copy() for label in labels}
-    mapped, left, history = labels, {}, []
+    # Round 0 runs without a map; the classes it shows the network following (``_mappable``) get one from then on.
+    mapped, left, history, floored = [], {}, [], {}
     options = {
         "sampler": sampler,
         "steps": steps,
@@ -142,6 +151,11 @@ def calibrate_contrast_channel(
                 for image, mask in zip(images, masks, strict=True)
             ]
         )
+        if not np.isfinite(generated).all():
+            raise ValueError(
+                f"round {round_index}: the generated images hold non-finite values at some particles; calibrate with "
+                "precision fp32"
+            )
         inputs = candidate.to_channel(peaks, classes) * prior.scale
         measured = {}
         for label in labels:
@@ -162,10 +176,17 @@ def calibrate_contrast_channel(
             }
             mapped = [label for label in labels if str(label) not in left]
         if round_index < rounds:
+            floored = {}
             for label in mapped:
-                shortfall = np.quantile(np.abs(generated[classes == label]), LEVELS)
-                slope = measured[str(label)]["slope"]
-                channel[label] = next_channel_magnitudes(wanted[label], channel[label], shortfall, slope)
+                chosen = classes == label
+                # Against the quantiles of the peaks actually drawn, so that the draw's own sampling error does not
+                # enter the map; the map's axis stays the prior's quantiles, which these estimate.
+                drawn = np.quantile(np.abs(peaks[chosen]), LEVELS)
+                generated_quantiles = np.quantile(np.abs(generated[chosen]), LEVELS)
+                slope = measured[str(label)]["slope"] or MIN_SLOPE
+                channel[label] = next_channel_magnitudes(drawn, channel[label], generated_quantiles, slope)
+                at_floor = [level for level, c, d in zip(LEVELS, channel[label], drawn, strict=True) if c <= FLOOR * d]
+                floored = {**floored, str(label): at_floor} if at_floor else floored
     report = {
         "settings": {
             "n": len(masks),
@@ -179,6 +200,7 @@ def calibrate_contrast_channel(
         "rounds": history,
         "mapped": [str(label) for label in mapped],
         "left": left,
+        "floored": floored,
     }
     return candidate, report
 
