@@ -36,7 +36,8 @@ MIN_CORRELATION = 0.5
 # cannot throw the map far out.
 MIN_SLOPE = 0.5
 # 192 masks of the simulator's hold about 240 600-nm beads; with three rounds the stage-13 file's in-sample distances
-# went from 0.21 / 0.28 of the spread to 0.08 / 0.13 for the beads, still falling (docs/model-history.md).
+# went from 0.21 / 0.27 of the spread to 0.12 / 0.18 for the beads, still falling, and held out to 0.10 / 0.10
+# (docs/model-history.md).
 # A channel magnitude never goes below this fraction of the wanted one: where the network draws a class's faintest
 # particles too bright at any channel value (a floor in its response), the map would otherwise run to 0.
 FLOOR = 0.1
