@@ -125,6 +125,8 @@ def calibrate_contrast_channel(
     given = np.stack([paint_blobs(blobs, values * std) for (blobs, _), values in zip(numbered, peaks, strict=True)])
     peaks = np.concatenate(peaks)
     labels = [int(label) for label in np.unique(classes)]
+    # Each class's whole distribution of magnitudes, the reference every round is measured against.
+    reference = {label: np.abs(_fine_sample(prior, label)) for label in labels}
     wanted = {label: wanted_magnitudes(prior, label) for label in labels}
     channel = {label: wanted[label].copy() for label in labels}
     # Round 0 runs without a map; the classes it shows the network following (``_mappable``) get one from then on.
@@ -161,7 +163,7 @@ def calibrate_contrast_channel(
         measured = {}
         for label in labels:
             chosen = classes == label
-            distance = distribution_distance(np.abs(generated[chosen]), np.abs(_fine_sample(prior, label)))
+            distance = distribution_distance(np.abs(generated[chosen]), reference[label])
             slope, correlation = _slope_and_correlation(inputs[chosen], generated[chosen])
             measured[str(label)] = {
                 "correlation": correlation,
@@ -187,7 +189,8 @@ def calibrate_contrast_channel(
                 slope = measured[str(label)]["slope"] or MIN_SLOPE
                 channel[label] = next_channel_magnitudes(drawn, channel[label], generated_quantiles, slope)
                 at_floor = [level for level, c, d in zip(LEVELS, channel[label], drawn, strict=True) if c <= FLOOR * d]
-                floored = {**floored, str(label): at_floor} if at_floor else floored
+                if at_floor:
+                    floored[str(label)] = at_floor
     report = {
         "settings": {
             "n": len(masks),
