@@ -158,3 +158,4 @@ def test_the_gpu_config_trains_a_network_whose_fp16_file_fits_the_package(tmp_pa
     assert 10e6 < exported.stat().st_size < 20e6
     model = load_checkpoint(exported)
     assert model.config.unet.channel_mults == (1, 2, 4, 4) and model.config.training["steps"] == 2
+    assert model.config.unet.contrast_channel and model.config.particle_contrast is not None
