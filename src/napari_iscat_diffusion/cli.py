@@ -609,7 +609,7 @@ def _add_calibrate_contrast_parser(commands: argparse._SubParsersAction) -> None
     calibrate.add_argument("--out", type=Path, required=True, help="output JSON file (never overwritten)")
     calibrate.add_argument("--save", type=Path, default=None, help="write the calibrated checkpoint here (new file)")
     calibrate.add_argument("--n", type=int, default=None, help="calibration masks [192]")
-    calibrate.add_argument("--rounds", type=int, default=None, help="map updates; each generates the set once more [3]")
+    calibrate.add_argument("--rounds", type=int, default=None, help="map updates; each generates the set once more [5]")
     calibrate.add_argument("--size", type=int, default=128, help="image side in pixels [128]")
     _add_sampler_arguments(calibrate, guidance=False, interval=False)
     calibrate.set_defaults(run=_run_calibrate_contrast)
