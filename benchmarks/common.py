@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from machine import cpu_model
 from napari_iscat_diffusion.diffusion import ConditionalUNet, LoadedModel, ModelConfig, UNetConfig, load_checkpoint
+from napari_iscat_diffusion.diffusion.particle_contrast import NUM_QUANTILE_LEVELS, ContrastPrior
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
 from napari_iscat_diffusion.io.atomic import atomic_write_text
 
@@ -68,16 +69,26 @@ def default_model_unet(config: Path = DEFAULT_MODEL_YAML) -> UNetConfig:
 
 
 def fresh_model(unet: UNetConfig, seed: int = 0) -> LoadedModel:
-    """A freshly initialised v-prediction model on a cosine schedule, with a randomised (non-zero) output layer."""
+    """A freshly initialised v-prediction model on a cosine schedule, with a randomised (non-zero) output layer.
+
+    A network with a contrast channel gets a prior of peaks spread evenly over -1..1 for every class: what it draws
+    does not change the arithmetic a benchmark times.
+    """
     torch.manual_seed(seed)
     net = ConditionalUNet(unet)
     with torch.no_grad():  # the zero-initialised output layer would make every forward trivially cheap to check
         net.conv_out.weight.normal_(std=0.02)
+    spread = np.linspace(-1.0, 1.0, NUM_QUANTILE_LEVELS)
     config = ModelConfig(
         unet=unet,
         schedule=cosine_schedule(1000).to_config(),
         parameterization="v",
         normalization={"mean": [0.0] * unet.image_channels, "std": [1.0] * unet.image_channels},
+        particle_contrast=(
+            ContrastPrior(1.0, 2.0, {label: spread for label in range(1, unet.num_classes + 1)})
+            if unet.contrast_channel
+            else None
+        ),
     )
     return LoadedModel(net.eval().requires_grad_(False), config, None, "", {})
 

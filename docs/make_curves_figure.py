@@ -2,7 +2,7 @@
 one line per sampler, from the curves of `iscat-diffusion evaluate --curves` (which draws every metric the same way
 in steps.png beside its curves.json).
 
-    python docs/make_curves_figure.py [benchmarks/results/evaluation_curves_stage6_128px_curves/curves.json]
+    python docs/make_curves_figure.py [benchmarks/results/evaluation_curves_stage13_rounds5_128px_curves/curves.json]
 """
 
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 from napari_iscat_diffusion.evaluation.plots import Panel, curves_figure, metric_panel, save_figure
 
 HERE = Path(__file__).parent
-DEFAULT_CURVES = HERE.parent / "benchmarks/results/evaluation_curves_stage6_128px_curves/curves.json"
-# The noise ratio's range narrowed to where the samplers differ (Heun's 5 steps, 3.7, is drawn at the top).
+DEFAULT_CURVES = HERE.parent / "benchmarks/results/evaluation_curves_stage13_rounds5_128px_curves/curves.json"
+# The noise ratio's range narrowed to where the samplers differ (Heun's 5 steps, 3.6, is drawn at the top).
 PANELS = (Panel("noise_ratio", "background noise / physics", (0.4, 1.4), (1.0,)), metric_panel("c2st_accuracy"))
 
 
