@@ -491,7 +491,6 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-
     from .diffusion.checkpoint import load_checkpoint
     from .evaluation import evaluate_model, metric_curves, run_metadata, write_curves
     from .evaluation.evaluate import DEFAULT_N

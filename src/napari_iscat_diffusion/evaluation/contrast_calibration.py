@@ -35,12 +35,12 @@ MIN_CORRELATION = 0.5
 # The step divides a quantile's shortfall by the response's slope, but never by less, so that one noisy slope
 # cannot throw the map far out.
 MIN_SLOPE = 0.5
-# 192 masks of the simulator's hold about 240 600-nm beads. The stage-13 file's in-sample distances for the beads
-# went from 0.21 / 0.27 of the spread to 0.12 / 0.18 in three rounds and 0.09 / 0.15 in five; held out (864 masks)
-# 0.114 / 0.073 after three rounds, 0.087 / 0.040 after five (docs/model-history.md).
 # A channel magnitude never goes below this fraction of the wanted one: where the network draws a class's faintest
 # particles too bright at any channel value (a floor in its response), the map would otherwise run to 0.
 FLOOR = 0.1
+# 192 masks of the simulator's hold about 240 600-nm beads. The stage-13 file's in-sample distances for the beads
+# went from 0.21 / 0.27 of the spread to 0.12 / 0.18 in three rounds and 0.09 / 0.15 in five; held out (864 masks)
+# 0.114 / 0.073 after three rounds, 0.087 / 0.040 after five (docs/model-history.md).
 DEFAULT_N = 192
 DEFAULT_ROUNDS = 5
 # The prior's distributions are piecewise linear in the level; magnitudes' quantiles are read off this many
