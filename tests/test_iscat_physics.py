@@ -263,6 +263,7 @@ def test_focal_stack_has_one_differing_plane_per_focus():
     ("field", "value"),
     [
         ("image_size", (0, 64)),
+        ("image_size", (100_000, 100_000)),  # would need tens of GB
         ("pixel_size_nm", -5.0),
         ("pixel_size_nm", 300.0),  # coarser than Nyquist
         ("wavelength_nm", float("nan")),

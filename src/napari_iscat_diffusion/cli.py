@@ -359,37 +359,38 @@ def _run_simulate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     params = parameters_from_cli(args)
     out: Path = args.out
-    names = [f"{args.prefix}_{i:05d}" for i in range(args.n)]
-    image_paths = [out / "images" / f"{name}.tif" for name in names]
-    mask_paths = [out / "masks" / f"{name}.tif" for name in names]
+    folders = (out / "images", out / "masks")
     table_path = out / "particles.csv"
-    existing = [p for p in [*image_paths, *mask_paths, table_path] if p.exists()]
+    for path in (out, *folders):
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file, not a folder; choose another --out")
+    existing = [p for folder in folders if folder.is_dir() for p in folder.glob(f"{args.prefix}_*.tif")]
+    existing += [table_path] if table_path.exists() else []
     if existing:
         raise FileExistsError(f"{existing[0]} already exists ({len(existing)} files in the way); choose another --out")
-    for folder in (out / "images", out / "masks"):
+    for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    fields: Sequence[str] = ()
-    for i, (name, image_path, mask_path) in enumerate(zip(names, image_paths, mask_paths, strict=True)):
-        result = simulate(params, args.seed + i)
-        write_tiff(image_path, result.image, pixel_size_nm=params.pixel_size_nm)
-        write_tiff(mask_path, result.mask, pixel_size_nm=params.pixel_size_nm)
-        fields = result.particles.dtype.names
-        rows.extend(
-            {"image": name, **{field: particle[field].item() for field in fields}} for particle in result.particles
-        )
-        _show_progress("simulate", i + 1, args.n)
+    particles = 0
+    # Rows are written as each pair is made, so memory does not grow with --n; the table appears only when complete.
+    with atomic_open(table_path, "w", newline="") as table:
+        writer = None
+        for i in range(args.n):
+            name = f"{args.prefix}_{i:05d}"
+            result = simulate(params, args.seed + i)
+            write_tiff(folders[0] / f"{name}.tif", result.image, pixel_size_nm=params.pixel_size_nm)
+            write_tiff(folders[1] / f"{name}.tif", result.mask, pixel_size_nm=params.pixel_size_nm)
+            fields = result.particles.dtype.names
+            if writer is None:
+                writer = csv.DictWriter(table, fieldnames=["image", *fields])
+                writer.writeheader()
+            writer.writerows(
+                {"image": name, **{field: particle[field].item() for field in fields}} for particle in result.particles
+            )
+            particles += len(result.particles)
+            _show_progress("simulate", i + 1, args.n)
     print(file=sys.stderr)
-    _write_csv(table_path, rows, ["image", *fields])
-    print(f"wrote {args.n} image/mask pairs and {len(rows)} particles to {out}")
+    print(f"wrote {args.n} image/mask pairs and {particles} particles to {out}")
     return 0
-
-
-def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    with atomic_open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _run_dataset_check(args: argparse.Namespace) -> int:

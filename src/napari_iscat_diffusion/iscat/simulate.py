@@ -38,6 +38,10 @@ DEFAULT_PARTICLE_CLASSES: tuple[ParticleClass, ...] = (
     ParticleClass("polystyrene-600", "polystyrene", 600.0, 30.0, 0.2),
 )
 
+# The largest image side (px): a 2048 px image takes about 0.3 GB while it is simulated, growing with its area,
+# so 4096 px (about 1 GB) covers the largest camera frames without letting a typo exhaust the memory.
+MAX_IMAGE_SIDE = 4096
+
 # PSF table grid step in defocus (nm): with the round-trip phase factored out, linear interpolation between
 # grid points is accurate to 0.3 %.
 _STEP_NM = 10.0
@@ -206,7 +210,12 @@ def _whole(value: Any) -> bool:
 def _validate(p: SimulationParameters) -> None:
     """Raise ValueError naming the first invalid field."""
     size = p.image_size
-    _check("image_size", size, len(size) == 2 and all(_whole(s) and s >= 8 for s in size), "(H, W) integers >= 8")
+    _check(
+        "image_size",
+        size,
+        len(size) == 2 and all(_whole(s) and 8 <= s <= MAX_IMAGE_SIDE for s in size),
+        f"(H, W) integers from 8 to {MAX_IMAGE_SIDE}",
+    )
     _check("wavelength_nm", p.wavelength_nm, _finite(p.wavelength_nm) and 200 <= p.wavelength_nm <= 2000, "200..2000")
     _check("n_medium", p.n_medium, _finite(p.n_medium) and p.n_medium >= 1, "a refractive index >= 1")
     n_imm = p.n_immersion
