@@ -54,6 +54,24 @@ def test_writer_never_overwrites_and_needs_one_image_and_one_labels_layer(tmp_pa
         write_pair(str(tmp_path / "b.tif"), [(image, {}, "image"), (image, {}, "image")])
 
 
+def test_writer_saves_a_pair_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    from napari_iscat_diffusion import _napari_io
+
+    real = _napari_io.write_tiff
+
+    def disk_full_at_the_mask(path, array, **kwargs):
+        if path.parent.name == "masks":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, array, **kwargs)
+
+    monkeypatch.setattr(_napari_io, "write_tiff", disk_full_at_the_mask)
+    with pytest.raises(OSError, match="No space left"):
+        write_pair(str(tmp_path / "a.tif"), [(_pair()[0], {}, "image"), (_pair()[1], {}, "labels")])
+    assert not (tmp_path / "images" / "a.tif").exists()
+
+
 def test_reader_opens_a_folder_of_pairs_as_two_stacks(tmp_path):
     for i in range(3):
         image, mask = _pair(label=i + 1)

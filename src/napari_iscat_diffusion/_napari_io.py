@@ -94,7 +94,14 @@ def write_pair(path: str, layer_data: list[tuple]) -> list[str]:
     existing = [str(out) for out in targets if out.exists()]
     if existing:  # checked before writing either file, so a pair is never half replaced
         raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another name")
-    for out, array in targets.items():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_tiff(out, np.asarray(array), pixel_size_nm=pixel_size)
+    written: list[Path] = []
+    try:
+        for out, array in targets.items():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_tiff(out, np.asarray(array), pixel_size_nm=pixel_size)
+            written.append(out)
+    except BaseException:  # a pair is saved whole or not at all (a full disk, a read-only folder)
+        for out in written:
+            out.unlink(missing_ok=True)
+        raise
     return [str(out) for out in targets]
