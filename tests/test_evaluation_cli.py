@@ -233,3 +233,18 @@ def test_a_calibrated_copy_keeps_the_storage_dtype_of_the_checkpoint(tiny_checkp
     assert main([*args, "--device", "cpu", "--out", str(tmp_path / "c.json"), "--save", str(saved)]) == 0
     assert load_checkpoint(saved).storage_dtype == torch.float16
     assert abs(saved.stat().st_size - half.stat().st_size) < 1000  # metadata differs, the weights are as small
+
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate"])
+def test_report_under_a_file_is_refused_before_the_work(tmp_path, capsys, monkeypatch, command):
+    from napari_iscat_diffusion import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr("napari_iscat_diffusion.diffusion.checkpoint.load_checkpoint", no_model)
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" / "report.json"
+    assert cli.main([command, "--n", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -496,8 +497,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_model, metric_curves, run_metadata, write_curves
     from .evaluation.evaluate import DEFAULT_N
 
-    if args.out.exists():
-        raise FileExistsError(f"{args.out} already exists; choose another --out")
+    _refuse_existing(args.out)
     args.n = DEFAULT_N if args.n is None else args.n
     if args.n < 4 or args.curves_n < 4:
         raise ValueError(f"--n and --curves-n must be at least 4, got {args.n} and {args.curves_n}")
@@ -677,10 +677,23 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
 
 
 def _refuse_existing(*paths: Path | None) -> None:
-    """FileExistsError for the first of the output ``paths`` (None: not asked for) that exists already."""
+    """Check, before the work, that each output file of ``paths`` (None: not asked for) can be made.
+
+    Raises FileExistsError for a path that exists already, and for one whose nearest existing folder above is
+    a file or cannot be written in (its missing folders are made when the file is written).
+    """
     for path in paths:
-        if path is not None and path.exists():
+        if path is None:
+            continue
+        if path.exists():
             raise FileExistsError(f"{path} already exists; choose another file")
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise FileExistsError(f"{parent} is a file, not a folder; choose another path than {path}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise FileExistsError(f"{parent} is not writable; choose another path than {path}")
 
 
 def _write_report(path: Path, report: dict) -> None:
