@@ -445,6 +445,7 @@ def test_the_guidance_interval_round_trips_through_json(interval, stored, held):
         ({"sampling_density_range": (0.0, 10.0)}, "sampling_density_range"),
         ({"sampling_density_range": (0.3, math.inf)}, "sampling_density_range"),
         ({"sampling_density_range": 0.3}, "sampling_density_range"),
+        ({"sampling_density_range": (1e-300, 1e-299)}, "sampling_density_range: must be two finite numbers 0 < low"),
         ({"sampling_density_range": ("0.3", "1500")}, "sampling_density_range"),
         ({"default_steps": {"plms": 10}}, "default_steps: unknown sampler(s) ['plms']"),
         ({"default_steps": {"dpmpp_2m": 0}}, "default_steps: dpmpp_2m must be a whole number of steps from 1 to"),

@@ -4,25 +4,29 @@ import contextlib
 import copy
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from tests.test_checkpoint import make_config
-from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config, uniform_contrast_prior
+from tests.tiny_models import perturbed_net, save_tiny_checkpoint, tiny_unet_config, uniform_contrast_prior
 
 from napari_iscat_diffusion.diffusion import checkpoint
 from napari_iscat_diffusion.diffusion.checkpoint import (
     METADATA_KEY,
     CheckpointError,
+    LoadedModel,
     ModelConfig,
     load_checkpoint,
     read_model_config,
 )
+from napari_iscat_diffusion.diffusion.generate import generate
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
 from napari_iscat_diffusion.diffusion.unet import MAX_CHANNEL_MULT, MAX_LEVELS, UNET_LIMITS
 
@@ -360,3 +364,41 @@ def test_a_stale_temporary_file_of_a_killed_save_is_removed(tmp_path, tiny_check
     assert not stale.exists()
     assert live.exists() and other_host.exists() and other_target.exists()
     load_checkpoint(target)
+
+
+def contrast_config(**prior_fields) -> dict:
+    """The config of a tiny model with a contrast channel, as JSON, with ``prior_fields`` in its prior."""
+    config = fuzz_bases()[1]
+    config["particle_contrast"].update(prior_fields)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("config", "phrase"),
+    [
+        (contrast_config(scale=1e-300), "particle_contrast.scale: must be from"),
+        (contrast_config(quantiles={"1": [1e300] * 129, "2": [0.0] * 129}), "contrasts of magnitude at most"),
+        (contrast_config(channel_map={"1": [[0.1, 0.2], [1e300, 1e300]]}), "contrasts of magnitude at most"),
+    ],
+)
+def test_contrasts_that_would_make_the_image_non_finite_are_refused(config, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        ModelConfig.from_dict(config)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        contrast_config(scale=1e-6, quantiles={"1": [-1e6] * 129, "2": [1e6] * 129}),
+        {**fuzz_bases()[0], "normalization": {"mean": [-1e15], "std": [1e-15]}, "default_guidance": 100.0},
+        {**fuzz_bases()[0], "normalization": {"mean": [1e15], "std": [1e15]}, "sampling_density_range": [1e-12, 1e12]},
+    ],
+)
+def test_configs_at_the_bounds_still_generate_finite_images(config):
+    model_config = ModelConfig.from_dict(config)
+    model = LoadedModel(
+        net=perturbed_net(model_config.unet), config=model_config, path=None, sha256="0" * 64, versions={}
+    )
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8], mask[10:13, 9:12] = 1, 2
+    assert np.isfinite(generate(mask, model, steps=3, device="cpu")).all()

@@ -80,6 +80,12 @@ _MAX_DEFAULT_STEPS = 10_000  # sampler steps; 10-50 are used, DDPM at most the s
 # magnitude around them while keeping normalised * std + mean, and two normalisations' ratios, finite in float32.
 _MAX_NORMALIZATION = 1e15
 _MIN_STD = 1e-15
+# Normalised units: the bundled model's spectral densities span 0.3-1500 and its particles' peaks reach 72 with a
+# channel scale of 46. Far beyond these bounds the fitted sigma grid fails, or the contrast channel (peak / scale)
+# leaves float32's range and the image becomes NaN.
+_DENSITY_BOUNDS = (1e-12, 1e12)
+_MAX_CONTRAST = 1e6
+_CONTRAST_SCALE_BOUNDS = (1e-6, 1e6)
 _MESSAGE_CHARS = 1000  # of a problem quoted from a file in an error message
 _LISTED = 5  # names shown per kind of problem in an error message
 _RESAVE = "Export the model again with napari_iscat_diffusion.diffusion.checkpoint.save_checkpoint."
@@ -283,6 +289,15 @@ class ModelConfig:
             raise ValueError("particle_contrast: a network with a contrast channel cannot hold a high-noise expert")
         prior = ContrastPrior.from_dict(self.particle_contrast)
         prior.check_classes(self.num_classes)
+        low, high = _CONTRAST_SCALE_BOUNDS
+        if not low <= prior.scale <= high:
+            raise ValueError(f"particle_contrast.scale: must be from {low:g} to {high:g}, got {prior.scale!r}")
+        magnitudes = [v for values in prior.quantiles.values() for v in values]
+        magnitudes += [v for pair in (prior.channel_map or {}).values() for values in pair for v in values]
+        if max(abs(v) for v in magnitudes) > _MAX_CONTRAST:
+            raise ValueError(
+                f"particle_contrast: quantiles and channel_map must be contrasts of magnitude at most {_MAX_CONTRAST:g}"
+            )
         return prior
 
     def _checked_guidance_interval(self) -> tuple[float, float] | None:
@@ -313,10 +328,11 @@ class ModelConfig:
             not isinstance(densities, (list, tuple))
             or len(densities) != 2
             or not all(_is_real(d) for d in densities)
-            or not 0 < densities[0] < densities[1]
+            or not _DENSITY_BOUNDS[0] <= densities[0] < densities[1] <= _DENSITY_BOUNDS[1]
         ):
             raise ValueError(
-                f"sampling_density_range: must be two finite numbers 0 < low < high or None, got {densities!r}"
+                f"sampling_density_range: must be two finite numbers 0 < low < high or None, "
+                f"from {_DENSITY_BOUNDS[0]:g} to {_DENSITY_BOUNDS[1]:g}, got {reprlib.repr(densities)}"
             )
         return (float(densities[0]), float(densities[1]))
 
