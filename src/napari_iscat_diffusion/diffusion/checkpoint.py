@@ -80,12 +80,14 @@ _MAX_DEFAULT_STEPS = 10_000  # sampler steps; 10-50 are used, DDPM at most the s
 # magnitude around them while keeping normalised * std + mean, and two normalisations' ratios, finite in float32.
 _MAX_NORMALIZATION = 1e15
 _MIN_STD = 1e-15
-# Normalised units: the bundled model's spectral densities span 0.3-1500 and its particles' peaks reach 72 with a
-# channel scale of 46. Far beyond these bounds the fitted sigma grid fails, or the contrast channel (peak / scale)
-# leaves float32's range and the image becomes NaN.
-_DENSITY_BOUNDS = (1e-12, 1e12)
+# Normalised units: the bundled model's spectral densities span 0.3-1500 (noise-free data may reach far lower) and
+# its particles' peaks reach 72 with a channel scale of 46. Far beyond these bounds the fitted sigma grid fails
+# (densities near 1e-300), or the contrast channel (peak / scale) leaves float32's range and the image becomes NaN.
+_DENSITY_BOUNDS = (1e-30, 1e30)
 _MAX_CONTRAST = 1e6
 _CONTRAST_SCALE_BOUNDS = (1e-6, 1e6)
+# From atomic spacing to a millimetre per pixel; below, the TIFF resolution written with each image overflows.
+_PIXEL_SIZE_BOUNDS_NM = (0.01, 1e6)
 _MESSAGE_CHARS = 1000  # of a problem quoted from a file in an error message
 _LISTED = 5  # names shown per kind of problem in an error message
 _RESAVE = "Export the model again with napari_iscat_diffusion.diffusion.checkpoint.save_checkpoint."
@@ -226,8 +228,12 @@ class ModelConfig:
             )
         self.normalization = _checked_normalization("normalization", self.normalization, self.image_channels)
         if self.pixel_size_nm is not None:
-            if not _is_real(self.pixel_size_nm) or self.pixel_size_nm <= 0:
-                raise ValueError(f"pixel_size_nm: must be a positive number or None, got {self.pixel_size_nm!r}")
+            low, high = _PIXEL_SIZE_BOUNDS_NM
+            if not _is_real(self.pixel_size_nm) or not low <= self.pixel_size_nm <= high:
+                raise ValueError(
+                    f"pixel_size_nm: must be a positive number from {low:g} to {high:g} or None, "
+                    f"got {reprlib.repr(self.pixel_size_nm)}"
+                )
             self.pixel_size_nm = float(self.pixel_size_nm)
         if self.training_size is not None:
             size = self.training_size
