@@ -763,12 +763,13 @@ def _read_bytes(path: Path) -> bytes:
                 "Choose a checkpoint written by napari-iscat-diffusion.",
             )
         try:
-            data = file.read(MAX_CHECKPOINT_BYTES + 1)
+            # No more than the size it had when opened (+1 to notice growth), whatever a special file system says.
+            data = file.read(info.st_size + 1)
         except OSError as err:
             raise _error(path, f"the file cannot be read ({err})", "Check that it exists and is readable.") from err
     if not data:
         raise _error(path, "the file is empty (0 bytes)", "It was not written completely; save or download it again.")
-    if len(data) > MAX_CHECKPOINT_BYTES:
+    if len(data) > info.st_size:
         raise _error(path, "the file grew while it was read", "Load it again once it is written.")
     return data
 
