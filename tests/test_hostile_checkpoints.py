@@ -407,3 +407,22 @@ def test_configs_at_the_bounds_still_generate_finite_images(config):
     mask = np.zeros((16, 16), np.uint8)
     mask[4:8, 4:8], mask[10:13, 9:12] = 1, 2
     assert np.isfinite(generate(mask, model, steps=3, device="cpu")).all()
+
+
+def test_the_writer_named_in_a_newer_format_message_is_escaped(tiny_checkpoint, tmp_path):
+    document = tiny_document(tiny_checkpoint)
+    document["format_version"] += 1
+    document["versions"]["package"] = "\x1b]0;owned\x07"
+    path = tmp_path / "newer.safetensors"
+    write_with_metadata(path, tiny_checkpoint, json.dumps(document))
+    with pytest.raises(CheckpointError, match="newer than format") as info:
+        load_checkpoint(path)
+    assert "\x1b" not in str(info.value) and "\x07" not in str(info.value)
+
+
+def test_the_recorded_format_version_cannot_be_overridden_by_the_versions(tiny_checkpoint, tmp_path):
+    document = tiny_document(tiny_checkpoint)
+    document["versions"]["format_version"] = "99"
+    path = tmp_path / "versions.safetensors"
+    write_with_metadata(path, tiny_checkpoint, json.dumps(document))
+    assert load_checkpoint(path).versions["format_version"] == 1

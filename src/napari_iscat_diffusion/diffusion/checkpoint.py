@@ -731,9 +731,9 @@ def printable(text: str, limit: int = 200) -> str:
 
 
 def _error(path: Path, problem: str, advice: str) -> CheckpointError:
-    # The problem may quote the file, and the message ends up on a terminal.
-    shown = printable(str(path), _MESSAGE_CHARS)
-    return CheckpointError(f"Cannot load model checkpoint '{shown}': {printable(problem, _MESSAGE_CHARS)}. {advice}")
+    # The problem and the advice may quote the file, and the message ends up on a terminal.
+    shown, problem, advice = (printable(text, _MESSAGE_CHARS) for text in (str(path), problem, advice))
+    return CheckpointError(f"Cannot load model checkpoint '{shown}': {problem}. {advice}")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -917,7 +917,7 @@ def _parse_metadata(path: Path, metadata: dict) -> tuple[ModelConfig, dict]:
         config = ModelConfig.from_dict(document["config"])
     except ValueError as err:
         raise _error(path, f"its model config is invalid ({err})", _RESAVE) from err
-    return config, {"format_version": version, **versions}
+    return config, {**versions, "format_version": version}  # the checked version, whatever else the file says
 
 
 def _expected_shapes(unet: UNetConfig) -> dict[str, tuple[int, ...]]:
