@@ -48,7 +48,8 @@ METADATA_KEY = "napari_iscat_diffusion"
 EXPERT_PREFIX = "high_noise_expert."  # names of the second network's tensors (``ModelConfig.high_noise_expert``)
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 _HEADER_DTYPES = ("F32", "F16", "BF16")  # STORAGE_DTYPES as safetensors names them
-# The largest file read: the bundled model is 2.4 MB and a U-Net at the UNET_LIMITS that fits a GPU well under this.
+# The largest file read: the bundled model is 2.4 MB, and 4 GiB hold a billion float32 weights, far beyond any model
+# this project trains.
 MAX_CHECKPOINT_BYTES = 4 << 30
 
 _REQUIRED_FIELDS = ("unet", "schedule", "parameterization", "normalization")
