@@ -76,6 +76,28 @@ def test_info_describes_a_checkpoint_and_rejects_other_files(tmp_path, capsys):
     assert "pickle" in capsys.readouterr().err
 
 
+def test_info_escapes_control_characters_from_the_checkpoint(tmp_path, capsys):
+    import json
+
+    import safetensors.torch
+
+    from napari_iscat_diffusion.diffusion.checkpoint import METADATA_KEY
+
+    path = tmp_path / "model\x1b[2J.safetensors"
+    save_tiny_checkpoint(path, config_fields={"class_names": ["\x1b[31mred", "two\nlines"]})
+    with safetensors.safe_open(path, "pt") as file:
+        document = json.loads(file.metadata()[METADATA_KEY])
+    document["versions"]["package"] = "\x1b]0;title\x07" + "9" * 500
+    tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file(tensors, path, metadata={METADATA_KEY: json.dumps(document)})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "(\\x1b[31mred, two\\nlines)" in out and "model\\x1b[2J.safetensors" in out
+    written_by = next(line for line in out.splitlines() if line.startswith("written by"))
+    assert "\\x1b]0;title\\x07" in written_by and len(written_by) < 150  # cut short
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])

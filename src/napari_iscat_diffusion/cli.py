@@ -406,16 +406,17 @@ def _run_info(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from .diffusion.checkpoint import load_checkpoint
+    from .diffusion.checkpoint import load_checkpoint, printable
     from .diffusion.guidance import format_class_guidance, format_guidance_interval
     from .diffusion.samplers import SAMPLERS
 
     if args.checkpoint is None:
         return _print_environment()
     model = load_checkpoint(args.checkpoint)
-    print(f"{args.checkpoint}: {model.summary()}")
+    # Text from the file (and its name) is printed with control characters escaped: they could drive the terminal.
+    print(f"{printable(str(args.checkpoint), 1000)}: {model.summary()}")
     print(f"sha256 {model.sha256}")
-    print(f"written by napari-iscat-diffusion {model.versions.get('package', 'unknown')}")
+    print(f"written by napari-iscat-diffusion {printable(model.versions.get('package', 'unknown'), 100)}")
     # The model section a training config needs to fine-tune this checkpoint (model.init_from).
     architecture = {
         key: list(v) if isinstance(v, tuple) else v for key, v in dataclasses.asdict(model.config.unet).items()

@@ -7,6 +7,12 @@ ever unpickled: a checkpoint cannot run code when it is loaded.
 ``load_checkpoint`` reads the file once, hashes those bytes (the provenance of what was loaded) and
 checks everything before building the network; every failure raises ``CheckpointError`` with a
 message that names the file, says what is wrong and what to do about it.
+
+A crafted file costs no more than its own size: only a regular file of at most ``MAX_CHECKPOINT_BYTES`` is read
+(never a FIFO or a device), its header is capped and parsed without deep recursion, every size in the config is
+bounded (``unet.UNET_LIMITS`` and the limits here), and the names and shapes of the tensors the config asks for
+are compared with the header's on the ``meta`` device, so that no network is allocated for a config that the
+file's weights do not fill.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import reprlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +32,11 @@ import safetensors.torch
 import torch
 
 from .. import __version__
-from ..io.atomic import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes, remove_stale_temporaries
 from .denoiser import ConditionalDenoiser, DiscreteTimeDenoiser, in_other_units, std_ratio
 from .device import resolve_device
 from .grid_fit import FITTED_SAMPLERS, fitted_sigmas
-from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval
+from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval, check_guidance_scale
 from .parameterization import PARAMETERIZATIONS
 from .particle_contrast import ContrastPrior
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, get_sampler, sampling_sigmas
@@ -39,6 +47,10 @@ FORMAT_VERSION = 1
 METADATA_KEY = "napari_iscat_diffusion"
 EXPERT_PREFIX = "high_noise_expert."  # names of the second network's tensors (``ModelConfig.high_noise_expert``)
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+_HEADER_DTYPES = ("F32", "F16", "BF16")  # STORAGE_DTYPES as safetensors names them
+# The largest file read: the bundled model is 2.4 MB, and 4 GiB hold a billion float32 weights, far beyond any model
+# this project trains.
+MAX_CHECKPOINT_BYTES = 4 << 30
 
 _REQUIRED_FIELDS = ("unet", "schedule", "parameterization", "normalization")
 _OPTIONAL_FIELDS = (
@@ -58,8 +70,27 @@ _OPTIONAL_FIELDS = (
     "particle_contrast",
 )
 _EXPERT_KEYS = {"sigma_switch", "normalization", "training", "classes", "reach_px"}
-_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+# A checkpoint's header (tensor index and our metadata) is 28 kB for the bundled model and under 2 MB at the
+# UNET_LIMITS with 255 classes; parsing 8 MiB of the worst JSON costs about 200 MB and 2 s, where safetensors' own
+# limit of 100 MB could cost gigabytes.
+_MAX_HEADER_BYTES = 8 << 20
+_MAX_JSON_DEPTH = 32  # our metadata nests 5 deep; deeper JSON would overflow the stack in copies of it
 _MAX_TIMESTEPS = 100_000  # guards against a crafted file allocating a huge schedule
+_MAX_TRAINING_SIDE = 1 << 16  # px
+_MAX_DEFAULT_STEPS = 10_000  # sampler steps; 10-50 are used, DDPM at most the schedule's 1000
+# Physical units of iSCAT data are contrasts (~1e-3) or camera counts (~1e4); these bounds leave 15 orders of
+# magnitude around them while keeping normalised * std + mean, and two normalisations' ratios, finite in float32.
+_MAX_NORMALIZATION = 1e15
+_MIN_STD = 1e-15
+# Normalised units: the bundled model's spectral densities span 0.3-1500 (noise-free data may reach far lower) and
+# its particles' peaks reach 72 with a channel scale of 46. Far beyond these bounds the fitted sigma grid fails
+# (densities near 1e-300), or the contrast channel (peak / scale) leaves float32's range and the image becomes NaN.
+_DENSITY_BOUNDS = (1e-30, 1e30)
+_MAX_CONTRAST = 1e6
+_CONTRAST_SCALE_BOUNDS = (1e-6, 1e6)
+# From atomic spacing to a millimetre per pixel; below, the TIFF resolution written with each image overflows.
+_PIXEL_SIZE_BOUNDS_NM = (0.01, 1e6)
+_MESSAGE_CHARS = 1000  # of a problem quoted from a file in an error message
 _LISTED = 5  # names shown per kind of problem in an error message
 _RESAVE = "Export the model again with napari_iscat_diffusion.diffusion.checkpoint.save_checkpoint."
 
@@ -73,7 +104,12 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _json_copy(name: str, value: object) -> dict:
@@ -93,11 +129,18 @@ def _checked_normalization(name: str, norm: object, channels: int) -> dict:
     for key in ("mean", "std"):
         values = norm[key]
         if not isinstance(values, (list, tuple)) or len(values) != channels:
-            raise ValueError(f"{name}: {key} must list {channels} number(s), one per image channel, got {values!r}")
-        if not all(_is_real(v) for v in values):
-            raise ValueError(f"{name}: {key} must hold finite numbers, got {values!r}")
+            raise ValueError(
+                f"{name}: {key} must list {channels} number(s), one per image channel, got {reprlib.repr(values)}"
+            )
+        if not all(_is_real(v) and abs(v) <= _MAX_NORMALIZATION for v in values):
+            raise ValueError(
+                f"{name}: {key} must hold finite numbers of magnitude at most {_MAX_NORMALIZATION:g}, "
+                f"got {reprlib.repr(values)}"
+            )
     if not all(s > 0 for s in norm["std"]):
         raise ValueError(f"{name}: every std must be > 0, got {norm['std']!r}")
+    if not all(s >= _MIN_STD for s in norm["std"]):
+        raise ValueError(f"{name}: every std must be at least {_MIN_STD:g}, got {norm['std']!r}")
     return {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
 
 
@@ -187,21 +230,26 @@ class ModelConfig:
             )
         self.normalization = _checked_normalization("normalization", self.normalization, self.image_channels)
         if self.pixel_size_nm is not None:
-            if not _is_real(self.pixel_size_nm) or self.pixel_size_nm <= 0:
-                raise ValueError(f"pixel_size_nm: must be a positive number or None, got {self.pixel_size_nm!r}")
+            low, high = _PIXEL_SIZE_BOUNDS_NM
+            if not _is_real(self.pixel_size_nm) or not low <= self.pixel_size_nm <= high:
+                raise ValueError(
+                    f"pixel_size_nm: must be a positive number from {low:g} to {high:g} or None, "
+                    f"got {reprlib.repr(self.pixel_size_nm)}"
+                )
             self.pixel_size_nm = float(self.pixel_size_nm)
         if self.training_size is not None:
             size = self.training_size
             if (
                 not isinstance(size, (list, tuple))
                 or len(size) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+                or not all(type(s) is int and 0 < s <= _MAX_TRAINING_SIDE for s in size)
             ):
-                raise ValueError(f"training_size: must be two positive integers (H, W) or None, got {size!r}")
+                raise ValueError(
+                    f"training_size: must be two integers (H, W) from 1 to {_MAX_TRAINING_SIDE} or None, "
+                    f"got {reprlib.repr(size)}"
+                )
             self.training_size = (size[0], size[1])
-        if not _is_real(self.default_guidance) or self.default_guidance < 0:
-            raise ValueError(f"default_guidance: must be a finite number >= 0, got {self.default_guidance!r}")
-        self.default_guidance = float(self.default_guidance)
+        self.default_guidance = check_guidance_scale(self.default_guidance, name="default_guidance:")
         self.default_class_guidance = check_class_guidance(
             self.default_class_guidance, self.num_classes, name="default_class_guidance"
         )
@@ -209,9 +257,12 @@ class ModelConfig:
         self.sampling_sigma_max = self._checked_sampling_sigma_max(schedule.sigma_min)
         self.sampling_density_range = self._checked_density_range()
         self.default_steps = self._checked_default_steps()
-        if self.default_sampler is not None and self.default_sampler not in SAMPLERS:
+        if self.default_sampler is not None and (
+            not isinstance(self.default_sampler, str) or self.default_sampler not in SAMPLERS
+        ):
             raise ValueError(
-                f"default_sampler: unknown sampler {self.default_sampler!r}; expected one of {', '.join(SAMPLERS)}"
+                f"default_sampler: unknown sampler {reprlib.repr(self.default_sampler)}; "
+                f"expected one of {', '.join(SAMPLERS)}"
             )
         if self.sde_sigma_min is not None:
             if not _is_real(self.sde_sigma_min) or self.sde_sigma_min < 0:
@@ -246,6 +297,15 @@ class ModelConfig:
             raise ValueError("particle_contrast: a network with a contrast channel cannot hold a high-noise expert")
         prior = ContrastPrior.from_dict(self.particle_contrast)
         prior.check_classes(self.num_classes)
+        low, high = _CONTRAST_SCALE_BOUNDS
+        if not low <= prior.scale <= high:
+            raise ValueError(f"particle_contrast.scale: must be from {low:g} to {high:g}, got {prior.scale!r}")
+        magnitudes = [v for values in prior.quantiles.values() for v in values]
+        magnitudes += [v for pair in (prior.channel_map or {}).values() for values in pair for v in values]
+        if max(abs(v) for v in magnitudes) > _MAX_CONTRAST:
+            raise ValueError(
+                f"particle_contrast: quantiles and channel_map must be contrasts of magnitude at most {_MAX_CONTRAST:g}"
+            )
         return prior
 
     def _checked_guidance_interval(self) -> tuple[float, float] | None:
@@ -276,10 +336,11 @@ class ModelConfig:
             not isinstance(densities, (list, tuple))
             or len(densities) != 2
             or not all(_is_real(d) for d in densities)
-            or not 0 < densities[0] < densities[1]
+            or not _DENSITY_BOUNDS[0] <= densities[0] < densities[1] <= _DENSITY_BOUNDS[1]
         ):
             raise ValueError(
-                f"sampling_density_range: must be two finite numbers 0 < low < high or None, got {densities!r}"
+                f"sampling_density_range: must be two finite numbers 0 < low < high or None, "
+                f"from {_DENSITY_BOUNDS[0]:g} to {_DENSITY_BOUNDS[1]:g}, got {reprlib.repr(densities)}"
             )
         return (float(densities[0]), float(densities[1]))
 
@@ -289,10 +350,15 @@ class ModelConfig:
             raise ValueError(f"default_steps: must be a dict {{sampler name: steps}}, got {steps!r}")
         unknown = sorted(str(name) for name in steps if name not in SAMPLERS)
         if unknown:
-            raise ValueError(f"default_steps: unknown sampler(s) {unknown}; expected names from {', '.join(SAMPLERS)}")
+            raise ValueError(
+                f"default_steps: unknown sampler(s) {reprlib.repr(unknown)}; expected names from {', '.join(SAMPLERS)}"
+            )
         for name, count in steps.items():
-            if type(count) is not int or count < 1:
-                raise ValueError(f"default_steps: {name} must be a whole number of steps >= 1, got {count!r}")
+            if type(count) is not int or not 1 <= count <= _MAX_DEFAULT_STEPS:
+                raise ValueError(
+                    f"default_steps: {name} must be a whole number of steps from 1 to {_MAX_DEFAULT_STEPS}, "
+                    f"got {reprlib.repr(count)}"
+                )
         return {name: steps[name] for name in SAMPLERS if name in steps}
 
     def _checked_expert(self, sigma_min: float) -> dict | None:
@@ -497,7 +563,7 @@ class LoadedModel:
         config = self.config
         classes = f"{config.num_classes} class{'es' if config.num_classes != 1 else ''}"
         if config.class_names:
-            classes += f" ({', '.join(config.class_names)})"
+            classes += f" ({printable(', '.join(config.class_names))})"  # names from the file may hold escape codes
         channels = f"{config.image_channels} image channel{'s' if config.image_channels != 1 else ''}"
         size = "training size unknown"
         if config.training_size is not None:
@@ -582,6 +648,7 @@ def save_checkpoint(
         "config": config_dict,
     }
     data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(document, allow_nan=False)})
+    remove_stale_temporaries(path)  # what an earlier save, killed while writing, left behind
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -593,7 +660,7 @@ def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
         CheckpointError: as ``load_checkpoint`` for a file that cannot be read or whose metadata is not ours.
     """
     path = Path(path)
-    return _parse_metadata(path, _parse_header(path, _read_bytes(path)))[0]
+    return _parse_metadata(path, _parse_header(path, _read_bytes(path))[0])[0]
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
@@ -608,31 +675,30 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         its config, path, SHA-256 and versions.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, truncated, not a safetensors file, not a
-            checkpoint of this package, of an unsupported format version, or its config or weights
-            are invalid.
+        CheckpointError: the file is missing, unreadable, not a regular file, larger than ``MAX_CHECKPOINT_BYTES``,
+            truncated, not a safetensors file, not a checkpoint of this package, of an unsupported format version,
+            or its config or weights are invalid.
         ValueError: the device is not available here.
     """
     path = Path(path)
     torch_device = resolve_device(device)
     data = _read_bytes(path)
     sha256 = hashlib.sha256(data).hexdigest()
-    header = _parse_header(path, data)
-    config, versions = _parse_metadata(path, header)
+    metadata, stored = _parse_header(path, data)
+    config, versions = _parse_metadata(path, metadata)
+    # Without an expert in the config, expert tensors stay with the main ones and are reported as unexpected.
+    split = config.high_noise_expert is not None
+    expected = _expected_shapes(config.unet)
+    _check_fit(path, expected, {n: e for n, e in stored.items() if not (split and n.startswith(EXPERT_PREFIX))})
+    if split:
+        expert_stored = {n[len(EXPERT_PREFIX) :]: e for n, e in stored.items() if n.startswith(EXPERT_PREFIX)}
+        _check_fit(path, expected, expert_stored, prefix=EXPERT_PREFIX)
     try:
         tensors = safetensors.torch.load(data)
     except (safetensors.SafetensorError, KeyError) as err:
         raise _error(path, f"it is a corrupt safetensors file ({err})", _RESAVE) from err
-    # Without an expert in the config, expert tensors stay with the main ones and are reported as unexpected.
-    split = config.high_noise_expert is not None
     expert_tensors = {n[len(EXPERT_PREFIX) :]: t for n, t in tensors.items() if split and n.startswith(EXPERT_PREFIX)}
     tensors = {n: t for n, t in tensors.items() if not (split and n.startswith(EXPERT_PREFIX))}
-    net = ConditionalUNet(config.unet)
-    _check_fit(path, net, tensors)
-    expert_net = None
-    if config.high_noise_expert is not None:
-        expert_net = ConditionalUNet(config.unet)
-        _check_fit(path, expert_net, expert_tensors, prefix=EXPERT_PREFIX)
     bad = _non_finite(tensors | expert_tensors)
     if bad:
         raise _error(
@@ -641,6 +707,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             "The model diverged in training or the file is corrupt; use another checkpoint.",
         )
     storage_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    net = ConditionalUNet(config.unet)
+    expert_net = ConditionalUNet(config.unet) if split else None
     for network, weights in ((net, tensors), (expert_net, expert_tensors)):
         if network is not None:
             network.load_state_dict(weights)  # copies into the float32 parameters, so fp16 weights become float32
@@ -656,26 +724,60 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     )
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe to print on a terminal: every non-printable character (escape codes, newlines) written as a
+    Python escape such as ``\\x1b``, and cut to ``limit`` characters ("..." marks a cut)."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return escaped if len(escaped) <= limit else escaped[: max(limit - 3, 0)] + "..."
+
+
 def _error(path: Path, problem: str, advice: str) -> CheckpointError:
-    return CheckpointError(f"Cannot load model checkpoint '{path}': {problem}. {advice}")
+    # The problem and the advice may quote the file, and the message ends up on a terminal.
+    shown, problem, advice = (printable(text, _MESSAGE_CHARS) for text in (str(path), problem, advice))
+    return CheckpointError(f"Cannot load model checkpoint '{shown}': {problem}. {advice}")
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file of 1 to ``MAX_CHECKPOINT_BYTES`` bytes (never a FIFO or a
+    device such as /dev/zero, which would hang or never end)."""
     if path.is_dir():
         raise _error(path, "it is a folder, not a file", "Choose the .safetensors checkpoint file inside it.")
     try:
-        data = path.read_bytes()
+        # Non-blocking: opening a FIFO would otherwise wait for a writer. The checks below are on what was opened.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError as err:
         raise _error(path, "file not found", "Check the path and choose a .safetensors checkpoint file.") from err
     except OSError as err:
         raise _error(path, f"the file cannot be read ({err})", "Check that it exists and is readable.") from err
+    with open(descriptor, "rb") as file:
+        info = os.fstat(descriptor)
+        if stat.S_ISDIR(info.st_mode):
+            raise _error(path, "it is a folder, not a file", "Choose the .safetensors checkpoint file inside it.")
+        if not stat.S_ISREG(info.st_mode):
+            raise _error(
+                path, "it is not a regular file (a device, FIFO or socket)", "Choose a .safetensors checkpoint file."
+            )
+        if info.st_size > MAX_CHECKPOINT_BYTES:
+            raise _error(
+                path,
+                f"the file is {info.st_size} bytes, more than the {MAX_CHECKPOINT_BYTES >> 30} GiB a checkpoint may be",
+                "Choose a checkpoint written by napari-iscat-diffusion.",
+            )
+        try:
+            # No more than the size it had when opened (+1 to notice growth), whatever a special file system says.
+            data = file.read(info.st_size + 1)
+        except OSError as err:
+            raise _error(path, f"the file cannot be read ({err})", "Check that it exists and is readable.") from err
     if not data:
         raise _error(path, "the file is empty (0 bytes)", "It was not written completely; save or download it again.")
+    if len(data) > info.st_size:
+        raise _error(path, "the file grew while it was read", "Load it again once it is written.")
     return data
 
 
-def _parse_header(path: Path, data: bytes) -> dict:
-    """The safetensors JSON header, with clear errors for files that are not safetensors or are cut short."""
+def _parse_header(path: Path, data: bytes) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The safetensors header's metadata and its tensors ``{name: (dtype, shape)}``, with clear errors for files
+    that are not safetensors, are cut short or have an oversized or malformed header."""
     # A safetensors file starts with its header length (8 bytes, little-endian) and then "{": test that
     # first, since a header length whose low byte is 0x80 also starts like a pickle.
     looks_like_safetensors = len(data) >= 9 and data[8:9] == b"{"
@@ -691,9 +793,15 @@ def _parse_header(path: Path, data: bytes) -> dict:
             path, f"the file is only {len(data)} bytes long: truncated, or not a safetensors file", "Use another file."
         )
     header_size = int.from_bytes(data[:8], "little")
-    if data[8:9] != b"{" or header_size > _MAX_HEADER_BYTES:
+    if not looks_like_safetensors:
         raise _error(
             path, "it is not a safetensors file", "Choose a .safetensors checkpoint written by napari-iscat-diffusion."
+        )
+    if header_size > _MAX_HEADER_BYTES:
+        raise _error(
+            path,
+            f"its header is {header_size} bytes, more than the {_MAX_HEADER_BYTES >> 20} MiB a checkpoint's may be",
+            _RESAVE,
         )
     if 8 + header_size > len(data):
         raise _error(
@@ -702,24 +810,73 @@ def _parse_header(path: Path, data: bytes) -> dict:
             "It was not written or downloaded completely; save or download it again.",
         )
     try:
-        header = json.loads(data[8 : 8 + header_size])
-        entries = [entry for key, entry in header.items() if key != "__metadata__"]
-        end = max((int(entry["data_offsets"][1]) for entry in entries), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        header = json.loads(data[8 : 8 + header_size], object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except (ValueError, RecursionError) as err:
         raise _error(path, f"it is not a safetensors file (bad header: {err})", _RESAVE) from err
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise _error(path, "it is not a safetensors file (its metadata is not a map of strings)", _RESAVE)
+    bad = [name for name, entry in header.items() if not _is_tensor_entry(entry)]
+    if bad:
+        raise _error(path, f"it is not a safetensors file (bad header entries: {_listing(bad)})", _RESAVE)
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + header_size + end > len(data):
         raise _error(
             path,
             f"the file is truncated ({len(data)} of {8 + header_size + end} bytes)",
             "It was not written or downloaded completely; save or download it again.",
         )
-    return header
+    return metadata, {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
 
 
-def _parse_metadata(path: Path, header: dict) -> tuple[ModelConfig, dict]:
-    """The model config and the versions from our metadata key."""
-    metadata = header.get("__metadata__")
-    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict; ValueError for a key given twice, which readers may resolve differently."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a key is given twice")
+    return result
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer of at most 19 digits (beyond, numbers would overflow float and int64 conversions later)."""
+    if len(text.lstrip("-")) > 19:
+        raise ValueError(f"the integer {text[:30]}... is too large")
+    return int(text)
+
+
+def _is_tensor_entry(entry: object) -> bool:
+    """Whether a header entry is ``{"dtype": str, "shape": [ints >= 0], "data_offsets": [begin, end]}``."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        return False
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    return (
+        isinstance(entry["dtype"], str)
+        and isinstance(shape, list)
+        and all(type(n) is int and n >= 0 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(n) is int for n in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
+
+
+def _json_depth(value: object) -> int:
+    """How deeply lists and dicts nest in ``value`` (0 for a scalar), without recursion."""
+    depth, level = 0, [value]
+    while level:
+        level = [
+            child
+            for item in level
+            if isinstance(item, (dict, list))
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        depth += 1
+    return depth - 1
+
+
+def _parse_metadata(path: Path, metadata: dict) -> tuple[ModelConfig, dict]:
+    """The model config and the versions from our key of the safetensors metadata."""
+    if METADATA_KEY not in metadata:
         raise _error(
             path,
             f"it is a safetensors file without a napari-iscat-diffusion model config (no {METADATA_KEY!r} "
@@ -727,9 +884,11 @@ def _parse_metadata(path: Path, header: dict) -> tuple[ModelConfig, dict]:
             "Choose a checkpoint written by napari-iscat-diffusion.",
         )
     try:
-        document = json.loads(metadata[METADATA_KEY])
-    except (TypeError, ValueError) as err:
+        document = json.loads(metadata[METADATA_KEY], object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except (ValueError, RecursionError) as err:
         raise _error(path, f"its {METADATA_KEY!r} metadata is malformed JSON ({err})", _RESAVE) from err
+    if _json_depth(document) > _MAX_JSON_DEPTH:
+        raise _error(path, f"its {METADATA_KEY!r} metadata nests deeper than {_MAX_JSON_DEPTH} levels", _RESAVE)
     if not isinstance(document, dict) or set(document) != {"format_version", "versions", "config"}:
         keys = sorted(document) if isinstance(document, dict) else type(document).__name__
         raise _error(
@@ -759,20 +918,31 @@ def _parse_metadata(path: Path, header: dict) -> tuple[ModelConfig, dict]:
         config = ModelConfig.from_dict(document["config"])
     except ValueError as err:
         raise _error(path, f"its model config is invalid ({err})", _RESAVE) from err
-    return config, {"format_version": version, **versions}
+    return config, {**versions, "format_version": version}  # the checked version, whatever else the file says
 
 
-def _check_fit(path: Path, net: ConditionalUNet, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Raise CheckpointError unless the stored tensors match the network's state dict in names, shapes and kinds;
-    ``prefix`` is the one the file puts before these names (for the message)."""
-    expected = net.state_dict()
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
+def _expected_shapes(unet: UNetConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the state dict of a network of ``unet``, found without allocating its weights."""
+    with torch.device("meta"):
+        net = ConditionalUNet(unet)
+    return {name: tuple(tensor.shape) for name, tensor in net.state_dict().items()}
+
+
+def _check_fit(
+    path: Path,
+    expected: dict[str, tuple[int, ...]],
+    stored: dict[str, tuple[str, tuple[int, ...]]],
+    prefix: str = "",
+) -> None:
+    """Raise CheckpointError unless the stored tensors ``{name: (safetensors dtype, shape)}`` match the network's
+    state dict ``{name: shape}`` in names and shapes and are stored in one of ``STORAGE_DTYPES``; ``prefix`` is the
+    one the file puts before these names (for the message)."""
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
     mismatched = [
-        f"{name} (file {tuple(tensors[name].shape)} {tensors[name].dtype}, network {tuple(want.shape)} {want.dtype})"
+        f"{name} (file {stored[name][1]} {stored[name][0]}, network {want})"
         for name, want in expected.items()
-        if name in tensors
-        and (tensors[name].shape != want.shape or tensors[name].is_floating_point() != want.is_floating_point())
+        if name in stored and (stored[name][1] != want or stored[name][0] not in _HEADER_DTYPES)
     ]
     problems = [
         f"{len(names)} {kind}: {_listing([prefix + name for name in names])}"

@@ -10,11 +10,28 @@ the small ring-shaped particle PSFs live.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Upper bounds on the sizes in a UNetConfig, so that a config read from a file cannot ask for an absurd network
+# (gigabytes of weights or millions of modules) before its weights are compared with it. Each is several times
+# what a real iSCAT model needs (the bundled one: 32 base channels, 3 levels of at most 4x, 2 blocks, 3 classes):
+# 1024 x 16 channels is beyond any GPU's memory at useful image sizes, 8 levels shrink 256 px to 2 px, and
+# labels above 255 do not fit a uint8 mask.
+UNET_LIMITS: dict[str, int] = {
+    "image_channels": 64,
+    "num_classes": 255,
+    "base_channels": 1024,
+    "num_res_blocks": 16,
+    "num_heads": 64,
+    "norm_groups": 1024,
+}
+MAX_LEVELS = 8  # entries of channel_mults
+MAX_CHANNEL_MULT = 16
 
 
 @dataclass(frozen=True)
@@ -50,15 +67,18 @@ class UNetConfig:
     contrast_channel: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("image_channels", "num_classes", "base_channels", "num_res_blocks", "num_heads", "norm_groups"):
-            _check_positive_int(name, getattr(self, name))
+        for name, limit in UNET_LIMITS.items():
+            _check_positive_int(name, getattr(self, name), limit)
         # Lists (from JSON or a caller) become tuples so that the config stays hashable.
         object.__setattr__(self, "channel_mults", _int_tuple("channel_mults", self.channel_mults))
         object.__setattr__(self, "attention_levels", _int_tuple("attention_levels", self.attention_levels))
-        if not self.channel_mults:
-            raise ValueError("channel_mults: must list at least one resolution level, got ()")
+        if not 1 <= len(self.channel_mults) <= MAX_LEVELS:
+            raise ValueError(
+                f"channel_mults: must list at least one resolution level and at most {MAX_LEVELS}, "
+                f"got {len(self.channel_mults)}"
+            )
         for mult in self.channel_mults:
-            _check_positive_int("channel_mults", mult)
+            _check_positive_int("channel_mults", mult, MAX_CHANNEL_MULT)
         num_levels = len(self.channel_mults)
         for level in self.attention_levels:
             if not 0 <= level < num_levels:
@@ -67,13 +87,13 @@ class UNetConfig:
                     f"(indices 0..{num_levels - 1})"
                 )
         if len(set(self.attention_levels)) != len(self.attention_levels):
-            raise ValueError(f"attention_levels: contains duplicates: {self.attention_levels}")
+            raise ValueError(f"attention_levels: contains duplicates: {reprlib.repr(self.attention_levels)}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout: must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
         for name in ("antialias", "contrast_channel"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}: must be true or false, got {reprlib.repr(getattr(self, name))}")
         # Every channel count in the network (concatenated skips included) is a sum of these, so
         # checking them here is enough for every GroupNorm.
         for level, mult in enumerate(self.channel_mults):
@@ -113,16 +133,16 @@ class UNetConfig:
         return cls(**data)
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+def _check_positive_int(name: str, value: object, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"{name}: must be a positive integer of at most {limit}, got {reprlib.repr(value)}")
 
 
 def _int_tuple(name: str, value: object) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)):
-        raise ValueError(f"{name}: must be a list of integers, got {value!r}")
+        raise ValueError(f"{name}: must be a list of integers, got {reprlib.repr(value)}")
     if any(isinstance(item, bool) or not isinstance(item, int) for item in value):
-        raise ValueError(f"{name}: must be a list of integers, got {value!r}")
+        raise ValueError(f"{name}: must be a list of integers, got {reprlib.repr(value)}")
     return tuple(value)
 
 
