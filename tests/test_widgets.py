@@ -76,6 +76,8 @@ def test_both_widgets_dock_by_plugin_name_and_offer_the_bundled_model(make_napar
         assert widget.checkpoint.combo.currentText() == "tiny"
         assert widget.checkpoint.model is not None and widget.checkpoint.model.path == bundled_tiny
         assert "2 classes" in widget.checkpoint.summary.text()
+        for label in (widget.checkpoint.summary, widget.status):  # file and layer names, never read as HTML
+            assert label.textFormat() == Qt.TextFormat.PlainText
 
 
 def test_layer_picker_follows_the_layer_list(viewer_and_widget):

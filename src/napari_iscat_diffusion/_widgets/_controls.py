@@ -104,6 +104,7 @@ class CheckpointChooser(QWidget):
         self.combo = QComboBox()
         self.summary = QLabel()
         self.summary.setWordWrap(True)
+        self.summary.setTextFormat(Qt.TextFormat.PlainText)  # class names come from the file: never HTML
         layout = QFormLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addRow("Checkpoint", self.combo)
@@ -244,6 +245,7 @@ class RunControls(QWidget):
         self.progress_bar = QProgressBar()
         self.status = QLabel()
         self.status.setWordWrap(True)
+        self.status.setTextFormat(Qt.TextFormat.PlainText)  # messages name the user's files and layers
         buttons = QHBoxLayout()
         buttons.addWidget(start_button)
         buttons.addWidget(self.cancel_button)
