@@ -109,3 +109,18 @@ def test_an_outlier_read_by_a_loader_worker_mid_run_stops_it(tmp_path: Path, cap
     err = capsys.readouterr().err
     assert f"error: {root / 'p3.tif'}: a pixel of 1e+06 lies 9.99e+07 robust spreads" in err
     assert run_dir.exists() and not (run_dir / "model.safetensors").exists()  # it stopped mid-run
+
+
+def test_an_hdf5_path_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "patches.h5"
+    folder.mkdir()
+    err = _fails_before_training(tmp_path, capsys, "data.source=hdf5", f"data.path={folder}")
+    assert err == f"error: {folder}: is a folder; expected an HDF5 file with image_patches and mask_patches\n"
+
+
+def test_a_tiff_folder_without_any_mask(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = contrast_tiff_pairs(tmp_path / "pairs", 4, bad=-1)
+    for mask in root.glob("*_mask.tif"):
+        mask.unlink()
+    err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={root}")
+    assert err == f"error: {root}: no training image has a mask; expected NAME_mask.tif or masks/NAME.tif\n"

@@ -125,6 +125,9 @@ def build_sources(config: TrainConfig) -> tuple[Source, Source, float | None, li
             raise ConfigError(f"data.{key}: {value} does not exist")
     if data.source == "tiff":
         train: Source = TiffPairSource(data.path, split="train", frames_per_channel=data.frames_per_channel)
+        if not any(pair.mask for pair in train.pairs):
+            # As in `iscat-diffusion dataset check`: a mask-conditioned model would learn nothing of masks.
+            raise DataError(data.path, "no training image has a mask; expected NAME_mask.tif or masks/NAME.tif")
         # The validation images must have as many planes as the training images, whose planes become channels.
         same = {"frames_per_channel": data.frames_per_channel, "planes": train.planes}
         if data.val_path is not None:

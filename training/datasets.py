@@ -184,11 +184,14 @@ class Hdf5Source:
         self.path = Path(path)
         self.location = str(path)
         self.frames_per_channel = frames_per_channel
+        if self.path.is_dir():
+            raise DataError(self.path, f"is a folder; expected an HDF5 file with {IMAGE_PATCHES} and {MASK_PATCHES}")
         try:
             with import_h5py().File(self.path, "r") as file:
                 layout = patch_layout(file, self.path)
         except OSError as err:
-            raise DataError(self.path, f"cannot be read as HDF5 ({err})") from err
+            # HDF5's messages span lines (they hold a time stamp with its newline): one line for the error.
+            raise DataError(self.path, f"cannot be read as HDF5 ({' '.join(str(err).split())})") from err
         _check_chunk(layout.planes, frames_per_channel, f"{self.path} [{IMAGE_PATCHES}]")
         self.length = layout.count
         self.num_mask_classes = layout.classes
