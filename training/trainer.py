@@ -220,6 +220,19 @@ class Trainer:
         if error is not None:
             raise error
 
+    def _step_batches(self, batches: Iterator[dict | DataError]) -> list[dict]:
+        """The ``train.grad_accum`` micro-batches of one optimiser step, read before any is used: the ranks agree
+        that none holds bad data once per step, while the device is idle between steps."""
+        step_batches, error = [], None
+        for _ in range(self.config.train.grad_accum):
+            batch = next(batches)
+            if isinstance(batch, DataError):
+                error = batch
+                break
+            step_batches.append(batch)
+        self._stop_on_bad_data(error)
+        return step_batches
+
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and conditions on the device; mask-free items get the null condition."""
         x0 = batch["image"].to(self.device, non_blocking=True)
@@ -344,9 +357,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
-        for micro in range(train.grad_accum):
-            batch = next(batches)
-            self._stop_on_bad_data(batch if isinstance(batch, DataError) else None)
+        for micro, batch in enumerate(self._step_batches(batches)):
             self.micro_batches += 1
             x0, cond = self._inputs(batch)
             # Gradients are all-reduced only on the last micro-step: no_sync covers forward and backward.
