@@ -287,7 +287,9 @@ class IscatDataset(Dataset):
     ``labels`` int64 (h, w), ``has_mask`` bool (False: labels are all 0, train with the null condition),
     ``name`` str, and where the attribute ``contrast_prior`` is set (a network with a contrast channel),
     ``contrast`` float32 (h, w), the condition's contrast channel (``particle_contrast.contrast_channel``),
-    measured in the loader's workers. Each item is checked when read; ``validate()`` checks them all up front.
+    measured in the loader's workers. Each item is checked when read (channels, mask size and labels, and the pixel
+    values by ``io.pixel_values``' rules, those of ``iscat-diffusion dataset check``, against the normalisation's
+    median and spread once it is set); ``validate()`` checks them all up front.
     """
 
     def __init__(
