@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from training import train
-from training.config import ConfigError, TrainConfig, load_config
-from training.export import build_model_config
+from training.config import ConfigError, TrainConfig, build_model_config, load_config
 
 from napari_iscat_diffusion.diffusion import load_checkpoint
 
@@ -60,7 +59,7 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("train.particle_loss_radius_px=-2", r"train\.particle_loss_radius_px: must be >= 0 pixels"),
         ("train.surroundings_loss_weight=-1", r"train\.surroundings_loss_weight: must be >= 0"),
         ("train.surroundings_loss_radius_px=-1", r"train\.surroundings_loss_radius_px: must be >= 0 pixels"),
-        ("optim.lr=nan", r"optim\.lr: must be a positive number"),
+        ("optim.lr=nan", r"optim\.lr: must be a finite number"),
         ("train.min_snr_floor=-0.1", r"train\.min_snr_floor: must be >= 0"),
         (("train.min_snr_floor=0.01", "train.min_snr_gamma=null"), r"train\.min_snr_floor: a floor of 0\.01 needs"),
         ("train.min_snr_floor=5", r"train\.min_snr_floor: a floor of 5\.0? needs train\.min_snr_gamma above it"),
@@ -72,11 +71,51 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("model.norm_groups=5", r"model\."),
         (("optim.schedule=plateau", "log.val_every=0"), r"optim\.schedule: plateau acts on validation losses"),
         (("train.early_stopping_patience=3", "log.val_every=0"), r"train\.early_stopping_patience: acts on validation"),
+        # Values that the exported model's ModelConfig refuses, found at load time rather than after training.
+        ("export.default_guidance=-1", r"^export\.default_guidance: must be a finite number >= 0, got -1\.0$"),
+        ("data.pixel_size_nm=-5", r"^data\.pixel_size_nm: must be a positive number or None"),
+        ("data.class_names=[a, b]", r"^data\.class_names: must be 3 non-empty strings"),
+        ("export.default_steps={magic: 3}", r"^export\.default_steps: unknown sampler"),
+        ("export.default_class_guidance={7: 2.0}", r"^export\.default_class_guidance: "),
+        ("export.sampling_sigma_max=0", r"^export\.sampling_sigma_max: must be a finite noise level"),
+        ("export.default_sampler=magic", r"^export\.default_sampler: unknown sampler"),
+        # Values that used to fail mid-run or at the export with a traceback.
+        ("train.min_snr_gamma=1e308", r"train\.min_snr_gamma: must be a finite number \(at most 3\.4e\+38"),
+        ("optim.grad_clip=.inf", r"optim\.grad_clip: must be a finite number"),
+        ("optim.weight_decay=1e30", r"optim\.weight_decay: lr \* weight_decay must be below 1"),
+        ("optim.lr=5", r"optim\.lr: must be a positive number up to 1"),
+        ("ema.half_life_images=.inf", r"ema\.half_life_images: must be a finite number"),
+        ("log.guidance=-1", r"log\.guidance: must be a finite number >= 0"),
+        ("seed=-1", r"seed: must be >= 0"),
+        ("model.image_channels=100000000000000000000", r"model\.image_channels: must be an integer of at most 19"),
+        ("run_dir=''", r"run_dir: must not be empty"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override: str | tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override] if isinstance(override, str) else list(override))
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_at_load(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=r"^run_dir: .*file is a file; expected a folder$"):
+        load_config(None, [f"run_dir={a_file}"])
+    with pytest.raises(ConfigError, match=r"^run_dir: .*file/run lies inside .*file, which is a file$"):
+        load_config(None, [f"run_dir={a_file / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^export\.path: .* is a folder; expected a file$"):
+        load_config(None, [f"run_dir={tmp_path / 'run'}", f"export.path={tmp_path}"])
+
+
+def test_main_rejects_an_export_value_before_reading_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "no-data"
+    assert (
+        train.main([f"run_dir={run_dir}", "data.source=tiff", f"data.path={missing}", "export.default_guidance=-1"])
+        == 2
+    )
+    assert capsys.readouterr().err == "error: export.default_guidance: must be a finite number >= 0, got -1.0\n"
+    assert not run_dir.exists()
 
 
 def test_unreadable_or_malformed_files_name_the_file(tmp_path: Path) -> None:

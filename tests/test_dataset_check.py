@@ -117,6 +117,33 @@ def test_nan_and_inf_in_images(tmp_path):
     assert np.isfinite(report.image_range).all()
 
 
+def test_absurd_values_are_errors_by_the_rules_training_uses(tmp_path):
+    # pixel_values: one error per file, a huge magnitude first, else a pixel far outside the data's spread.
+    outlier, huge = _image(seed=1), _image(seed=2)
+    outlier[3, 3], huge[4, 4] = 1e6, 3e38
+    for name, image in (("a", _image()), ("b", outlier), ("c", huge), ("d", _image(seed=3))):
+        _pair(tmp_path, name, image=image)
+    errors = check_dataset(tmp_path).errors
+    assert len(errors) == 2
+    assert errors[0] == "images/c.tif: a pixel of magnitude 3e+38, above 1e+18 (too large for float32 arithmetic)"
+    assert errors[1].startswith("images/b.tif: a pixel of 1e+06 lies 1.14e+08 robust spreads from the data")
+
+
+def test_raw_camera_counts_with_a_saturated_pixel_pass(tmp_path):
+    counts = np.random.default_rng(0).poisson(1000, (2, 16, 16)).astype(np.uint16)
+    counts[0, 5, 5] = 65535  # about 2000 spreads above a background of 1000 +- 32 counts
+    _pair(tmp_path, "a", image=counts[0])
+    _pair(tmp_path, "b", image=counts[1])
+    assert check_dataset(tmp_path).ok
+
+
+def test_hdf5_patches_get_the_same_value_rules(tmp_path):
+    images, masks = _patches()
+    images[4, 1, 2, 2] = 1e9
+    report = check_dataset(_h5(tmp_path / "data.h5", images, masks))
+    assert len(report.errors) == 1 and report.errors[0].startswith("data.h5: image_patches[4]: a pixel of 1e+09 lies")
+
+
 def test_empty_masks_are_warnings(tmp_path):
     _pair(tmp_path, "a")
     _pair(tmp_path, "b", mask=np.zeros((16, 16), np.uint8))
@@ -133,7 +160,7 @@ def test_non_label_masks_are_errors(tmp_path):
 
 def test_mixed_dtypes_planes_and_pixel_sizes(tmp_path):
     _pair(tmp_path, "a")
-    _pair(tmp_path, "b", image=(np.arange(256).reshape(16, 16) * 100).astype(np.uint16))
+    _pair(tmp_path, "b", image=(np.arange(256).reshape(16, 16) % 3).astype(np.uint16))  # values in the others' range
     _pair(tmp_path, "c", image=np.stack([_image(), _image(seed=1)]))
     write_tiff(tmp_path / "images" / "d.tif", _image(), pixel_size_nm=100)
     write_tiff(tmp_path / "masks" / "d_mask.tif", _mask())
@@ -145,7 +172,7 @@ def test_mixed_dtypes_planes_and_pixel_sizes(tmp_path):
         "2 (1 file, e.g. images/c.tif); a model takes a fixed number of image channels"
     ]
     assert report.warnings == [
-        "image dtypes differ: float32 (4 files, e.g. images/a.tif), uint16 (1 file, e.g. images/b.tif)",
+        "image dtypes differ: float32 (4 files, e.g. images/a.tif), uint8 (1 file, e.g. images/b.tif)",
         "images have different pixel sizes: 65 nm (3 files, e.g. images/a.tif), 100 nm (1 file, e.g. images/d.tif), "
         "not stored (1 file, e.g. images/e.tif)",
     ]

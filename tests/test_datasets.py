@@ -263,7 +263,7 @@ def test_wrong_channel_count_names_the_image(tmp_path):
     _write(tmp_path / "b.tif", _image(2))
     dataset = IscatDataset(TiffPairSource(tmp_path, frames_per_channel=1), num_classes=2)
     assert dataset.channels == 2
-    with pytest.raises(DataError, match=r"b\.tif.*1 image channel.*2 are expected"):
+    with pytest.raises(DataError, match=r"b\.tif: has 1 plane\(s\).*a\.tif has 2"):
         dataset.raw_image(1)
     with pytest.raises(DataError, match=r"a\.tif.*2 image channel.*1 are expected"):
         IscatDataset(TiffPairSource(tmp_path, frames_per_channel=1), num_classes=2, channels=1, normalization=UNIT)[0]

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from tests.tiny_training import run_python, tiny_overrides
+from tests.tiny_training import contrast_tiff_pairs, run_python, tiny_overrides
 from training.state import checksum, load_state, prefixed, state_path, unprefixed
 
 STEPS = 4
@@ -64,3 +64,17 @@ def test_two_ranks_end_with_identical_weights_across_an_elastic_restart(tmp_path
     assert (run_dir / "samples" / f"samples-{STEPS:09d}.png").is_file()
     assert info["last_val_loss"] is not None and math.isfinite(info["last_val_loss"])
     assert not [name for name in os.listdir(run_dir) if name.startswith("rank")]  # only rank 0 writes
+
+
+def test_bad_data_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    # p3's 1e6 pixel is read mid-run by one rank only; both must stop with its message rather than wait forever.
+    root = contrast_tiff_pairs(tmp_path / "pairs", 8, bad=3)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    overrides = tiny_overrides(
+        tmp_path / "run", "model.num_classes=2", "data.source=tiff", f"data.path={root}", "data.normalization_images=1"
+    )
+    done = run_python([*torchrun, "training/train.py", *overrides], timeout=120)
+    assert done.returncode != 0
+    message = f"error: {root / 'p3.tif'}: a pixel of 1e+06 lies"
+    assert done.stderr.count(message) == 2, done.stderr  # one line from each rank
+    assert "exitcode  : 2" in done.stderr, done.stderr

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from tests.tiny_training import tiny_overrides
+from tests.tiny_training import contrast_tiff_pairs, tiny_overrides
 from training import train
 
 
@@ -75,3 +75,52 @@ def test_a_tiff_mask_label_above_the_model_classes(tmp_path: Path, capsys: pytes
     root = _tiff_folder(tmp_path / "pairs", first_label=3)
     err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={root}")
     assert "p0_mask.tif: contains label 3 but num_classes=2" in err
+
+
+def _with_pixel(value: float) -> np.ndarray:
+    image = np.random.default_rng(1).normal(0, 0.01, (40, 40)).astype(np.float32)
+    image[3, 3] = value
+    return image
+
+
+@pytest.mark.parametrize(
+    ("bad_image", "message"),
+    [
+        (_with_pixel(np.nan), "p1.tif: 1 NaN and 0 Inf pixels"),
+        (_with_pixel(3e38), "p1.tif: a pixel of magnitude 3e+38, above 1e+18"),
+        (np.full((40, 40, 3), 120, np.uint8), "p1.tif: has 3 plane(s) (Z frames or colour samples) but"),
+    ],
+    ids=["nan", "huge", "rgb"],
+)
+def test_bad_pixels_stop_the_run_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture, bad_image: np.ndarray, message: str
+) -> None:
+    root = contrast_tiff_pairs(tmp_path / "pairs", 4, bad=1, bad_image=bad_image)
+    err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={root}")
+    assert f"error: {root / message}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_outlier_read_by_a_loader_worker_mid_run_stops_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Training items p0..p6, validation p7; p0, p7 and the one normalisation image (p5) are read before training.
+    root = contrast_tiff_pairs(tmp_path / "pairs", 8, bad=3)
+    run_dir = tmp_path / "run"
+    overrides = ["data.source=tiff", f"data.path={root}", "data.normalization_images=1", "data.num_workers=1"]
+    assert train.main(tiny_overrides(run_dir, "model.num_classes=2", *overrides)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {root / 'p3.tif'}: a pixel of 1e+06 lies 9.99e+07 robust spreads" in err
+    assert run_dir.exists() and not (run_dir / "model.safetensors").exists()  # it stopped mid-run
+
+
+def test_an_hdf5_path_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "patches.h5"
+    folder.mkdir()
+    err = _fails_before_training(tmp_path, capsys, "data.source=hdf5", f"data.path={folder}")
+    assert err == f"error: {folder}: is a folder; expected an HDF5 file with image_patches and mask_patches\n"
+
+
+def test_a_tiff_folder_without_any_mask(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = contrast_tiff_pairs(tmp_path / "pairs", 4, bad=-1)
+    for mask in root.glob("*_mask.tif"):
+        mask.unlink()
+    err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={root}")
+    assert err == f"error: {root}: no training image has a mask; expected NAME_mask.tif or masks/NAME.tif\n"

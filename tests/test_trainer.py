@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 from tests.tiny_training import tiny_config, tiny_overrides, tiny_trainer
 from training import train
@@ -103,8 +102,6 @@ def test_a_plot_that_cannot_be_drawn_costs_the_run_nothing(
 def test_a_non_finite_step_is_skipped_and_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import training.trainer as trainer_module
-
     loss = trainer_module.diffusion_loss
     calls = []
 
@@ -129,28 +126,39 @@ def test_a_non_finite_step_is_skipped_and_logged(
     assert info["step"] == 3 and info["nonfinite_in_row"] == 1 and info["images_seen"] == 12
 
 
-def _nan_tiff_folder(root: Path) -> Path:
-    """Image/mask pairs with one NaN pixel that every 32 px crop of the 40 px images contains."""
-    rng = np.random.default_rng(0)
-    root.mkdir()
-    for index in range(4):
-        image = rng.normal(0, 0.01, (40, 40)).astype(np.float32)
-        image[20, 20] = np.nan
-        tifffile.imwrite(root / f"p{index}.tif", image)
-        tifffile.imwrite(root / f"p{index}_mask.tif", np.zeros((40, 40), np.uint8))
-    return root
+def _nan_loss_on(steps: set[int] | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the training loss NaN on the given 1-based training calls (None: always); validation is off."""
+    loss = trainer_module.diffusion_loss
+    calls = itertools.count(1)
+
+    def nan_loss(*args, **kwargs) -> torch.Tensor:
+        value = loss(*args, **kwargs)
+        call = next(calls)
+        return value * math.nan if steps is None or call in steps else value
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", nan_loss)
 
 
-def test_k_non_finite_steps_in_a_row_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = _nan_tiff_folder(tmp_path / "data")
-    overrides = tiny_overrides(tmp_path / "run", "data.source=tiff", f"data.path={data}", "train.max_nonfinite=3")
-    assert train.main(overrides) == 1
+def test_k_non_finite_steps_in_a_row_stop_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_loss_on(None, monkeypatch)
+    assert train.main(tiny_overrides(tmp_path / "run", "train.max_nonfinite=3")) == 1
     err = capsys.readouterr().err
-    assert "error: the loss or the gradients were NaN or infinite in 3 steps in a row (up to step 3)" in err
+    assert "error: the loss or the gradients were NaN or infinite in 3 steps in a row and 3 of 3 steps in all" in err
     assert not (tmp_path / "run" / "model.safetensors").exists()
-    again = tiny_config(tmp_path / "again", "data.source=tiff", f"data.path={data}", "train.max_nonfinite=2")
     with pytest.raises(NonFiniteLossError, match="in 2 steps in a row"):
-        tiny_trainer(again).fit()
+        tiny_trainer(tiny_config(tmp_path / "again", "train.max_nonfinite=2")).fit()
+
+
+def test_non_finite_steps_that_are_not_in_a_row_stop_the_run_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every other step skipped: never 2 in a row, but the 3rd skip is more than max_nonfinite=2 and 1 % of steps.
+    _nan_loss_on({1, 3, 5, 7}, monkeypatch)
+    trainer = tiny_trainer(tiny_config(tmp_path, "train.max_nonfinite=2", "train.steps=8"))
+    with pytest.raises(NonFiniteLossError, match="in 1 steps in a row and 3 of 5 steps in all"):
+        trainer.fit()
 
 
 def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import tifffile
 import torch
 from tests.tiny_models import TINY_UNET
 from training.config import TrainConfig, load_config
@@ -71,3 +73,21 @@ def run_python(args: list[str], *, timeout: float = 120) -> subprocess.Completed
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def contrast_tiff_pairs(root: Path, count: int, bad: int, bad_image: np.ndarray | None = None) -> Path:
+    """``count`` pairs of contrast-like images (noise of 0.01 around 0); pair ``bad``'s image is ``bad_image``,
+    or the normal one with a pixel of 1e6 (1e8 robust spreads out, no magnitude problem) when it is None."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for index in range(count):
+        mask = np.zeros((40, 40), np.uint8)
+        mask[5:9, 5:9] = 1
+        image = rng.normal(0, 0.01, (40, 40)).astype(np.float32)
+        if index == bad and bad_image is not None:
+            image = bad_image
+        elif index == bad:
+            image[20, 20] = 1e6
+        tifffile.imwrite(root / f"p{index}.tif", image, photometric="rgb" if image.ndim == 3 else None)
+        tifffile.imwrite(root / f"p{index}_mask.tif", mask)
+    return root

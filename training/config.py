@@ -8,6 +8,7 @@ the wrong type raises ``ConfigError`` naming the key, before any data is read or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -16,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from napari_iscat_diffusion.diffusion.checkpoint import ModelConfig
+from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.samplers import get_sampler
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 from napari_iscat_diffusion.diffusion.unet import UNetConfig
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -216,6 +221,83 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
 
+def build_model_config(
+    config: TrainConfig,
+    normalization: dict,
+    *,
+    pixel_size_nm: float | None = None,
+    class_names: list[str] | None = None,
+    summary: dict | None = None,
+    measured_density_range: tuple[float, float] | None = None,
+    particle_contrast: ContrastPrior | None = None,
+) -> ModelConfig:
+    """The ``ModelConfig`` of a run: architecture, schedule, parameterisation, normalisation
+    (``compute_normalization`` of the training set), pixel size (nm), crop size, class names and a
+    JSON training summary. ``measured_density_range`` (``spectral_density_range`` of the training set) is
+    the sampling density range where ``export.sampling_density_range`` is "auto"; ValueError if it is
+    missing there. ``particle_contrast`` (``particle_contrast.measure_prior``) is needed with
+    ``model.contrast_channel``."""
+    density_range = config.export.sampling_density_range
+    if density_range == "auto":
+        if measured_density_range is None:
+            raise ValueError("export.sampling_density_range is 'auto' but no measured range was given")
+        density_range = measured_density_range
+    return ModelConfig(
+        unet=config.unet_config(),
+        schedule=config.model.schedule,
+        parameterization=config.model.parameterization,
+        normalization=normalization,
+        pixel_size_nm=pixel_size_nm,
+        training_size=None if config.data.crop_size is None else tuple(config.data.crop_size),
+        default_guidance=config.export.default_guidance,
+        default_class_guidance=config.export.default_class_guidance,
+        default_guidance_interval=config.export.default_guidance_interval,
+        sampling_sigma_max=config.export.sampling_sigma_max,
+        sampling_density_range=density_range,
+        default_steps=config.export.default_steps,
+        default_sampler=config.export.default_sampler,
+        sde_sigma_min=config.export.sde_sigma_min,
+        class_names=class_names,
+        training=summary or {},
+        particle_contrast=particle_contrast,
+    )
+
+
+# The config key behind each ModelConfig field that a config value sets.
+_MODEL_CONFIG_KEYS = {
+    "schedule": "model.schedule",
+    "parameterization": "model.parameterization",
+    "pixel_size_nm": "data.pixel_size_nm",
+    "training_size": "data.crop_size",
+    "class_names": "data.class_names",
+    # The export section's keys are named after the ModelConfig fields they set.
+    **{
+        key.name: f"export.{key.name}"
+        for key in dataclasses.fields(ExportConfig)
+        if key.name in {model_field.name for model_field in dataclasses.fields(ModelConfig)}
+    },
+}
+
+
+def _check_model_config_values(config: TrainConfig) -> None:
+    """Raise ConfigError naming the key for a value that the exported model's ``ModelConfig`` would refuse at the
+    end of the run: a trial ModelConfig is built now, with placeholders for what the data will give."""
+    channels = config.model.image_channels
+    try:
+        build_model_config(
+            config,
+            {"mean": [0.0] * channels, "std": [1.0] * channels},
+            pixel_size_nm=config.data.pixel_size_nm,
+            class_names=config.data.class_names,
+            measured_density_range=(1.0, 2.0),
+        )
+    except ValueError as err:
+        field_name, _, problem = str(err).partition(": ")
+        # Other fields (the contrast prior, checked last) come from the data: they are checked once measured.
+        if field_name in _MODEL_CONFIG_KEYS:
+            raise ConfigError(f"{_MODEL_CONFIG_KEYS[field_name]}: {problem}") from err
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
@@ -259,12 +341,13 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("data.crop_size", lambda v: v is None or min(v) >= 1, "positive pixels (h, w) or null"),
     ("data.frames_per_channel", lambda v: v is None or v >= 1, ">= 1 or null"),
-    ("data.simulator_val_items", lambda v: v >= 1, ">= 1"),
+    ("data.simulator_val_items", lambda v: 1 <= v <= 10**9, "1..1e9"),
     ("data.normalization_images", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
-    ("optim.lr", lambda v: 0 < v < math.inf, "a positive number"),
+    # AdamW moves every weight by about lr per step: above 1 no network trains, the loss only turns NaN.
+    ("optim.lr", lambda v: 0 < v <= 1, "a positive number up to 1"),
     ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("optim.plateau_patience", lambda v: v >= 1, ">= 1 (validations)"),
@@ -283,7 +366,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.max_nonfinite", lambda v: v >= 1, ">= 1"),
     ("train.early_stopping_patience", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("train.time_limit_minutes", lambda v: v is None or 0 < v < math.inf, "a positive number of minutes or null"),
-    ("ema.half_life_images", lambda v: v > 0, "a positive number of images"),
+    ("ema.half_life_images", lambda v: 0 < v < math.inf, "a positive, finite number of images"),
     ("ema.rampup_ratio", lambda v: v is None or v > 0, "a positive number or null"),
     ("log.every", lambda v: v >= 0, ">= 0 (0 = never)"),
     ("log.val_every", lambda v: v >= 0, ">= 0 (0 = never)"),
@@ -291,6 +374,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("log.sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
     ("log.num_samples", lambda v: v >= 1, ">= 1"),
     ("log.sample_steps", lambda v: v >= 1, ">= 1"),
+    ("log.guidance", lambda v: 0 <= v < math.inf, "a finite number >= 0 (the guidance scale of the sample grids)"),
+    ("seed", lambda v: v >= 0, ">= 0"),
     ("checkpoint.every", lambda v: v >= 0, ">= 0 (0 = only at the end and at a new best)"),
     ("checkpoint.keep_last", lambda v: v >= 1, ">= 1 (the newest state is what a restart resumes from)"),
 ]
@@ -299,8 +384,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 def _check_values(config: TrainConfig) -> None:
     """Raise ConfigError for a value of the right type that is out of range, an unknown sampler or schedule."""
     for key, test, expected in _RANGES:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
+        *section, name = key.split(".")
+        value = getattr(getattr(config, section[0]) if section else config, name)
         if not test(value):
             raise ConfigError(f"{key}: must be {expected}, got {value!r}")
     train = config.train
@@ -336,6 +421,30 @@ def _check_values(config: TrainConfig) -> None:
             schedule_from_config(config.model.schedule).timesteps_between(low, high)
         except ValueError as err:
             raise ConfigError(f"train.sigma_range: {err}") from err
+    _check_model_config_values(config)
+    if config.optim.lr * config.optim.weight_decay >= 1:
+        raise ConfigError(
+            "optim.weight_decay: lr * weight_decay must be below 1 (AdamW multiplies every weight by "
+            f"1 - lr * weight_decay each step), got {config.optim.lr} * {config.optim.weight_decay}"
+        )
+    _check_output_path("run_dir", config.run_dir, folder=True)
+    if config.export.path is not None:
+        _check_output_path("export.path", config.export.path, folder=False)
+
+
+def _check_output_path(key: str, value: str, *, folder: bool) -> None:
+    """ConfigError when ``value`` cannot become a folder (``folder``) or a file: empty, of the other kind, or
+    below a file. Found now, not after hours of training."""
+    if not value:
+        raise ConfigError(f"{key}: must not be empty")
+    path = Path(value)
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(
+            f"{key}: {value} is a {'file' if folder else 'folder'}; expected a {'folder' if folder else 'file'}"
+        )
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{key}: {value} lies inside {parent}, which is a file")
 
 
 def _set_dotted(data: dict, parts: list[str], value: Any, key: str) -> None:
@@ -412,16 +521,21 @@ def _scalar(hint: type, value: Any, key: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # torch, numpy and C code take 64-bit integers
+            raise ConfigError(f"{key}: must be an integer of at most 19 digits, got {value!r}")
         return value
     if hint is float:
         # YAML 1.1 reads "1e-4" (no dot) as a string: accept any text that Python reads as a number.
         if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
+        # Values go into float32 tensors and into the exported model's JSON, which holds finite numbers only.
+        if not abs(value) <= _FLOAT32_MAX:
+            raise ConfigError(
+                f"{key}: must be a finite number (at most {_FLOAT32_MAX:.3g} in magnitude), got {value!r}"
+            )
         return float(value)
     if hint is str:
         if not isinstance(value, str):

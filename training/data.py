@@ -22,7 +22,7 @@ from napari_iscat_diffusion.iscat.simulate import SimulationParameters
 
 from .augment import AugmentConfig
 from .config import ConfigError, TrainConfig
-from .datasets import Hdf5Source, IscatDataset, RawItem, SimulatorSource, Source, TiffPairSource
+from .datasets import Hdf5Source, IscatDataset, RawItem, SimulatorSource, Source, TiffPairSource, collate_items
 from .finetune import initial_normalization
 from .normalization import compute_normalization
 
@@ -125,10 +125,15 @@ def build_sources(config: TrainConfig) -> tuple[Source, Source, float | None, li
             raise ConfigError(f"data.{key}: {value} does not exist")
     if data.source == "tiff":
         train: Source = TiffPairSource(data.path, split="train", frames_per_channel=data.frames_per_channel)
+        if not any(pair.mask for pair in train.pairs):
+            # As in `iscat-diffusion dataset check`: a mask-conditioned model would learn nothing of masks.
+            raise DataError(data.path, "no training image has a mask; expected NAME_mask.tif or masks/NAME.tif")
+        # The validation images must have as many planes as the training images, whose planes become channels.
+        same = {"frames_per_channel": data.frames_per_channel, "planes": train.planes}
         if data.val_path is not None:
-            return train, TiffPairSource(data.val_path, frames_per_channel=data.frames_per_channel), None, None
+            return train, TiffPairSource(data.val_path, **same), None, None
         try:
-            return train, TiffPairSource(data.path, split="val", frames_per_channel=data.frames_per_channel), None, None
+            return train, TiffPairSource(data.path, split="val", **same), None, None
         except DataError:
             pass  # not pre-split: hold out a part below
     else:
@@ -165,17 +170,20 @@ def build_data(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Data:
             f"but model.image_channels={unet.image_channels}; change one of them",
         )
     val = IscatDataset(val_source, channels=train.channels, **common)
-    if config.data.validate:
-        train.validate()
-        val.validate()
     if config.data.normalization == "init_from":
         normalization = initial_normalization(config, train.channels)
     else:
         try:
             normalization = compute_normalization(train, max_images=config.data.normalization_images, seed=config.seed)
+        except DataError:
+            raise  # a bad image among those read, named
         except ValueError as err:
             raise DataError(train_source.location, f"no normalisation statistics: {err}") from err
+    # Set before validating: every item's values are checked against the normalisation's median and spread.
     train.normalization = val.normalization = normalization
+    if config.data.validate:
+        train.validate()
+        val.validate()
     # The first item of each part is read now, so that a mask label above model.num_classes or a crop
     # larger than the images fails here and not mid-run (data.validate=true reads every item).
     _ = train[0], val[0]
@@ -187,6 +195,7 @@ def build_data(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Data:
         train,
         batch_size=config.train.batch_size,
         sampler=InfiniteSampler(len(train), rank, world_size, config.seed),
+        collate_fn=collate_items,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
@@ -196,12 +205,12 @@ def build_data(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Data:
         val,
         batch_size=config.train.batch_size,
         sampler=ShardSampler(len(val), rank, world_size),
+        collate_fn=collate_items,
         generator=torch.Generator().manual_seed(config.seed),
     )
+    # data.class_names is checked against model.num_classes with the config; the simulator's may not fit it.
     class_names = config.data.class_names if config.data.class_names is not None else names
     if class_names is not None and len(class_names) != unet.num_classes:
-        if config.data.class_names is not None:
-            raise ConfigError(f"data.class_names: {len(class_names)} names for model.num_classes={unet.num_classes}")
         class_names = None
     pixel_size = config.data.pixel_size_nm if config.data.pixel_size_nm is not None else pixel_size
     return Data(train_loader, val_loader, normalization, pixel_size, class_names)

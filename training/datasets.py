@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.io.hdf5_patches import (
@@ -37,6 +37,7 @@ from napari_iscat_diffusion.io.hdf5_patches import (
     labels_from_class_masks,
     patch_layout,
 )
+from napari_iscat_diffusion.io.pixel_values import ValueBounds, value_problem
 from napari_iscat_diffusion.io.tiff_pairs import DataError, find_pairs, read_image, read_mask
 from napari_iscat_diffusion.iscat.simulate import SimulationParameters, simulate
 
@@ -109,6 +110,8 @@ class TiffPairSource:
     ``split``: "train" or "val" keeps the pairs of that subfolder when the tree is pre-split. When it is
     not, "train" keeps every pair and "val" raises DataError (validating on training data would be
     silently wrong); None always keeps every pair. Pairs without a mask are kept (unconditional items).
+    ``planes``: the number of planes (Z frames or colour samples) every image must have, as stored; None: that
+    of the first image. Averaged into one channel, an RGB file among grayscale ones would pass unseen.
     """
 
     num_mask_classes = None
@@ -119,6 +122,7 @@ class TiffPairSource:
         *,
         split: Literal["train", "val"] | None = None,
         frames_per_channel: int | None = None,
+        planes: int | None = None,
     ) -> None:
         self.location = str(root)
         self.frames_per_channel = frames_per_channel
@@ -137,13 +141,25 @@ class TiffPairSource:
                 stacklevel=2,
             )
         self.pairs = pairs
+        self.planes_origin = "the training images"
+        if planes is None and pairs:
+            self.planes_origin = str(pairs[0].image)
+            planes = _planes(read_image(pairs[0].image))
+        self.planes = planes
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def read_image(self, index: int) -> tuple[np.ndarray, str]:
         path = self.pairs[index].image
-        return frames_to_channels(read_image(path), self.frames_per_channel, str(path)), str(path)
+        stack = read_image(path)
+        if _planes(stack) != self.planes:
+            raise DataError(
+                path,
+                f"has {_planes(stack)} plane(s) (Z frames or colour samples) but {self.planes_origin} has "
+                f"{self.planes}; every image needs the same number (an RGB file among grayscale ones?)",
+            )
+        return frames_to_channels(stack, self.frames_per_channel, str(path)), str(path)
 
     def read(self, index: int) -> RawItem:
         pair = self.pairs[index]
@@ -151,6 +167,10 @@ class TiffPairSource:
         if pair.mask is None:
             return RawItem(image, None, pair.name, origin, None)
         return RawItem(image, read_mask(pair.mask), pair.name, origin, str(pair.mask))
+
+
+def _planes(stack: np.ndarray) -> int:
+    return 1 if stack.ndim == 2 else len(stack)
 
 
 class Hdf5Source:
@@ -164,11 +184,14 @@ class Hdf5Source:
         self.path = Path(path)
         self.location = str(path)
         self.frames_per_channel = frames_per_channel
+        if self.path.is_dir():
+            raise DataError(self.path, f"is a folder; expected an HDF5 file with {IMAGE_PATCHES} and {MASK_PATCHES}")
         try:
             with import_h5py().File(self.path, "r") as file:
                 layout = patch_layout(file, self.path)
         except OSError as err:
-            raise DataError(self.path, f"cannot be read as HDF5 ({err})") from err
+            # HDF5's messages span lines (they hold a time stamp with its newline): one line for the error.
+            raise DataError(self.path, f"cannot be read as HDF5 ({' '.join(str(err).split())})") from err
         _check_chunk(layout.planes, frames_per_channel, f"{self.path} [{IMAGE_PATCHES}]")
         self.length = layout.count
         self.num_mask_classes = layout.classes
@@ -236,6 +259,11 @@ class SimulatorSource:
         return f"simulated image (seed {self.base_seed + index})"
 
 
+def collate_items(items: list[dict] | DataError) -> dict | DataError:
+    """``default_collate``, except that a DataError from ``IscatDataset.__getitems__`` is the batch."""
+    return items if isinstance(items, DataError) else default_collate(items)
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of the generator for item ``index`` in ``epoch``; SeedSequence decorrelates neighbouring triples."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
@@ -259,7 +287,9 @@ class IscatDataset(Dataset):
     ``labels`` int64 (h, w), ``has_mask`` bool (False: labels are all 0, train with the null condition),
     ``name`` str, and where the attribute ``contrast_prior`` is set (a network with a contrast channel),
     ``contrast`` float32 (h, w), the condition's contrast channel (``particle_contrast.contrast_channel``),
-    measured in the loader's workers. Each item is checked when read; ``validate()`` checks them all up front.
+    measured in the loader's workers. Each item is checked when read (channels, mask size and labels, and the pixel
+    values by ``io.pixel_values``' rules, those of ``iscat-diffusion dataset check``, against the normalisation's
+    median and spread once it is set); ``validate()`` checks them all up front.
     """
 
     def __init__(
@@ -304,6 +334,12 @@ class IscatDataset(Dataset):
         ):
             raise ValueError(f"normalization must give {self.channels} mean(s) and std(s) > 0, got {value!r}")
         self._normalization = value
+        # The normalisation's centre and scale are the training set's median and robust spread.
+        self._bounds = (
+            None
+            if value is None
+            else [ValueBounds(mean, std) for mean, std in zip(value["mean"], value["std"], strict=True)]
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new crops and augmentations: every item's generator depends on the epoch."""
@@ -315,7 +351,7 @@ class IscatDataset(Dataset):
     def raw_image(self, index: int) -> np.ndarray:
         """Image ``index`` as stored: float32 (C, H, W), physical units, uncropped (for statistics)."""
         image, origin = self.source.read_image(self._checked_index(index))
-        self._check_channels(image, origin)
+        self._check_image(image, origin)
         return image
 
     def validate(self) -> None:
@@ -352,23 +388,38 @@ class IscatDataset(Dataset):
             out["contrast"] = contrast_channel(image, crop_labels, self.contrast_prior)
         return out
 
+    def __getitems__(self, indices: list) -> list[dict] | DataError:
+        """A batch's items for torch's DataLoader, or the DataError of its first bad item, returned rather than
+        raised: a DataLoader worker re-raises an exception whose class takes more than a message as a bare
+        RuntimeError holding a traceback. ``collate_items`` passes the error on as the batch."""
+        try:
+            return [self[index] for index in indices]
+        except DataError as error:
+            return error
+
     def _checked_index(self, index: int) -> int:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items")
         return index
 
-    def _check_channels(self, image: np.ndarray, origin: str) -> None:
+    def _check_image(self, image: np.ndarray, origin: str) -> None:
+        """The rules of ``iscat-diffusion dataset check`` (``io.pixel_values``) and the channel count."""
         if len(image) != self.channels:
             raise DataError(
                 origin,
                 f"has {len(image)} image channel(s) but {self.channels} are expected "
                 "(check frames_per_channel and the model's image channels)",
             )
+        problem = value_problem(image)
+        for channel, bounds in enumerate(self._bounds or []):
+            problem = problem or bounds.problem(float(image[channel].min()), float(image[channel].max()))
+        if problem:
+            raise DataError(origin, problem)
 
     def _read(self, index: int) -> RawItem:
         """Read one item and check it; every problem raises DataError naming the file(s)."""
         item = self.source.read(index)
-        self._check_channels(item.image, item.image_origin)
+        self._check_image(item.image, item.image_origin)
         if item.labels is None:
             return item
         if item.labels.shape != item.image.shape[1:]:

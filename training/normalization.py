@@ -19,8 +19,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-# MAD to standard deviation for a normal distribution: 1 / Phi^-1(3/4).
-MAD_TO_STD = 1.4826
+from napari_iscat_diffusion.io.pixel_values import robust_centre_scale
 
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
@@ -100,18 +99,10 @@ def _pixel_sample(array: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 
 def _robust_centre_scale(values: np.ndarray, channel: int) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        raise ValueError(f"compute_normalization: channel {channel} has no finite pixel in the images read")
-    centre = float(np.median(finite))
-    scale = MAD_TO_STD * float(np.median(np.abs(finite - centre)))
-    if scale == 0:
-        # More than half the pixels share one value (clipped or padded data): the MAD says nothing, so
-        # fall back to the plain standard deviation rather than dividing by zero.
-        scale = float(finite.std())
-    if scale == 0:
-        raise ValueError(f"compute_normalization: channel {channel} is constant ({centre:g}) in every image read")
-    return centre, scale
+    try:
+        return robust_centre_scale(values)
+    except ValueError as err:
+        raise ValueError(f"compute_normalization: channel {channel} in the images read: {err}") from err
 
 
 def normalize(image: ArrayOrTensor, normalization: dict) -> ArrayOrTensor:

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,12 @@ from napari_iscat_diffusion.diffusion.generate import generate
 from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 from napari_iscat_diffusion.evaluation.plots import Panel, curves_figure, save_figure
+from napari_iscat_diffusion.io.tiff_pairs import DataError
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, build_model_config
 from .datasets import IscatDataset
 from .ema import Ema, unwrap
-from .export import build_model_config, export_model
+from .export import export_model
 from .finetune import initial_contrast_prior
 from .losses import diffusion_loss
 from .normalization import RawImages, denormalize
@@ -59,6 +61,11 @@ from .state import (
 
 log = logging.getLogger("training")
 
+# Sporadic non-finite steps (a bf16 overflow now and then) are skipped. A run that has skipped more than
+# train.max_nonfinite steps in all and more than this share of its steps is not learning: it stops too, even
+# when the skipped steps are not in a row.
+MAX_SKIPPED_SHARE = 0.01
+
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss was NaN or infinite for too many steps in a row."""
@@ -73,6 +80,22 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _data_batches(loader: DataLoader) -> Iterator[dict | DataError]:
+    """The loader's batches; bad data, whether raised or handed out as the batch (``collate_items``), is yielded
+    as its DataError, and ends the iteration."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except DataError as error:
+            batch = error
+        yield batch
+        if isinstance(batch, DataError):
+            return
 
 
 def _seed(*parts: int) -> int:
@@ -162,6 +185,7 @@ class Trainer:
         self.step = 0
         self.micro_batches = 0  # per rank: the position in the data order
         self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
         self.best_val_loss = math.inf
         self.best_step: int | None = None
         self.evals_since_best = 0
@@ -182,6 +206,32 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(tensor)
         return tensor
+
+    def _stop_on_bad_data(self, error: DataError | None) -> None:
+        """Raise ``error``, or on every rank the first failing rank's, so that bad data stops all ranks together
+        and none waits forever in a collective. Every rank calls it at the same point."""
+        if self.world_size > 1:
+            failed = self._all_reduce(torch.tensor([float(error is not None)], device=self.device))
+            if not failed.item():
+                return
+            errors: list = [None] * self.world_size
+            dist.all_gather_object(errors, None if error is None else (str(error.path), error.problem))
+            raise DataError(*next(found for found in errors if found is not None))
+        if error is not None:
+            raise error
+
+    def _step_batches(self, batches: Iterator[dict | DataError]) -> list[dict]:
+        """The ``train.grad_accum`` micro-batches of one optimiser step, read before any is used: the ranks agree
+        that none holds bad data once per step, while the device is idle between steps."""
+        step_batches, error = [], None
+        for _ in range(self.config.train.grad_accum):
+            batch = next(batches)
+            if isinstance(batch, DataError):
+                error = batch
+                break
+            step_batches.append(batch)
+        self._stop_on_bad_data(error)
+        return step_batches
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and conditions on the device; mask-free items get the null condition."""
@@ -204,7 +254,9 @@ class Trainer:
         """Train up to ``config.train.steps`` optimiser steps (from the resumed step), fewer where early stopping
         or ``train.time_limit_minutes`` ends the run; returns a summary.
 
-        Raises NonFiniteLossError after ``train.max_nonfinite`` non-finite steps in a row.
+        Raises NonFiniteLossError after ``train.max_nonfinite`` non-finite steps in a row, or more than that many
+        in all where they are more than ``MAX_SKIPPED_SHARE`` of the steps; DataError on every rank when an item
+        of any rank is bad.
         """
         config = self.config
         total = config.train.steps
@@ -213,11 +265,12 @@ class Trainer:
             sampler.set_position(self.micro_batches * self.train_loader.batch_size)
         elif self.micro_batches:
             log.warning("the train loader's sampler cannot resume its position; the data order restarts")
-        batches = iter(self.train_loader)
+        batches = _data_batches(self.train_loader)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._open_logs()
         sample_batch = self._sample_batch() if self.is_main and config.log.sample_every else None
+        self._stop_on_bad_data(sample_batch if isinstance(sample_batch, DataError) else None)
         progress = self._progress(total)
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         stopped_early = time_limit_reached = False
@@ -304,8 +357,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
-        for micro in range(train.grad_accum):
-            batch = next(batches)
+        for micro, batch in enumerate(self._step_batches(batches)):
             self.micro_batches += 1
             x0, cond = self._inputs(batch)
             # Gradients are all-reduced only on the last micro-step: no_sync covers forward and backward.
@@ -334,13 +386,15 @@ class Trainer:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 self.scheduler.step()
             self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
             if self.is_main:
                 log.warning("step %d: non-finite loss or gradient, step skipped", self.step + 1)
                 self._record({"step": self.step + 1, "skipped": "non-finite loss or gradient"})
-            if self.nonfinite_in_row >= train.max_nonfinite:
+            too_many = self.nonfinite_total > max(train.max_nonfinite, MAX_SKIPPED_SHARE * (self.step + 1))
+            if self.nonfinite_in_row >= train.max_nonfinite or too_many:
                 raise NonFiniteLossError(
-                    f"the loss or the gradients were NaN or infinite in {self.nonfinite_in_row} steps in a row "
-                    f"(up to step {self.step + 1}); lower optim.lr, check the data for NaN/Inf pixels or use "
+                    f"the loss or the gradients were NaN or infinite in {self.nonfinite_in_row} steps in a row and "
+                    f"{self.nonfinite_total} of {self.step + 1} steps in all; lower optim.lr or use "
                     "train.precision=fp32, then resume from the last checkpoint"
                 )
             return math.nan, math.nan, False
@@ -360,7 +414,11 @@ class Trainer:
         config = self.config
         grid = torch.linspace(*self.timestep_range, config.log.val_timesteps).round().long()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for b, batch in enumerate(self.val_loader):
+        error = None
+        for b, batch in enumerate(_data_batches(self.val_loader)):
+            if isinstance(batch, DataError):
+                error = batch
+                break
             x0, cond = self._inputs(batch)
             for j, t in enumerate(grid.tolist()):
                 generator = torch.Generator(self.device).manual_seed(_seed(config.seed, self.rank, b, j, 2))
@@ -374,6 +432,7 @@ class Trainer:
                         timesteps=torch.full((len(x0),), t, device=self.device),
                     )
                 totals += torch.stack([loss.double() * len(x0), torch.tensor(len(x0), device=self.device)])
+        self._stop_on_bad_data(error)
         total, count = self._all_reduce(totals).tolist()
         return total / max(count, 1)
 
@@ -410,10 +469,13 @@ class Trainer:
         if self.is_main:
             log.info("step %d: validation loss stalled, learning rate x%.3g from the next step", self.step, scale)
 
-    def _sample_batch(self) -> dict | None:
-        """The first ``log.num_samples`` validation labels and images (physical units), fixed for the run."""
+    def _sample_batch(self) -> dict | DataError | None:
+        """The first ``log.num_samples`` validation labels and images (physical units), fixed for the run; the
+        DataError of a bad item among them."""
         labels, images = [], []
-        for batch in self.val_loader:
+        for batch in _data_batches(self.val_loader):
+            if isinstance(batch, DataError):
+                return batch
             labels.append(batch["labels"])
             images.append(batch["image"])
             if sum(len(x) for x in labels) >= self.config.log.num_samples:
@@ -557,6 +619,7 @@ class Trainer:
             "micro_batches": self.micro_batches,
             "world_size": self.world_size,
             "nonfinite_in_row": self.nonfinite_in_row,
+            "nonfinite_total": self.nonfinite_total,
             "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
             "best_step": self.best_step,
             "evals_since_best": self.evals_since_best,
@@ -621,6 +684,7 @@ class Trainer:
         self.scheduler.load_state_dict(info["scheduler"])
         self.step, self.micro_batches = info["step"], info["micro_batches"]
         self.nonfinite_in_row, self.evals_since_best = info["nonfinite_in_row"], info["evals_since_best"]
+        self.nonfinite_total = info.get("nonfinite_total", self.nonfinite_in_row)  # older states lack it
         best = info["best_val_loss"]
         self.best_val_loss = math.inf if best is None else best
         self.best_step, self.last_val_loss = info["best_step"], info["last_val_loss"]

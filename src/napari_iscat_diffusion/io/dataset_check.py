@@ -13,10 +13,59 @@ from pathlib import Path
 import numpy as np
 
 from .hdf5_patches import HDF5_SUFFIXES, IMAGE_PATCHES, MASK_PATCHES, import_h5py, labels_from_class_masks, patch_layout
+from .pixel_values import ValueBounds, robust_centre_scale, value_problem
 from .tiff_pairs import DataError, as_image, as_labels, find_pairs, read_pixel_size_nm, read_tiff
 
 # Bytes of image and mask data read from an HDF5 file at a time.
 _CHUNK_BYTES = 64 * 2**20
+# Pixels per image (HDF5: per patch) drawn for the data's median and spread, and the most kept in all.
+_SAMPLE_PER_IMAGE = 256
+_SAMPLE_MAX = 2**22
+
+
+class _ValueSurvey:
+    """The data set's median and spread from a bounded pixel sample, and each image's value range, so that the
+    images beyond ``pixel_values.ValueBounds`` are found after one pass over the files."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+        self.samples: list[np.ndarray] = []
+        self.sampled = 0
+        self.ranges: list[tuple[str, float, float]] = []  # (name, lowest, highest finite value)
+
+    def check(self, report: DatasetReport, name: str, image: np.ndarray, joiner: str = ": ") -> None:
+        """Report an image's values on their own (``pixel_values.value_problem``) and extend the report's range;
+        record a good image for the outlier check of ``problems``."""
+        problem = value_problem(image)
+        finite = image[np.isfinite(image)] if np.issubdtype(image.dtype, np.floating) else image
+        _extend_range(report, finite)
+        if problem:
+            report.errors.append(f"{name}{joiner}{problem}")
+        else:  # one error per image: an absurd value would also be an outlier
+            self.add(name, finite)
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        """Record one image's finite values (any shape)."""
+        if not values.size:
+            return
+        self.ranges.append((name, float(values.min()), float(values.max())))
+        flat = values.reshape(-1)
+        self.samples.append(flat[self.rng.integers(0, flat.size, min(flat.size, _SAMPLE_PER_IMAGE))].astype(float))
+        self.sampled += len(self.samples[-1])
+        if self.sampled > _SAMPLE_MAX:  # thin out: a random half of every image's sample stays
+            self.samples = [sample[self.rng.random(sample.size) < 0.5] for sample in self.samples]
+            self.sampled = sum(sample.size for sample in self.samples)
+
+    def problems(self) -> list[str]:
+        """``name: problem`` for every image with a pixel beyond the bounds."""
+        if not self.samples:
+            return []
+        try:
+            bounds = ValueBounds(*robust_centre_scale(np.concatenate(self.samples)))
+        except ValueError:
+            return []  # constant data: nothing is an outlier (and training refuses it for its own reason)
+        found = ((name, bounds.problem(low, high)) for name, low, high in self.ranges)
+        return [f"{name}: {problem}" for name, problem in found if problem]
 
 
 @dataclass
@@ -155,6 +204,7 @@ class _TiffFolderCheck:
         self.root = root
         self.report = report
         self.examples: dict[tuple[str, object], Path] = {}  # first file seen with each dtype or plane count
+        self.values = _ValueSurvey()
 
     def name(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
@@ -180,12 +230,7 @@ class _TiffFolderCheck:
         self.examples.setdefault(("pixel size", pixel_size), path)
         self.examples.setdefault(("planes", 1 if image.ndim == 2 else image.shape[0]), path)
         # Check the stored values: a float64 value too large for float32 is finite on disk.
-        finite = np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else None
-        if finite is not None and not finite.all():
-            nan = int(np.isnan(raw).sum())
-            report.errors.append(f"{self.name(path)}: {nan} NaN and {raw.size - int(finite.sum()) - nan} Inf pixels")
-            raw = raw[finite]
-        _extend_range(report, raw)
+        self.values.check(report, self.name(path), raw)
         return image.shape[-2], image.shape[-1]
 
     def mask(self, path: Path, image_path: Path, image_size: tuple[int, int] | None) -> None:
@@ -254,6 +299,7 @@ def _check_tiff_folder(root: Path, report: DatasetReport) -> None:
         report.masks_per_split[split] += 1
         check.mask(pair.mask, pair.image, size)
     report.warnings += [f"{check.name(mask)}: mask without an image" for mask in listing.unmatched_masks]
+    report.errors += check.values.problems()
     check.mixes()
     if report.num_masks == 0:
         report.errors.append(f"{root}: no image has a mask")
@@ -283,6 +329,7 @@ def _check_hdf5(path: Path, report: DatasetReport) -> None:
         step = max(1, _CHUNK_BYTES // max(1, patch_bytes))
         non_binary: list[int] = []
         overlapping: list[int] = []
+        values = _ValueSurvey()
         for start in range(0, layout.count, step):
             stop = min(start + step, layout.count)
             try:
@@ -290,7 +337,8 @@ def _check_hdf5(path: Path, report: DatasetReport) -> None:
             except OSError as exc:
                 report.errors.append(f"{name}: patches {start}..{stop - 1} are unreadable ({exc})")
                 continue
-            _check_patch_chunk(name, start, image_chunk, mask_chunk, report, non_binary, overlapping)
+            _check_patch_chunk(name, start, image_chunk, mask_chunk, report, non_binary, overlapping, values)
+    report.errors += values.problems()
     if non_binary:
         report.warnings.append(
             f"{name}: {MASK_PATCHES} holds values other than 0 and 1 in {len(non_binary)} patches "
@@ -317,18 +365,12 @@ def _check_patch_chunk(
     report: DatasetReport,
     non_binary: list[int],
     overlapping: list[int],
+    values: _ValueSurvey,
 ) -> None:
     """Check patches ``start .. start + len(images) - 1`` of an HDF5 file."""
     n = len(images)
-    if np.issubdtype(images.dtype, np.floating):
-        nan = np.isnan(images).reshape(n, -1).sum(1)
-        inf = np.isinf(images).reshape(n, -1).sum(1)
-        for i in np.flatnonzero(nan + inf):
-            report.errors.append(f"{name}: {IMAGE_PATCHES}[{start + i}] has {nan[i]} NaN and {inf[i]} Inf pixels")
-        finite = images[np.isfinite(images)]
-    else:
-        finite = images
-    _extend_range(report, finite)
+    for i, image in enumerate(images):
+        values.check(report, f"{name}: {IMAGE_PATCHES}[{start + i}]", image, joiner=" has ")
     present = masks != 0
     non_binary += (start + np.flatnonzero(((masks != 1) & present).reshape(n, -1).any(1))).tolist()
     overlapping += (start + np.flatnonzero((present.sum(1) > 1).reshape(n, -1).any(1))).tolist()
