@@ -88,6 +88,23 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").exists()
 
 
+def test_prune_removes_what_a_save_killed_while_writing_left(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from napari_iscat_diffusion.io import atomic
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    killed = tmp_path / f".{state_path(tmp_path, 7).name}.{atomic._HOST}-{dead_pid}-0123456789ab.tmp"
+    writing = tmp_path / f".{state_path(tmp_path, 8).name}.{atomic._HOST}-{os.getpid()}-0123456789ab.tmp"
+    for leftover in (killed, writing):
+        leftover.write_bytes(b"half a state")
+    _write(tmp_path, 9)
+    prune_states(tmp_path, keep_last=2, keep_steps=set())
+    assert not killed.exists() and writing.exists()
+
+
 def test_optimizer_state_survives_flattening() -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 # The atomic writer of model checkpoints; one implementation for both kinds of file.
-from napari_iscat_diffusion.io.atomic import atomic_write_bytes
+from napari_iscat_diffusion.io.atomic import atomic_write_bytes, remove_stale_temporaries
 
 STATE_KEY = "napari_iscat_diffusion_training_state"
 STATE_VERSION = 1
@@ -96,7 +96,9 @@ def load_newest(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict] |
 
 
 def prune_states(directory: Path, keep_last: int, keep_steps: set[int]) -> None:
-    """Delete state files except the ``keep_last`` newest and those at ``keep_steps`` (the best one)."""
+    """Delete state files except the ``keep_last`` newest and those at ``keep_steps`` (the best one), and the
+    temporary files of saves killed while writing."""
+    remove_stale_temporaries(directory)
     for index, (step, path) in enumerate(list_states(directory)):
         if index >= keep_last and step not in keep_steps:
             path.unlink(missing_ok=True)

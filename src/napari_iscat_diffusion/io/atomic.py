@@ -75,16 +75,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files that writes to ``path`` by processes of this host that are gone (killed before
-    they could clean up) left beside it; a live writer's file is kept. Lists the folder, so it is meant for files
-    written now and then (checkpoints), not for each of many files in one folder. Does nothing where processes
-    cannot be probed (not POSIX). Returns the files removed."""
+    """Remove the temporary files that writes to ``path`` (a file; or a folder: to any file in it) by processes of
+    this host that are gone (killed before they could clean up) left beside it; a live writer's file is kept.
+    Lists the folder, so it is meant for files written now and then (checkpoints), not for each of many files in
+    one folder. Does nothing where processes cannot be probed (not POSIX). Returns the files removed."""
     if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
         return []
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.{_HOST}-") + r"(\d+)-[0-9a-f]{12}\.tmp")
+    folder, target = (path, ".+") if path.is_dir() else (path.parent, re.escape(path.name))
+    pattern = re.compile(rf"\.{target}\.{_HOST}-(\d+)-[0-9a-f]{{12}}\.tmp")
     try:
-        names = os.listdir(path.parent)
+        names = os.listdir(folder)
     except OSError:
         return []
     removed = []
@@ -92,8 +93,8 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
         match = pattern.fullmatch(name)
         if match and not _process_alive(int(match.group(1))):
             with contextlib.suppress(OSError):
-                os.unlink(path.parent / name)
-                removed.append(path.parent / name)
+                os.unlink(folder / name)
+                removed.append(folder / name)
     return removed
 
 
