@@ -262,7 +262,16 @@ def _run_export(args: argparse.Namespace) -> int:
     import os
 
     from .diffusion.checkpoint import load_checkpoint
-    from .export import ExportProgress, export_pairs, masks_from_folder, merge_manifests, random_masks, write_preview
+    from .export import (
+        ExportProgress,
+        check_output_paths,
+        export_pairs,
+        finished_pairs,
+        masks_from_folder,
+        merge_manifests,
+        random_masks,
+        write_preview,
+    )
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if (args.n is None) == (args.masks is None):
@@ -271,9 +280,14 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     if len(args.size) > 2:
         raise ValueError(f"--size takes H or H W, got {len(args.size)} numbers")
+    if args.samples_per_mask < 1:
+        raise ValueError(f"--samples-per-mask must be at least 1, got {args.samples_per_mask}")
+    check_output_paths(args.out, args.preview)
+    # the file list and the pair names are checked before the model loads; each mask is read when its turn comes
+    folder_masks = None if args.masks is None else masks_from_folder(args.masks)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    if args.masks is not None:
-        masks = masks_from_folder(args.masks)
+    if folder_masks is not None:
+        masks = folder_masks
     else:
         proportions = args.class_proportions or [1.0] * model.config.num_classes
         size = (args.size[0], args.size[-1])
@@ -311,7 +325,8 @@ def _run_export(args: argparse.Namespace) -> int:
     manifest = merge_manifests(args.out)
     if args.preview is not None:
         write_preview(args.out, args.preview)
-    print(f"wrote {written} pair(s), skipped {skipped} finished; {manifest} lists {written + skipped} pair(s)")
+    listed = len(finished_pairs(args.out))
+    print(f"wrote {written} pair(s), skipped {skipped} finished; {manifest} lists {listed} pair(s)")
     return 0
 
 
