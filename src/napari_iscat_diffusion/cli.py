@@ -305,16 +305,20 @@ def _run_export(args: argparse.Namespace) -> int:
             _show_progress(label, progress.pairs_done, progress.pairs_total, f" pairs{step}")
 
     with _process_group(world_size) as all_sum:
-        summary = export_pairs(
-            masks,
-            model,
-            args.out,
-            settings,
-            samples_per_mask=args.samples_per_mask,
-            callback=report,
-            rank=rank,
-            world_size=world_size,
-        )
+        try:
+            summary = export_pairs(
+                masks,
+                model,
+                args.out,
+                settings,
+                samples_per_mask=args.samples_per_mask,
+                callback=report,
+                rank=rank,
+                world_size=world_size,
+            )
+        except BaseException:
+            print(file=sys.stderr)  # end the progress line: the error gets a line of its own
+            raise
         # every rank reaches this sum only after its pairs are written: rank 0 then merges what all of them made
         written, skipped = all_sum([summary.written, summary.skipped])
     if rank != 0:
