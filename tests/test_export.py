@@ -486,3 +486,49 @@ def test_output_paths_are_checked_before_any_work(tmp_path, model, masks):
         with pytest.raises(ExportError, match="where this export would write"):
             export_pairs(masks_from_folder(tmp_path), model, out, SETTINGS)
     assert not (tmp_path / "images").exists() and not list((tmp_path / "masks").iterdir())[1:]
+
+
+def _fake_generate(stack, model, *, seed, **kwargs):
+    """Images that depend only on the mask and the seed, made without torch (safe in a forked child)."""
+    return np.stack([mask.astype(np.float32) * s + s for mask, s in zip(stack, seed, strict=True)])
+
+
+def _export_counting_fsyncs(monkeypatch, folder, model, masks, settings, die_at=None):
+    """Export with ``os.fsync`` counted; with ``die_at``, the process ends (``os._exit``) right after that sync."""
+    calls = []
+    real = os.fsync
+
+    def counted(descriptor):
+        real(descriptor)
+        calls.append(1)
+        if len(calls) == die_at:
+            os._exit(9)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    export_pairs(masks, model, folder, settings, samples_per_mask=2)
+    monkeypatch.setattr(os, "fsync", real)
+    return len(calls)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child")
+def test_an_export_killed_after_any_write_resumes_to_the_same_folder(tmp_path, model, masks, monkeypatch):
+    monkeypatch.setattr(export, "generate", _fake_generate)
+    settings = SamplerSettings(**{**SETTINGS.__dict__, "batch_size": 3})
+    syncs = _export_counting_fsyncs(monkeypatch, tmp_path / "whole", model, masks, settings)
+    expected = {name: tifffile.imread(tmp_path / "whole" / name) for name in _files(tmp_path / "whole")}
+    for die_at in range(1, syncs + 1):  # after each file's data, each rename and each manifest row
+        folder = tmp_path / f"killed{die_at}"
+        child = os.fork()
+        if child == 0:
+            try:
+                _export_counting_fsyncs(monkeypatch, folder, model, masks, settings, die_at)
+            finally:
+                os._exit(0)
+        assert os.waitpid(child, 0)[1] != 0
+        summary = export_pairs(masks, model, folder, settings, samples_per_mask=2)
+        assert summary.written + summary.skipped == 6
+        assert sorted(_files(folder)) == sorted(expected)
+        for name, array in expected.items():
+            np.testing.assert_array_equal(tifffile.imread(folder / name), array, err_msg=f"{name} after {die_at}")
+        assert (folder / MANIFEST).read_text() == (tmp_path / "whole" / MANIFEST).read_text()
+        assert not [path for path in folder.rglob("*.tmp")]

@@ -265,8 +265,8 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export import (
         ExportProgress,
         check_output_paths,
+        count_pairs,
         export_pairs,
-        finished_pairs,
         masks_from_folder,
         merge_manifests,
         random_masks,
@@ -329,7 +329,7 @@ def _run_export(args: argparse.Namespace) -> int:
     manifest = merge_manifests(args.out)
     if args.preview is not None:
         write_preview(args.out, args.preview)
-    listed = len(finished_pairs(args.out))
+    listed = count_pairs(args.out)
     print(f"wrote {written} pair(s), skipped {skipped} finished; {manifest} lists {listed} pair(s)")
     return 0
 

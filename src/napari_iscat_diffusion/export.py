@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -73,6 +74,10 @@ _NUMBER_FIELDS = (*_INTEGER_FIELDS, "guidance")
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 # What an image's stored provenance must match for a file without a manifest row to count as this pair.
 _IDENTITY_FIELDS = ("name", "pair", "seed", "mask_sha256", *_SETTINGS_FIELDS)
+# The names atomic_open gives its temporary files (".NAME.RANDOM.tmp", the random part hex digits and dashes) for
+# the files an export writes.
+_TIFF_TEMPORARY = r"\..+\.tif\.[0-9a-f-]+\.tmp"
+_MANIFEST_TEMPORARY = r"\.manifest(\.rank\d+)?\.csv\.[0-9a-f-]+\.tmp"
 _LOCK = ".export.lock"
 _RANK_LOCK = ".export.rank{}.lock"
 # Room for "_sNNN.tif" and atomic_open's ".NAME.XXXXXXXXXXXX.tmp" within the 255 bytes most file systems allow.
@@ -377,8 +382,12 @@ def _check_header(header: list[str], manifest: Path) -> None:
 
 
 def _complete(row: dict) -> bool:
-    """True for a row with every required field, and numbers where numbers belong."""
+    """True for a row with every required field, numbers where numbers belong, and the file names of its pair
+    (a row naming other files, e.g. ``../x.tif``, is not one of ours)."""
     if any(row.get(field) in (None, "") for field in MANIFEST_FIELDS if field not in _OPTIONAL_FIELDS):
+        return False
+    name = row["name"]
+    if re.search(r"[/\\]|^\.", name) or (row["image"], row["mask"]) != (f"images/{name}.tif", f"masks/{name}.tif"):
         return False
     try:
         [int(row[field]) for field in _INTEGER_FIELDS]
@@ -436,6 +445,11 @@ def _complete_rows(folder: Path) -> Iterator[dict]:
         yield from (row for row in _read_manifest(manifest) if row is not None)
 
 
+def count_pairs(folder: Path) -> int:
+    """The number of pairs that the manifests of an export folder list (each pair once), read a row at a time."""
+    return len({row["name"] for row in _complete_rows(folder)})
+
+
 def finished_pairs(folder: Path) -> dict[str, dict]:
     """The complete manifest rows of an export folder by pair name, from ``manifest.csv`` and any rank manifests.
 
@@ -476,11 +490,24 @@ def merge_manifests(folder: Path) -> Path:
         return _merge(folder)
 
 
+def _remove_leftover_temporaries(folder: Path) -> None:
+    """Remove the temporary files of ``atomic_open`` that a killed export left (``.NAME.XXXXXXXXXXXX.tmp`` beside
+    its pair files and manifests). Call it only with the folder's exclusive lock held: no other export writes."""
+    for place, pattern in (
+        (folder, _MANIFEST_TEMPORARY),
+        (folder / "images", _TIFF_TEMPORARY),
+        (folder / "masks", _TIFF_TEMPORARY),
+    ):
+        for path in place.iterdir():
+            if re.fullmatch(pattern, path.name) and _is_regular_file(path):
+                path.unlink()
+
+
 def _drop_incomplete_rows(manifest: Path) -> None:
     """Rewrite this process's own manifest without the rows a crash cut short, so that none stays beside the new
     row of its pair (atomically: a crash now leaves the old file)."""
     if _is_regular_file(manifest) and any(row is None for row in _read_manifest(manifest)):
-        _write_manifest(manifest, (row for row in list(_read_manifest(manifest)) if row is not None))
+        _write_manifest(manifest, (row for row in _read_manifest(manifest) if row is not None))
 
 
 def _check_same_settings(folder: Path, row: dict, expected: dict, first_seed: int) -> None:
@@ -776,6 +803,9 @@ def _export_locked(
 ) -> ExportSummary:
     """The work of :func:`export_pairs` once the folder is checked and locked."""
     manifest = folder / (MANIFEST if world_size == 1 else _RANK_MANIFEST.format(rank))
+    if world_size == 1:  # the ranks of a torchrun job share the folder: one's temporary file may be in use
+        with _file_errors(folder):
+            _remove_leftover_temporaries(folder)
     _drop_incomplete_rows(manifest)
     total = len(range(rank, len(masks) * samples_per_mask, world_size))
     finished = _finished_index(folder, model, settings)
@@ -807,7 +837,9 @@ def write_preview(folder: Path, path: Path, count: int = 4) -> Path:
     Pairs of another size than the first are left out, so that the tiles form a grid.
     """
     folder = Path(folder)
-    rows = sorted(finished_pairs(folder).values(), key=lambda row: int(row["pair"]))
+    # a pair may be listed twice (a merge cut short), so take enough rows for ``count`` distinct ones
+    first = heapq.nsmallest(count * len(_manifest_files(folder)), _complete_rows(folder), key=lambda r: int(r["pair"]))
+    rows = list({row["name"]: row for row in first}.values())
     if not rows:
         raise ExportError(f"{folder}: holds no finished pairs to preview")
     tiles: list[list[np.ndarray]] = []
