@@ -532,3 +532,28 @@ def test_an_export_killed_after_any_write_resumes_to_the_same_folder(tmp_path, m
             np.testing.assert_array_equal(tifffile.imread(folder / name), array, err_msg=f"{name} after {die_at}")
         assert (folder / MANIFEST).read_text() == (tmp_path / "whole" / MANIFEST).read_text()
         assert not [path for path in folder.rglob("*.tmp")]
+
+
+def test_the_ranks_of_one_job_share_a_folder_and_everyone_else_is_kept_out(tmp_path):
+    def refused(rank, world_size):
+        with (
+            pytest.raises(ExportError, match="another export is writing"),
+            export._export_lock(tmp_path, rank, world_size),
+        ):
+            pass
+
+    with export._export_lock(tmp_path, 0, 2):
+        with export._export_lock(tmp_path, 1, 2):  # the other rank of the same torchrun job
+            refused(0, 1)  # one process alone
+            refused(1, 2)  # the same rank of a second job
+        refused(0, 2)
+    with export._export_lock(tmp_path, 0, 1):
+        refused(1, 2)
+
+
+def test_a_mask_file_name_that_is_not_utf8_is_recorded_with_escapes(tmp_path, model):
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(os.fsdecode(bytes(tmp_path / "masks") + b"/cell\xff.tif"), np.eye(16, dtype=np.uint8))
+    export_pairs(masks_from_folder(tmp_path), model, tmp_path / "out", SETTINGS)
+    [row] = _rows(tmp_path / "out")
+    assert row["name"] == "cell_s000" and row["source_mask"].endswith("cell\\udcff.tif")

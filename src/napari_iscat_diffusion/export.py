@@ -21,6 +21,7 @@ import contextlib
 import csv
 import hashlib
 import heapq
+import io
 import json
 import os
 import re
@@ -354,8 +355,9 @@ def _export_lock(folder: Path, rank: int, world_size: int) -> Iterator[None]:
 
 
 def _neutralised(value: object, field: str) -> str:
-    """A cell as written: text starting with a formula character gets a leading "'" (numbers are written as is)."""
-    text = str(value)
+    """A cell as written: text starting with a formula character gets a leading "'" (numbers are written as is);
+    characters UTF-8 cannot hold (undecodable bytes of a file name) are written as backslash escapes."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
     return "'" + text if field not in _NUMBER_FIELDS and text.startswith(_FORMULA_STARTS) else text
 
 
@@ -525,14 +527,19 @@ def _append_row(manifest: Path, row: dict) -> None:
     """Append one row (cells neutralised) and sync it, writing the header first for a new file."""
     with _file_errors(manifest):
         new = not _is_regular_file(manifest) or manifest.stat().st_size == 0
+        text = io.StringIO()
+        writer = csv.writer(text)
+        if new:
+            writer.writerow(MANIFEST_FIELDS)
+        writer.writerow([_neutralised(row.get(field, ""), field) for field in MANIFEST_FIELDS])
+        data = text.getvalue().encode("utf-8")
         descriptor = _open_no_follow(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        with os.fdopen(descriptor, "a", newline="", encoding="utf-8") as file:
-            writer = csv.writer(file)
-            if new:
-                writer.writerow(MANIFEST_FIELDS)
-            writer.writerow([_neutralised(row.get(field, ""), field) for field in MANIFEST_FIELDS])
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            while data:  # one write call in practice: the row goes on at once or not at all
+                data = data[os.write(descriptor, data) :]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _mask_sha256(mask: np.ndarray) -> str:
