@@ -111,11 +111,12 @@ def _error_line(capsys):
 
 def test_output_paths_and_mask_names_are_checked_before_any_work(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "out"
-    (tmp_path / "a folder").mkdir()
+    (tmp_path / "a folder.png").mkdir()
     assert (
-        main([*_args(out, tiny_checkpoint, "--n", "1", "--size", "16"), "--preview", str(tmp_path / "a folder")]) == 2
+        main([*_args(out, tiny_checkpoint, "--n", "1", "--size", "16"), "--preview", str(tmp_path / "a folder.png")])
+        == 2
     )
-    assert "a folder is a folder or a link" in _error_line(capsys)
+    assert "a folder.png is a folder or a link" in _error_line(capsys)
     (tmp_path / "file").write_text("")
     assert main(_args(tmp_path / "file", tiny_checkpoint, "--n", "1", "--size", "16")) == 2
     assert "file is a file, not a folder" in _error_line(capsys)
@@ -169,3 +170,21 @@ def test_the_summary_counts_the_pairs_the_manifest_lists(tmp_path, tiny_checkpoi
     capsys.readouterr()
     assert main(_args(tmp_path, tiny_checkpoint, "--n", "2", "--size", "16")) == 0
     assert f"{tmp_path / MANIFEST} lists 3 pair(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--seed", "99999999999999999999999"], "seed must be in 0.."),
+        (["--seed", "-3"], "seed must be at least 0"),
+        (["--size", "3000000"], "--size: sides of 1 to 8192 pixels"),
+        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--preview", "manifest.csv"], "the preview is a PNG file"),
+    ],
+)
+def test_hostile_numbers_and_paths_give_one_line_errors(tmp_path, tiny_checkpoint, capsys, extra, words):
+    if extra[0] == "--preview":
+        extra = ["--preview", str(tmp_path / "out" / extra[1])]
+    assert main(_args(tmp_path / "out", tiny_checkpoint, "--n", "1", "--size", "16", *extra)) == 2
+    assert words in _error_line(capsys)
+    assert not list(tmp_path.rglob("*.tif"))

@@ -280,6 +280,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     if len(args.size) > 2:
         raise ValueError(f"--size takes H or H W, got {len(args.size)} numbers")
+    if not all(1 <= side <= 8192 for side in args.size):
+        raise ValueError(f"--size: sides of 1 to 8192 pixels, got {' '.join(map(str, args.size))}")
     if args.samples_per_mask < 1:
         raise ValueError(f"--samples-per-mask must be at least 1, got {args.samples_per_mask}")
     check_output_paths(args.out, args.preview)

@@ -79,6 +79,8 @@ _IDENTITY_FIELDS = ("name", "pair", "seed", "mask_sha256", *_SETTINGS_FIELDS)
 # the files an export writes.
 _TIFF_TEMPORARY = r"\..+\.tif\.[0-9a-f-]+\.tmp"
 _MANIFEST_TEMPORARY = r"\.manifest(\.rank\d+)?\.csv\.[0-9a-f-]+\.tmp"
+# Seeds go to torch as signed 64-bit integers.
+_MAX_SEED = 2**63 - 1
 _LOCK = ".export.lock"
 _RANK_LOCK = ".export.rank{}.lock"
 # Room for "_sNNN.tif" and atomic_open's ".NAME.XXXXXXXXXXXX.tmp" within the 255 bytes most file systems allow.
@@ -274,6 +276,8 @@ def random_masks(
     """
     if n < 0:
         raise ValueError(f"the number of random masks must be at least 0, got {n}")
+    if seed < 0:
+        raise ValueError(f"the seed must be at least 0, got {seed}")
     distance = 2 * radius + 2 if min_distance is None else min_distance
     stream = _RandomMaskStream(
         shape, seed, count=particles, min_distance=distance, class_proportions=class_proportions, radius=radius
@@ -605,14 +609,21 @@ def _write_pair(folder: Path, item: MaskItem, image: np.ndarray | None, row: dic
 
 
 def check_output_paths(folder: Path, preview: Path | None = None) -> None:
-    """ExportError, before any work, for an output folder that is not a folder or a preview path where no PNG
-    can go (a folder, a link, or in a folder that does not exist)."""
+    """ExportError, before any work, for an output folder that is not a folder or cannot be made or written in, or
+    a preview path where no PNG can go (not a .png name, a folder, a link, or in a folder that does not exist)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{folder} is a file, not a folder; choose an output folder")
+    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise ExportError(f"{existing} is a file, not a folder; choose another output folder than {folder}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"{existing} is not writable; choose another output folder than {folder}")
     if preview is None:
         return
     preview = Path(preview)
+    if preview.suffix.lower() != ".png":
+        raise ExportError(f"{preview}: the preview is a PNG file; give a name ending in .png")
     if preview.is_symlink() or (preview.exists() and not preview.is_file()):
         raise ExportError(f"{preview} is a folder or a link; give the preview's file name, such as preview.png")
     if not preview.parent.is_dir():
@@ -675,6 +686,8 @@ def export_pairs(
         raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of world_size {world_size}")
     if settings.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {settings.batch_size}")
+    if not 0 <= settings.seed <= _MAX_SEED - len(masks) * samples_per_mask:
+        raise ValueError(f"seed must be in 0..{_MAX_SEED - len(masks) * samples_per_mask} (pair i uses seed + i)")
     masks, folder = _as_mask_sequence(masks), Path(folder)
     _prepare_folder(folder, masks)
     with _export_lock(folder, rank, world_size):
