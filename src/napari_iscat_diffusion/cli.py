@@ -233,8 +233,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         "export",
         help="batch-export synthetic image/mask TIFF pairs for random masks or a folder of masks",
         description="Write synthetic iSCAT image/mask pairs as OUT/images/NAME.tif, OUT/masks/NAME.tif and "
-        "OUT/manifest.csv (provenance per pair). Exporting again into OUT resumes and never overwrites. Under "
-        "torchrun (RANK, WORLD_SIZE) the processes share the pairs and make the same files as one process.",
+        "OUT/manifest.csv (provenance per pair, also stored in each TIFF's ImageJ Info). Exporting again into OUT "
+        "resumes and never overwrites; one export at a time writes to OUT. Under torchrun (RANK, WORLD_SIZE) the "
+        "processes share the pairs and make the same files as one process.",
     )
     export.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     # --count because torchrun's own parser takes a bare --n as an abbreviation of its --nnodes
@@ -253,7 +254,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         help="random masks: relative frequency of classes 1..K [equal for the model's classes]",
     )
     export.add_argument("--samples-per-mask", type=int, default=1, help="images per mask [1]")
-    export.add_argument("--preview", type=Path, default=None, help="also write a PNG of the first pairs (mask | image)")
+    export.add_argument(
+        "--preview", type=Path, default=None, help="also write a .png of the first pairs (mask | image), replacing it"
+    )
     _add_sampler_arguments(export)
     export.set_defaults(run=_run_export)
 
