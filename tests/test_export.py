@@ -557,3 +557,10 @@ def test_a_mask_file_name_that_is_not_utf8_is_recorded_with_escapes(tmp_path, mo
     export_pairs(masks_from_folder(tmp_path), model, tmp_path / "out", SETTINGS)
     [row] = _rows(tmp_path / "out")
     assert row["name"] == "cell_s000" and row["source_mask"].endswith("cell\\udcff.tif")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, model, masks, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for another user's folder (tests may run as root)
+    with pytest.raises(ExportError, match=f"{re.escape(str(tmp_path))} is not writable"):
+        export_pairs(masks, model, tmp_path / "new" / "out", SETTINGS)
+    assert not (tmp_path / "new").exists()
