@@ -1,7 +1,14 @@
 """Batch export core: pairs, manifest, resume, never overwriting, atomic files, settings checks, sharding, preview."""
 
 import csv
+import errno
+import json
+import os
+import re
+import shutil
 import struct
+import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -21,6 +28,7 @@ from napari_iscat_diffusion.export import (
     write_preview,
 )
 from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
+from napari_iscat_diffusion.iscat.masks import random_mask
 from napari_iscat_diffusion.synthetic import SamplerSettings
 
 SETTINGS = SamplerSettings(steps=2, seed=100, device="cpu")
@@ -105,7 +113,7 @@ def test_a_pair_written_but_not_recorded_is_kept_and_recorded(tmp_path, model, m
     image = tmp_path / rows[1]["image"]
     stamp = image.stat().st_mtime_ns
     summary = export_pairs(masks[:2], model, tmp_path, SETTINGS)
-    assert (summary.written, summary.skipped) == (1, 1)
+    assert (summary.written, summary.skipped) == (0, 2)  # recorded from its stored provenance, not made again
     assert image.stat().st_mtime_ns == stamp
     assert _rows(tmp_path) == rows
 
@@ -119,25 +127,25 @@ def test_a_row_cut_short_by_a_crash_is_ignored(tmp_path, model, masks):
     assert [row["name"] for row in _rows(tmp_path) if row["seed"]] == ["random_00000_s000", "random_00001_s000"]
 
 
-def test_files_are_written_atomically(tmp_path, model, masks, monkeypatch):
+def test_files_are_written_atomically_and_a_full_disk_leaves_no_half_pair(tmp_path, model, masks, monkeypatch):
     real = tifffile.imwrite
     calls = []
 
-    def crash_on_the_fourth_file(handle, array, **kwargs):
+    def disk_full_on_the_fourth_file(handle, array, **kwargs):
         calls.append(1)
         if len(calls) == 4:  # the second pair's image: write half of it, then fail
             handle.write(b"II*\x00half a tiff")
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(handle, array, **kwargs)
 
-    monkeypatch.setattr(tifffile, "imwrite", crash_on_the_fourth_file)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(tifffile, "imwrite", disk_full_on_the_fourth_file)
+    with pytest.raises(ExportError, match=r"random_00001_s000\.tif: No space left on device; .* export again"):
         export_pairs(masks, model, tmp_path, SETTINGS)
-    written = ["images/random_00000_s000.tif", "masks/random_00000_s000.tif", "masks/random_00001_s000.tif"]
-    assert sorted(_files(tmp_path)) == written
+    # the second pair's mask, written before its image failed, is removed again: no half pair
+    assert sorted(_files(tmp_path)) == ["images/random_00000_s000.tif", "masks/random_00000_s000.tif"]
     assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
     monkeypatch.setattr(tifffile, "imwrite", real)
-    summary = export_pairs(masks, model, tmp_path, SETTINGS)  # the recorded mask is kept: it is this pair's mask
+    summary = export_pairs(masks, model, tmp_path, SETTINGS)
     assert (summary.written, summary.skipped) == (2, 1)
 
 
@@ -196,7 +204,7 @@ def test_bad_masks_and_ranks_are_refused_before_writing(tmp_path, model):
     bad = masks_from_arrays({"too many classes": np.full((8, 8), 5, np.uint8)})
     with pytest.raises(ValueError, match="too many classes"):
         export_pairs(bad, model, tmp_path / "out", SETTINGS)
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").rglob("*.tif")) and not (tmp_path / "out" / MANIFEST).exists()
     with pytest.raises(ValueError, match="rank"):
         export_pairs([], model, tmp_path / "out", SETTINGS, rank=2, world_size=2)
 
@@ -247,3 +255,312 @@ def test_masks_from_arrays_and_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match=r"no \.tif"):
         masks_from_folder(tmp_path / "empty")
+
+
+def _rewrite_manifest(folder, rows):
+    with open(folder / MANIFEST, "w", newline="") as file:  # as if killed before the later rows were appended
+        writer = csv.DictWriter(file, fieldnames=export.MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_crash_between_files_and_row_resumes_with_several_samples_per_mask(tmp_path, model, masks):
+    # One batch made samples 0-2; the resumed run makes sample 2 alone, and a batch of another size gives images
+    # that differ in the last bits: the unrecorded sample 1 is recorded from the provenance stored in its TIFF.
+    settings = SamplerSettings(**{**SETTINGS.__dict__, "batch_size": 4})
+    export_pairs(masks[:1], model, tmp_path, settings, samples_per_mask=3)
+    rows = _rows(tmp_path)
+    _rewrite_manifest(tmp_path, rows[:1])
+    for kind in ("images", "masks"):
+        (tmp_path / kind / "random_00000_s002.tif").unlink()
+    orphan = tmp_path / rows[1]["image"]
+    before, stamp = orphan.read_bytes(), orphan.stat().st_mtime_ns
+    summary = export_pairs(masks[:1], model, tmp_path, settings, samples_per_mask=3)
+    assert (summary.written, summary.skipped, summary.cancelled) == (1, 2, False)
+    assert orphan.read_bytes() == before and orphan.stat().st_mtime_ns == stamp
+    assert _rows(tmp_path) == rows
+
+
+def test_exported_tiffs_carry_their_provenance_for_tifffile_and_imagej(tmp_path, model, masks):
+    export_pairs(masks[:1], model, tmp_path, SETTINGS)
+    row = _rows(tmp_path)[0]
+    for kind in ("image", "mask"):
+        with tifffile.TiffFile(tmp_path / row[kind]) as tif:
+            metadata = tif.imagej_metadata
+        stored = json.loads(metadata["Info"])  # ImageJ shows it in Image > Show Info
+        assert {field: str(stored[field]) for field in export.MANIFEST_FIELDS} == row
+        assert len(stored["mask_sha256"]) == 64
+        assert metadata["unit"] == "um"
+        assert read_pixel_size_nm(tmp_path / row[kind]) == pytest.approx(60.0)
+
+
+def test_an_unrecorded_file_with_another_pairs_provenance_is_refused(tmp_path, model, masks):
+    export_pairs(masks[:2], model, tmp_path, SETTINGS)
+    rows = _rows(tmp_path)
+    _rewrite_manifest(tmp_path, rows[:1])
+    image = tmp_path / rows[1]["image"]
+    image.write_bytes((tmp_path / rows[0]["image"]).read_bytes())  # pair 0's image under pair 1's name
+    before = image.read_bytes()
+    with pytest.raises(ExportError, match=r"random_00001_s000\.tif exists.*provenance is not this pair's"):
+        export_pairs(masks[:2], model, tmp_path, SETTINGS)
+    assert image.read_bytes() == before
+
+
+def test_a_second_export_into_a_folder_being_written_is_refused(tmp_path, model, masks):
+    started, release = threading.Event(), threading.Event()
+
+    def wait_in_the_first_step(progress):
+        started.set()
+        release.wait(10)
+
+    first = threading.Thread(
+        target=export_pairs, args=(masks, model, tmp_path, SETTINGS), kwargs={"callback": wait_in_the_first_step}
+    )
+    first.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(ExportError, match=f"another export is writing to {re.escape(str(tmp_path))}"):
+            export_pairs(masks, model, tmp_path, SETTINGS)
+    finally:
+        release.set()
+        first.join()
+    assert [row["name"] for row in _rows(tmp_path)] == [f"random_{i:05d}_s000" for i in range(3)]
+
+
+def test_a_row_cut_short_never_stays_beside_the_new_one(tmp_path, model, masks):
+    export_pairs(masks[:2], model, tmp_path, SETTINGS)
+    text = (tmp_path / MANIFEST).read_text()
+    lines = text.splitlines(keepends=True)
+    (tmp_path / MANIFEST).write_text("".join(lines[:2]) + lines[2][:-4])  # the last row cut inside its last cell
+    assert list(finished_pairs(tmp_path)) == ["random_00000_s000"]
+    summary = export_pairs(masks[:2], model, tmp_path, SETTINGS)
+    assert (summary.written, summary.skipped) == (0, 2)  # the files were there: recorded again
+    assert (tmp_path / MANIFEST).read_text() == text
+
+
+def test_a_foreign_or_linked_manifest_is_refused_and_left_alone(tmp_path, model, masks):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / MANIFEST).write_text("id,score\n1,2\n")
+    with pytest.raises(ExportError, match=r"manifest\.csv is not a manifest of iscat-diffusion export"):
+        export_pairs(masks, model, tmp_path / "a", SETTINGS)
+    assert (tmp_path / "a" / MANIFEST).read_text() == "id,score\n1,2\n"
+    assert not list((tmp_path / "a").rglob("*.tif"))
+    (tmp_path / "b").mkdir()
+    target = tmp_path / "elsewhere.csv"
+    target.write_text(",".join(export.MANIFEST_FIELDS) + "\n")
+    (tmp_path / "b" / MANIFEST).symlink_to(target)
+    with pytest.raises(ExportError, match="is a symbolic link"):
+        export_pairs(masks, model, tmp_path / "b", SETTINGS)
+    assert target.read_text() == ",".join(export.MANIFEST_FIELDS) + "\n"
+
+
+def test_an_output_file_that_is_a_link_is_refused(tmp_path, model, masks):
+    (tmp_path / "images").mkdir()
+    target = tmp_path / "elsewhere.tif"
+    tifffile.imwrite(target, np.ones((16, 16), np.float32))
+    (tmp_path / "images" / "random_00000_s000.tif").symlink_to(target)
+    before = target.read_bytes()
+    with pytest.raises(ExportError, match=r"random_00000_s000\.tif is a symbolic link"):
+        export_pairs(masks, model, tmp_path, SETTINGS)
+    assert target.read_bytes() == before
+
+
+def test_manifest_cells_are_neutralised_against_formula_injection(tmp_path, model, tiny_checkpoint):
+    hostile = tmp_path / "=HYPERLINK(1).safetensors"
+    shutil.copy(tiny_checkpoint, hostile)
+    hostile_model = load_checkpoint(hostile)
+    masks = masks_from_arrays({"-1+1": np.zeros((8, 8), np.uint8), "'quoted": np.zeros((8, 8), np.uint8)})
+    folder = tmp_path / "out"
+    export_pairs(masks, hostile_model, folder, SETTINGS)
+    with open(folder / MANIFEST, newline="") as file:
+        cells = [cell for record in csv.reader(file) for cell in record]
+    assert "'=HYPERLINK(1).safetensors" in cells and "'-1_1_s000" in cells
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "@", "\t", "\r") or cell.startswith("-1_")]
+    rows = finished_pairs(folder)  # read back as written
+    assert sorted(rows) == ["-1_1_s000", "quoted_s000"]
+    assert {row["checkpoint"] for row in rows.values()} == {hostile.name}
+    summary = export_pairs(masks, hostile_model, folder, SETTINGS)
+    assert (summary.written, summary.skipped) == (0, 2)
+
+
+def test_random_masks_are_made_one_at_a_time_in_memory_independent_of_their_number():
+    def peak_while_iterating(n):
+        tracemalloc.start()
+        masks = random_masks(n, (64, 64), particles=4, class_proportions=(1, 1), seed=3)
+        for item in masks:
+            assert item.mask.shape == (64, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    few, many = peak_while_iterating(10), peak_while_iterating(1000)
+    assert many < few + 200_000  # a list of 1000 masks of 64x64 alone holds 4 MB
+
+
+def test_random_masks_follow_one_generator_as_before_in_any_order():
+    rng = np.random.default_rng(5)
+    expected = [
+        random_mask((16, 16), 4, min_distance=8, class_proportions=(1, 1), radius=3, rng=rng).mask for _ in range(4)
+    ]
+    masks = random_masks(4, (16, 16), particles=4, class_proportions=(1, 1), seed=5)
+    for index in (3, 1, 2, 0):
+        np.testing.assert_array_equal(masks[index].mask, expected[index])
+    assert [item.name for item in masks[1:3]] == ["random_00001", "random_00002"]
+
+
+def test_export_holds_one_batch_of_masks_and_images_at_a_time(tmp_path, model, masks, monkeypatch):
+    batches = []
+
+    def record(stack, model, *, seed, **kwargs):
+        batches.append(len(stack))
+        return np.zeros(stack.shape, np.float32)
+
+    monkeypatch.setattr(export, "generate", record)
+    settings = SamplerSettings(**{**SETTINGS.__dict__, "batch_size": 2})
+    summary = export_pairs(masks[:1], model, tmp_path, settings, samples_per_mask=5)
+    assert summary.written == 5 and batches == [2, 2, 1]
+
+
+def test_export_memory_does_not_grow_with_the_number_of_pairs(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(export, "generate", lambda stack, *args, **kwargs: np.zeros(stack.shape, np.float32))
+
+    def peak_of_export(n):
+        tracemalloc.start()
+        masks = random_masks(n, (96, 96), particles=4, class_proportions=(1, 1), seed=2)
+        export_pairs(masks, model, tmp_path / str(n), SETTINGS)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    few, many = peak_of_export(5), peak_of_export(150)
+    assert many < few + 600_000  # holding 150 masks of 96x96 as int64 would take 11 MB
+
+
+def test_a_bad_mask_stops_the_export_before_its_pair(tmp_path, model, masks):
+    items = [*masks[:1], *masks_from_arrays({"too many classes": np.full((16, 16), 5, np.uint8)}), *masks[1:2]]
+    with pytest.raises(ValueError, match="too many classes"):
+        export_pairs(items, model, tmp_path, SETTINGS)
+    assert sorted(_files(tmp_path)) == ["images/random_00000_s000.tif", "masks/random_00000_s000.tif"]
+
+
+def test_names_that_collide_after_cleaning_are_refused_before_any_work(tmp_path):
+    for name in ("a b", "a_b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ExportError, match=r"a b\.tif and .*a_b\.tif both give pairs named 'a_b'"):
+        masks_from_folder(tmp_path)
+    with pytest.raises(ExportError, match="both give pairs named"):
+        masks_from_arrays({"Cell": np.zeros((8, 8)), "cell": np.zeros((8, 8))})  # one file on Windows and macOS
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("con", "_con"),
+        ("console", "console"),
+        ("CON.part", "_CON.part"),
+        ("nul.x.y", "_nul.x.y"),
+        ("  ..a b..", "a_b"),
+        ("é", "é"),
+    ],
+)
+def test_safe_names_avoid_windows_devices(name, expected):
+    assert export._safe_name(name) == expected
+
+
+def test_a_long_mask_name_is_shortened_so_that_its_files_can_be_written(tmp_path, model):
+    long = "x" * 240
+    masks = masks_from_arrays({long: np.zeros((8, 8), np.uint8), long + "y": np.zeros((8, 8), np.uint8)})
+    names = [item.name for item in masks]
+    assert names[0] != names[1] and all(len(name.encode()) <= 200 for name in names)
+    export_pairs(masks, model, tmp_path, SETTINGS)
+    assert len(finished_pairs(tmp_path)) == 2
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, model, masks):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        export_pairs(masks, model, tmp_path / "file", SETTINGS)
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "masks" / "m.tif", np.zeros((8, 8), np.uint8))
+    for out in (tmp_path, tmp_path / "masks"):
+        with pytest.raises(ExportError, match="where this export would write"):
+            export_pairs(masks_from_folder(tmp_path), model, out, SETTINGS)
+    assert not (tmp_path / "images").exists() and not list((tmp_path / "masks").iterdir())[1:]
+
+
+def _fake_generate(stack, model, *, seed, **kwargs):
+    """Images that depend only on the mask and the seed, made without torch (safe in a forked child)."""
+    return np.stack([mask.astype(np.float32) * s + s for mask, s in zip(stack, seed, strict=True)])
+
+
+def _export_counting_fsyncs(monkeypatch, folder, model, masks, settings, die_at=None):
+    """Export with ``os.fsync`` counted; with ``die_at``, the process ends (``os._exit``) right after that sync."""
+    calls = []
+    real = os.fsync
+
+    def counted(descriptor):
+        real(descriptor)
+        calls.append(1)
+        if len(calls) == die_at:
+            os._exit(9)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    export_pairs(masks, model, folder, settings, samples_per_mask=2)
+    monkeypatch.setattr(os, "fsync", real)
+    return len(calls)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child")
+def test_an_export_killed_after_any_write_resumes_to_the_same_folder(tmp_path, model, masks, monkeypatch):
+    monkeypatch.setattr(export, "generate", _fake_generate)
+    settings = SamplerSettings(**{**SETTINGS.__dict__, "batch_size": 3})
+    syncs = _export_counting_fsyncs(monkeypatch, tmp_path / "whole", model, masks, settings)
+    expected = {name: tifffile.imread(tmp_path / "whole" / name) for name in _files(tmp_path / "whole")}
+    for die_at in range(1, syncs + 1):  # after each file's data, each rename and each manifest row
+        folder = tmp_path / f"killed{die_at}"
+        child = os.fork()
+        if child == 0:
+            try:
+                _export_counting_fsyncs(monkeypatch, folder, model, masks, settings, die_at)
+            finally:
+                os._exit(0)
+        assert os.waitpid(child, 0)[1] != 0
+        summary = export_pairs(masks, model, folder, settings, samples_per_mask=2)
+        assert summary.written + summary.skipped == 6
+        assert sorted(_files(folder)) == sorted(expected)
+        for name, array in expected.items():
+            np.testing.assert_array_equal(tifffile.imread(folder / name), array, err_msg=f"{name} after {die_at}")
+        assert (folder / MANIFEST).read_text() == (tmp_path / "whole" / MANIFEST).read_text()
+        assert not [path for path in folder.rglob("*.tmp")]
+
+
+def test_the_ranks_of_one_job_share_a_folder_and_everyone_else_is_kept_out(tmp_path):
+    def refused(rank, world_size):
+        with (
+            pytest.raises(ExportError, match="another export is writing"),
+            export._export_lock(tmp_path, rank, world_size),
+        ):
+            pass
+
+    with export._export_lock(tmp_path, 0, 2):
+        with export._export_lock(tmp_path, 1, 2):  # the other rank of the same torchrun job
+            refused(0, 1)  # one process alone
+            refused(1, 2)  # the same rank of a second job
+        refused(0, 2)
+    with export._export_lock(tmp_path, 0, 1):
+        refused(1, 2)
+
+
+def test_a_mask_file_name_that_is_not_utf8_is_recorded_with_escapes(tmp_path, model):
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(os.fsdecode(bytes(tmp_path / "masks") + b"/cell\xff.tif"), np.eye(16, dtype=np.uint8))
+    export_pairs(masks_from_folder(tmp_path), model, tmp_path / "out", SETTINGS)
+    [row] = _rows(tmp_path / "out")
+    assert row["name"] == "cell_s000" and row["source_mask"].endswith("cell\\udcff.tif")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, model, masks, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for another user's folder (tests may run as root)
+    with pytest.raises(ExportError, match=f"{re.escape(str(tmp_path))} is not writable"):
+        export_pairs(masks, model, tmp_path / "new" / "out", SETTINGS)
+    assert not (tmp_path / "new").exists()

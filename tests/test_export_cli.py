@@ -1,5 +1,6 @@
 """``iscat-diffusion export``: random or given masks, resume, preview, and the same pairs under torchrun."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -98,3 +99,92 @@ def test_size_takes_one_or_two_numbers(tmp_path, tiny_checkpoint, size):
     assert main(_args(tmp_path, tiny_checkpoint, "--n", "1", "--size", *size, "--steps", "1")) == 0
     shape = tifffile.imread(tmp_path / "images" / "random_00000_s000.tif").shape
     assert shape == (16, int(size[-1]))
+
+
+def _error_line(capsys):
+    """The error message, after checking that it stands alone on the last line, without a traceback."""
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert "Traceback" not in err and last.startswith("iscat-diffusion export: error: "), err
+    return last
+
+
+def test_output_paths_and_mask_names_are_checked_before_any_work(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "a folder.png").mkdir()
+    assert (
+        main([*_args(out, tiny_checkpoint, "--n", "1", "--size", "16"), "--preview", str(tmp_path / "a folder.png")])
+        == 2
+    )
+    assert "a folder.png is a folder or a link" in _error_line(capsys)
+    (tmp_path / "file").write_text("")
+    assert main(_args(tmp_path / "file", tiny_checkpoint, "--n", "1", "--size", "16")) == 2
+    assert "file is a file, not a folder" in _error_line(capsys)
+    assert main(_args(out, tiny_checkpoint, "--n", "1", "--samples-per-mask", "0")) == 2
+    assert "--samples-per-mask must be at least 1" in _error_line(capsys)
+    (tmp_path / "masks").mkdir()
+    for name in ("a b", "a_b", "c"):
+        tifffile.imwrite(tmp_path / "masks" / f"{name}.tif", np.eye(16, dtype=np.uint8))
+    assert main(_args(out, tiny_checkpoint, "--masks", str(tmp_path))) == 2
+    assert "both give pairs named 'a_b'" in _error_line(capsys)
+    assert not out.exists()
+    (tmp_path / "masks" / "a b.tif").unlink()
+    assert main(_args(tmp_path, tiny_checkpoint, "--masks", str(tmp_path))) == 2  # would write into the masks
+    assert "where this export would write" in _error_line(capsys)
+
+
+def test_a_damaged_mask_file_stops_with_its_name_and_the_export_resumes(tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", np.eye(16, dtype=np.uint8))
+    (tmp_path / "masks" / "b.tif").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(_args(out, tiny_checkpoint, "--masks", str(tmp_path))) == 2
+    assert "b.tif: not a readable TIFF file" in _error_line(capsys)
+    assert sorted(finished_pairs(out)) == ["a_s000"]
+    tifffile.imwrite(tmp_path / "masks" / "b.tif", np.eye(16, dtype=np.uint8))
+    assert main(_args(out, tiny_checkpoint, "--masks", str(tmp_path))) == 0
+    assert "wrote 1 pair(s), skipped 1 finished" in capsys.readouterr().out
+
+
+def test_a_full_disk_gives_a_one_line_error_and_the_export_resumes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    real = tifffile.imwrite
+    calls = []
+
+    def disk_full_on_the_third_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "imwrite", disk_full_on_the_third_file)
+    args = _args(tmp_path / "out", tiny_checkpoint, "--n", "2", "--size", "16")
+    assert main(args) == 2
+    assert "random_00001_s000.tif: No space left on device" in _error_line(capsys)
+    monkeypatch.setattr(tifffile, "imwrite", real)
+    assert main(args) == 0
+    assert "wrote 1 pair(s), skipped 1 finished" in capsys.readouterr().out
+
+
+def test_the_summary_counts_the_pairs_the_manifest_lists(tmp_path, tiny_checkpoint, capsys):
+    assert main(_args(tmp_path, tiny_checkpoint, "--n", "3", "--size", "16")) == 0
+    capsys.readouterr()
+    assert main(_args(tmp_path, tiny_checkpoint, "--n", "2", "--size", "16")) == 0
+    assert f"{tmp_path / MANIFEST} lists 3 pair(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--seed", "99999999999999999999999"], "seed must be in 0.."),
+        (["--seed", "-3"], "seed must be at least 0"),
+        (["--size", "3000000"], "--size: sides of 1 to 8192 pixels"),
+        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--preview", "manifest.csv"], "the preview is a PNG file"),
+    ],
+)
+def test_hostile_numbers_and_paths_give_one_line_errors(tmp_path, tiny_checkpoint, capsys, extra, words):
+    if extra[0] == "--preview":
+        extra = ["--preview", str(tmp_path / "out" / extra[1])]
+    assert main(_args(tmp_path / "out", tiny_checkpoint, "--n", "1", "--size", "16", *extra)) == 2
+    assert words in _error_line(capsys)
+    assert not list(tmp_path.rglob("*.tif"))

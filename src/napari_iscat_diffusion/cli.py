@@ -234,8 +234,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         "export",
         help="batch-export synthetic image/mask TIFF pairs for random masks or a folder of masks",
         description="Write synthetic iSCAT image/mask pairs as OUT/images/NAME.tif, OUT/masks/NAME.tif and "
-        "OUT/manifest.csv (provenance per pair). Exporting again into OUT resumes and never overwrites. Under "
-        "torchrun (RANK, WORLD_SIZE) the processes share the pairs and make the same files as one process.",
+        "OUT/manifest.csv (provenance per pair, also stored in each TIFF's ImageJ Info). Exporting again into OUT "
+        "resumes and never overwrites; one export at a time writes to OUT. Under torchrun (RANK, WORLD_SIZE) the "
+        "processes share the pairs and make the same files as one process.",
     )
     export.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     # --count because torchrun's own parser takes a bare --n as an abbreviation of its --nnodes
@@ -254,7 +255,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         help="random masks: relative frequency of classes 1..K [equal for the model's classes]",
     )
     export.add_argument("--samples-per-mask", type=int, default=1, help="images per mask [1]")
-    export.add_argument("--preview", type=Path, default=None, help="also write a PNG of the first pairs (mask | image)")
+    export.add_argument(
+        "--preview", type=Path, default=None, help="also write a .png of the first pairs (mask | image), replacing it"
+    )
     _add_sampler_arguments(export)
     export.set_defaults(run=_run_export)
 
@@ -263,7 +266,16 @@ def _run_export(args: argparse.Namespace) -> int:
     import os
 
     from .diffusion.checkpoint import load_checkpoint
-    from .export import ExportProgress, export_pairs, masks_from_folder, merge_manifests, random_masks, write_preview
+    from .export import (
+        ExportProgress,
+        check_output_paths,
+        count_pairs,
+        export_pairs,
+        masks_from_folder,
+        merge_manifests,
+        random_masks,
+        write_preview,
+    )
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if (args.n is None) == (args.masks is None):
@@ -272,9 +284,16 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     if len(args.size) > 2:
         raise ValueError(f"--size takes H or H W, got {len(args.size)} numbers")
+    if not all(1 <= side <= 8192 for side in args.size):
+        raise ValueError(f"--size: sides of 1 to 8192 pixels, got {' '.join(map(str, args.size))}")
+    if args.samples_per_mask < 1:
+        raise ValueError(f"--samples-per-mask must be at least 1, got {args.samples_per_mask}")
+    check_output_paths(args.out, args.preview)
+    # the file list and the pair names are checked before the model loads; each mask is read when its turn comes
+    folder_masks = None if args.masks is None else masks_from_folder(args.masks)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    if args.masks is not None:
-        masks = masks_from_folder(args.masks)
+    if folder_masks is not None:
+        masks = folder_masks
     else:
         proportions = args.class_proportions or [1.0] * model.config.num_classes
         size = (args.size[0], args.size[-1])
@@ -292,16 +311,20 @@ def _run_export(args: argparse.Namespace) -> int:
             _show_progress(label, progress.pairs_done, progress.pairs_total, f" pairs{step}")
 
     with _process_group(world_size) as all_sum:
-        summary = export_pairs(
-            masks,
-            model,
-            args.out,
-            settings,
-            samples_per_mask=args.samples_per_mask,
-            callback=report,
-            rank=rank,
-            world_size=world_size,
-        )
+        try:
+            summary = export_pairs(
+                masks,
+                model,
+                args.out,
+                settings,
+                samples_per_mask=args.samples_per_mask,
+                callback=report,
+                rank=rank,
+                world_size=world_size,
+            )
+        except BaseException:
+            print(file=sys.stderr)  # end the progress line: the error gets a line of its own
+            raise
         # every rank reaches this sum only after its pairs are written: rank 0 then merges what all of them made
         written, skipped = all_sum([summary.written, summary.skipped])
     if rank != 0:
@@ -312,7 +335,8 @@ def _run_export(args: argparse.Namespace) -> int:
     manifest = merge_manifests(args.out)
     if args.preview is not None:
         write_preview(args.out, args.preview)
-    print(f"wrote {written} pair(s), skipped {skipped} finished; {manifest} lists {written + skipped} pair(s)")
+    listed = count_pairs(args.out)
+    print(f"wrote {written} pair(s), skipped {skipped} finished; {manifest} lists {listed} pair(s)")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import napari
@@ -116,8 +117,9 @@ class BatchExportWidget(QWidget):
         if folder:
             field.setText(folder)
 
-    def _masks(self) -> list[MaskItem]:
-        """The masks from the chosen source; raises ValueError with a message for the user."""
+    def _masks(self) -> Sequence[MaskItem]:
+        """The masks from the chosen source (folder and random masks are made one at a time during the export);
+        raises ValueError with a message for the user."""
         source = self.source.currentText()
         if source == SOURCES[0]:
             layer = self.mask_layer.layer()

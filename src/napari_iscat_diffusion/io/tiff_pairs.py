@@ -233,13 +233,21 @@ def _storable(array: np.ndarray, path: Path) -> np.ndarray:
     raise ValueError(f"{path}: cannot store dtype {array.dtype} in a TIFF file; expected integers or floats")
 
 
-def write_tiff(path: Path, array: np.ndarray, *, pixel_size_nm: float | None = None, overwrite: bool = False) -> None:
+def write_tiff(
+    path: Path,
+    array: np.ndarray,
+    *,
+    pixel_size_nm: float | None = None,
+    info: str | None = None,
+    overwrite: bool = False,
+) -> None:
     """Write a 2-D (H, W) or 3-D (Z, H, W) array as an ImageJ-compatible TIFF, atomically.
 
     The data go to a temporary file in the same folder which then replaces ``path`` in one step, so
     ``path`` never holds a half-written file. Booleans and integers in 0..65535 are stored as uint8/uint16,
     other numbers as float32. ``pixel_size_nm`` (nanometres per pixel) is stored as the TIFF resolution
-    and ImageJ unit, read back by :func:`read_pixel_size_nm`.
+    and ImageJ unit, read back by :func:`read_pixel_size_nm`. ``info`` is stored as ImageJ's "Info" property
+    (Image > Show Info in ImageJ), read back by :func:`read_tiff_info`.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
@@ -263,8 +271,28 @@ def write_tiff(path: Path, array: np.ndarray, *, pixel_size_nm: float | None = N
         pixels_per_um = 1000.0 / pixel_size_nm
         metadata["unit"] = "um"
         options = {"resolution": (pixels_per_um, pixels_per_um), "resolutionunit": tifffile.RESUNIT.NONE}
+    if info is not None:
+        metadata["Info"] = info
     with atomic_open(path, "wb") as handle:
         tifffile.imwrite(handle, array, imagej=True, metadata=metadata, **options)
+
+
+def read_tiff_info(path: Path) -> str | None:
+    """Return the ImageJ "Info" property that :func:`write_tiff` stores, or ``None`` when the file has none.
+
+    Raises :class:`DataError` for a missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            info = (tif.imagej_metadata or {}).get("Info")
+    except MemoryError:
+        raise
+    except Exception as exc:  # tifffile raises many exception types on damaged files
+        raise DataError(path, f"not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+    return None if info is None else str(info)
 
 
 def read_pixel_size_nm(path: Path) -> float | None:
