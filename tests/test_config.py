@@ -72,8 +72,11 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         (("optim.schedule=plateau", "log.val_every=0"), r"optim\.schedule: plateau acts on validation losses"),
         (("train.early_stopping_patience=3", "log.val_every=0"), r"train\.early_stopping_patience: acts on validation"),
         # Values that the exported model's ModelConfig refuses, found at load time rather than after training.
-        ("export.default_guidance=-1", r"^export\.default_guidance: must be a finite number >= 0, got -1\.0$"),
-        ("data.pixel_size_nm=-5", r"^data\.pixel_size_nm: must be a positive number or None"),
+        (
+            "export.default_guidance=-1",
+            r"^export\.default_guidance: must be a finite number >= 0 and at most 100, got -1\.0$",
+        ),
+        ("data.pixel_size_nm=-5", r"^data\.pixel_size_nm: must be a positive number from 0\.01 to 1e\+06 or None"),
         ("data.class_names=[a, b]", r"^data\.class_names: must be 3 non-empty strings"),
         ("export.default_steps={magic: 3}", r"^export\.default_steps: unknown sampler"),
         ("export.default_class_guidance={7: 2.0}", r"^export\.default_class_guidance: "),
@@ -85,7 +88,8 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("optim.weight_decay=1e30", r"optim\.weight_decay: lr \* weight_decay must be below 1"),
         ("optim.lr=5", r"optim\.lr: must be a positive number up to 1"),
         ("ema.half_life_images=.inf", r"ema\.half_life_images: must be a finite number"),
-        ("log.guidance=-1", r"log\.guidance: must be a finite number >= 0"),
+        ("log.guidance=-1", r"log\.guidance: must be from 0 to 100"),
+        ("log.guidance=1e4", r"log\.guidance: must be from 0 to 100"),
         ("seed=-1", r"seed: must be >= 0"),
         ("model.image_channels=100000000000000000000", r"model\.image_channels: must be an integer of at most 19"),
         ("run_dir=''", r"run_dir: must not be empty"),
@@ -114,7 +118,10 @@ def test_main_rejects_an_export_value_before_reading_data(tmp_path: Path, capsys
         train.main([f"run_dir={run_dir}", "data.source=tiff", f"data.path={missing}", "export.default_guidance=-1"])
         == 2
     )
-    assert capsys.readouterr().err == "error: export.default_guidance: must be a finite number >= 0, got -1.0\n"
+    assert (
+        capsys.readouterr().err
+        == "error: export.default_guidance: must be a finite number >= 0 and at most 100, got -1.0\n"
+    )
     assert not run_dir.exists()
 
 

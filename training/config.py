@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from napari_iscat_diffusion.diffusion.checkpoint import ModelConfig
+from napari_iscat_diffusion.diffusion.guidance import MAX_GUIDANCE
 from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.samplers import get_sampler
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
@@ -374,7 +375,11 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("log.sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
     ("log.num_samples", lambda v: v >= 1, ">= 1"),
     ("log.sample_steps", lambda v: v >= 1, ">= 1"),
-    ("log.guidance", lambda v: 0 <= v < math.inf, "a finite number >= 0 (the guidance scale of the sample grids)"),
+    (
+        "log.guidance",
+        lambda v: 0 <= v <= MAX_GUIDANCE,
+        f"from 0 to {MAX_GUIDANCE:g} (the sample grids' guidance scale)",
+    ),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("checkpoint.every", lambda v: v >= 0, ">= 0 (0 = only at the end and at a new best)"),
     ("checkpoint.keep_last", lambda v: v >= 1, ">= 1 (the newest state is what a restart resumes from)"),
