@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -28,10 +29,21 @@ from .conditioning import CLASS_ZONE_REACH_PX, class_zone
 from .denoiser import ConditionalDenoiser, Denoiser
 
 _ENTRY = re.compile(r"^\s*(\d+)\s*[=:]\s*([^,\s]+)\s*$")
+# The largest guidance scale accepted: useful scales are 1-5, and far above this the guided prediction
+# (x0_uncond + w * difference) runs out of float32's range and the image becomes NaN.
+MAX_GUIDANCE = 100.0
+
+
+def check_guidance_scale(value: object, *, name: str = "guidance") -> float:
+    """``value`` as a float if it is a number from 0 to ``MAX_GUIDANCE``; ValueError naming ``name`` otherwise."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not 0 <= value <= MAX_GUIDANCE:  # False for NaN
+        raise ValueError(f"{name} must be a finite number >= 0 and at most {MAX_GUIDANCE:g}, got {reprlib.repr(value)}")
+    return float(value)
 
 
 def check_class_guidance(class_scales: Mapping, num_classes: int, *, name: str = "class guidance") -> dict[int, float]:
-    """Validate per-class guidance scales ``{label: w}`` for labels 1..``num_classes`` (finite, >= 0).
+    """Validate per-class guidance scales ``{label: w}`` for labels 1..``num_classes`` (0 to ``MAX_GUIDANCE``).
 
     Returns them as ``{int: float}`` sorted by label; string labels ("1") are accepted (JSON keys).
     Raises ValueError naming ``name`` and the bad entry.
@@ -40,12 +52,10 @@ def check_class_guidance(class_scales: Mapping, num_classes: int, *, name: str =
         raise ValueError(f"{name}: must map class labels to guidance scales, got {type(class_scales).__name__}")
     checked: dict[int, float] = {}
     for key, value in class_scales.items():
-        label = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        label = int(key) if isinstance(key, str) and key.strip().isdecimal() else key
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 1 <= label <= num_classes:
-            raise ValueError(f"{name}: {key!r} is not a particle class; expected labels 1..{num_classes}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: the scale of class {label} must be a finite number >= 0, got {value!r}")
-        checked[int(label)] = float(value)
+            raise ValueError(f"{name}: {reprlib.repr(key)} is not a particle class; expected labels 1..{num_classes}")
+        checked[int(label)] = check_guidance_scale(value, name=f"{name}: the scale of class {label}")
     return dict(sorted(checked.items()))
 
 
@@ -95,7 +105,7 @@ def check_guidance_interval(
         if isinstance(interval, str):
             raise TypeError
         low, high = (float(v) for v in interval)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name}: expected two noise levels (low, high), got {interval!r}") from None
     if not (math.isfinite(low) and low >= 0 and high > low) or math.isnan(high):
         raise ValueError(f"{name}: expected 0 <= low < high, got ({low:g}, {high:g})")
