@@ -1,6 +1,7 @@
 """The iscat-diffusion command line: simulate, dataset check, info, generate."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,10 @@ def test_generate_checks_out_before_loading_the_model(tmp_path, capsys, monkeypa
     args[4] = str(tmp_path / "mask.tif")
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
+    if Path("/proc/self").is_dir():  # Linux: a folder that takes no new file, even from root
+        args[4] = "/proc/out.tif"
+        assert main(args) == 2
+        assert "--out /proc/out.tif: cannot write into folder /proc" in capsys.readouterr().err
 
 
 def test_generate_says_a_mask_folder_is_a_folder(tmp_path, capsys):

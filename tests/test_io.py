@@ -208,6 +208,7 @@ def test_read_mask_dtypes(tmp_path):
     [
         (np.array([[0.0, 0.5]], np.float32), "minisblack", "not labels"),
         (np.array([[0.0, np.nan]], np.float32), "minisblack", "not labels"),
+        (np.array([[0.0, 1e300]], np.float64), "minisblack", "not labels"),
         (np.array([[0, -1]], np.int16), "minisblack", "negative label"),
         (np.zeros((4, 5, 3), np.uint8), "rgb", "RGB"),
         (np.zeros((2, 4, 5), np.uint8), "minisblack", "expected a 2-D label image"),

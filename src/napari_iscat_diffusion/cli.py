@@ -156,8 +156,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _check_new_file(path: Path, option: str) -> None:
     """FileExistsError or FileNotFoundError, before any work, unless ``path`` can become a new file: it must not
-    exist (outputs are never overwritten) and its folder must exist and be writable. ``option`` names it."""
-    import os
+    exist (outputs are never overwritten) and its folder must exist and take a new file (ValueError otherwise).
+    ``option`` names it."""
+    import tempfile
 
     if path.is_dir():
         raise FileExistsError(f"{option} {path} is a folder; give the name of a new file")
@@ -166,8 +167,11 @@ def _check_new_file(path: Path, option: str) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FileNotFoundError(f"{option} {path}: folder {folder} is not writable")
+    try:  # a real file, not os.access: that says yes to root on a read-only or special file system
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write into folder {folder} ({error.strerror})") from None
 
 
 def _sampler_settings(args: argparse.Namespace, device: str) -> SamplerSettings:

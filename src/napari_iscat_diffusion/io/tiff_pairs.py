@@ -52,6 +52,10 @@ _RESUNIT_NM = {
 }
 
 
+# Floats hold every whole number up to 2**53 exactly; larger values are not labels that a float mask can carry.
+_MAX_FLOAT_LABEL = 2.0**53
+
+
 class DataError(ValueError):
     """A data file is missing, unreadable or not what the pipeline expects.
 
@@ -224,7 +228,7 @@ def as_labels(array: np.ndarray, source: Path | str, *, allow_stack: bool = Fals
     """Check a label mask and return it as an integer array (0 background, 1..K classes): (H, W), or
     (N, H, W) when ``allow_stack`` is true.
 
-    Booleans become uint8; floats are accepted when every value is a non-negative integer and become the
+    Booleans become uint8; floats are accepted when every value is a whole number from 0 to 2**53 and become the
     smallest unsigned integer dtype that holds them. ``source`` names the mask in errors.
     """
     array = np.asarray(array)
@@ -243,7 +247,11 @@ def as_labels(array: np.ndarray, source: Path | str, *, allow_stack: bool = Fals
         return array
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(source, f"unsupported mask dtype {array.dtype}; expected integer labels")
-    if not np.all(np.isfinite(array)) or np.any(array != np.round(array)) or (array.size and array.min() < 0):
+    if (
+        not np.all(np.isfinite(array))
+        or np.any(array != np.round(array))
+        or (array.size and (array.min() < 0 or array.max() > _MAX_FLOAT_LABEL))
+    ):
         raise DataError(
             source, f"{array.dtype} mask with values that are not labels; expected integers 0 (background), 1..K"
         )
