@@ -239,13 +239,13 @@ def generate(
 
                 sample = info.function(denoise, x, sigmas, generators=generators, callback=on_step, **options)
                 batch_images = _to_physical(sample, mean, std)
-                if not np.isfinite(batch_images).all():
+                bad = np.flatnonzero(~np.isfinite(batch_images).reshape(len(batch_images), -1).all(axis=1))
+                if len(bad):
                     cause = _non_finite_cause(int(first_non_finite), precision, given_peaks is not None, config)
-                    first, last = indices.start, indices.stop - 1
-                    which = f"image {first}" if first == last else f"images {first}..{last}"
+                    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
                     raise NonFiniteImageError(
-                        f"generation gave NaN or infinite pixels in {which} (sampler {sampler}, {steps} steps, "
-                        f"guidance {guidance:g}, precision {precision}): {cause}"
+                        f"generation gave NaN or infinite pixels in image {indices[bad[0]]}{more} (sampler {sampler}, "
+                        f"{steps} steps, guidance {guidance:g}, precision {precision}): {cause}"
                     )
                 outputs.append(batch_images)
     finally:
