@@ -1,16 +1,17 @@
-"""The iscat-diffusion command line: simulate, dataset check, info."""
+"""The iscat-diffusion command line: simulate, dataset check, info, generate."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-from tests.tiny_models import save_tiny_checkpoint
+from tests.tiny_models import perturbed_net, save_tiny_checkpoint
 
 from napari_iscat_diffusion import __version__
 from napari_iscat_diffusion.cli import main
-from napari_iscat_diffusion.diffusion import load_checkpoint
+from napari_iscat_diffusion.diffusion import load_checkpoint, save_checkpoint
 from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
 
 
@@ -110,7 +111,7 @@ def test_generate_writes_one_image_per_mask_and_sample(tmp_path, capsys):
     masks = np.zeros((2, 24, 40), np.uint8)
     masks[:, 5:9, 10:14] = 1
     tifffile.imwrite(tmp_path / "masks.tif", masks)
-    out = tmp_path / "synthetic.tif"
+    out = tmp_path / "new folder" / "synthetic.tif"  # missing folders are made
     args = ["generate", "--mask", str(tmp_path / "masks.tif"), "--out", str(out), "--checkpoint", str(checkpoint)]
     assert main([*args, "--n", "2", "--steps", "2", "--seed", "3"]) == 0
     images = tifffile.imread(out)
@@ -166,3 +167,101 @@ def test_info_without_a_checkpoint_lists_versions_devices_and_bundled_models(tmp
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "devices: cpu" in out
     assert "bundled models: 1" in out and "tiny: 2 classes" in out
+
+
+def _generate_args(tmp_path, checkpoint, out="out.tif"):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 1
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    return ["generate", "--mask", str(tmp_path / "mask.tif"), "--out", str(tmp_path / out), "--checkpoint", checkpoint]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "phrase"),
+    [
+        ("--guidance", "1e300", "argument --guidance: guidance must be a finite number >= 0 and at most 100"),
+        ("--guidance", "nan", "at most 100, got nan"),
+        ("--guidance", "inf", "at most 100, got inf"),
+        ("--guidance", "-1", "at most 100, got -1"),
+        ("--guidance", "lots", "'lots' is not a number"),
+        ("--steps", "0", "argument --steps: must be at least 1, got 0"),
+        ("--steps", "1e9", "argument --steps: '1e9' is not a whole number"),
+        ("--n", "-1", "argument --n: must be at least 1, got -1"),
+        ("--batch-size", "0", "argument --batch-size: must be at least 1, got 0"),
+        ("--seed", "-1", "argument --seed: must be from 0 to 2**63 - 1, got -1"),
+        ("--seed", str(2**70), f"must be from 0 to 2**63 - 1, got {2**70}"),
+    ],
+)
+def test_generate_refuses_absurd_numbers_when_parsing(tmp_path, capsys, option, value, phrase):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*_generate_args(tmp_path, "unused.safetensors"), option, value])
+    assert exit_info.value.code == 2 and phrase in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        (["--sampler", "dpmpp_2m", "--steps", "1000000000"], "steps must be a whole number from 1 to 1000"),
+        (["--sampler", "euler", "--steps", "1001"], "steps must be a whole number from 1 to 1000"),
+        (["--n", "1000000000"], "--n 1000000000 images per mask of"),
+        (["--n", "2", "--seed", str(2**63 - 1), "--steps", "1"], f"seed {2**63} of image 1 is out of range"),
+    ],
+)
+def test_generate_refuses_too_much_work_in_one_line(tmp_path, capsys, options, phrase):
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    assert main([*_generate_args(tmp_path, str(checkpoint)), *options]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_generate_checks_out_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import napari_iscat_diffusion.diffusion.checkpoint as checkpoint_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", no_loading)
+    args = _generate_args(tmp_path, "unused.safetensors", out="mask.tif/out.tif")
+    assert main(args) == 2
+    assert f"--out {tmp_path / 'mask.tif' / 'out.tif'}: {tmp_path / 'mask.tif'} is a file, not a folder" in (
+        capsys.readouterr().err
+    )
+    args[4] = str(tmp_path)
+    assert main(args) == 2
+    assert f"--out {tmp_path} is a folder; give the name of a new file" in capsys.readouterr().err
+    args[4] = str(tmp_path / "mask.tif")
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    if Path("/proc/self").is_dir():  # Linux: a folder that takes no new file, even from root
+        args[4] = "/proc/out.tif"
+        assert main(args) == 2
+        assert "--out /proc/out.tif: cannot write into folder /proc" in capsys.readouterr().err
+
+
+def test_generate_says_a_mask_folder_is_a_folder(tmp_path, capsys):
+    args = _generate_args(tmp_path, "unused.safetensors")
+    args[2] = str(tmp_path)
+    assert main(args) == 2
+    assert f"{tmp_path}: is a folder; expected a TIFF file" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_rgb_mask(tmp_path, capsys):
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    args = _generate_args(tmp_path, str(checkpoint))
+    tifffile.imwrite(tmp_path / "mask.tif", np.zeros((16, 16, 3), np.uint8), photometric="rgb")
+    assert main(args) == 2
+    assert "mask.tif: is an RGB image" in capsys.readouterr().err and not (tmp_path / "out.tif").exists()
+
+
+def test_generate_writes_no_image_when_the_network_overflows(tmp_path, capsys):
+    config = load_checkpoint(_tiny_checkpoint(tmp_path)[0]).config
+    net = perturbed_net(config.unet)
+    with torch.no_grad():
+        net.conv_out.bias.fill_(1e38)  # a diverged network: its predictions overflow float32 in the sampler
+    save_checkpoint(tmp_path / "diverged.safetensors", net, config)
+    assert main([*_generate_args(tmp_path, str(tmp_path / "diverged.safetensors")), "--steps", "3"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("iscat-diffusion generate: error: generation gave NaN or infinite pixels in image 0")
+    assert "became NaN or infinite at step" in err and not (tmp_path / "out.tif").exists()

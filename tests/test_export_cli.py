@@ -175,16 +175,21 @@ def test_the_summary_counts_the_pairs_the_manifest_lists(tmp_path, tiny_checkpoi
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
-        (["--seed", "99999999999999999999999"], "seed must be in 0.."),
-        (["--seed", "-3"], "seed must be at least 0"),
+        (["--seed", "99999999999999999999999"], "--seed: must be from 0 to 2**63 - 1"),
+        (["--seed", str(2**63 - 1)], "seed must be in 0.."),  # pair i uses seed + i
+        (["--seed", "-3"], "--seed: must be from 0 to 2**63 - 1, got -3"),
         (["--size", "3000000"], "--size: sides of 1 to 8192 pixels"),
-        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["--preview", "manifest.csv"], "the preview is a PNG file"),
     ],
 )
 def test_hostile_numbers_and_paths_give_one_line_errors(tmp_path, tiny_checkpoint, capsys, extra, words):
     if extra[0] == "--preview":
         extra = ["--preview", str(tmp_path / "out" / extra[1])]
-    assert main(_args(tmp_path / "out", tiny_checkpoint, "--n", "1", "--size", "16", *extra)) == 2
+    try:
+        status = main(_args(tmp_path / "out", tiny_checkpoint, "--n", "1", "--size", "16", *extra))
+    except SystemExit as exit_info:  # refused by the argument parser
+        status = exit_info.code
+    assert status == 2
     assert words in _error_line(capsys)
     assert not list(tmp_path.rglob("*.tif"))

@@ -12,6 +12,7 @@ from napari_iscat_diffusion.diffusion import (
     SAMPLERS,
     ConditionalUNet,
     ModelConfig,
+    NonFiniteImageError,
     SamplingCancelled,
     generate,
     load_checkpoint,
@@ -313,7 +314,7 @@ def test_callback_can_cancel(model):
     ("kwargs", "phrase"),
     [
         ({"sampler": "plms"}, "unknown sampler"),
-        ({"steps": 0}, "steps must be at least 1"),
+        ({"steps": 0}, "steps must be a whole number from 1 to 1000"),
         ({"seed": [1, 2]}, "got 2 seeds for 1 masks"),
         ({"device": "cuda:7"}, "not available"),
         ({"precision": "bf16"}, "not supported on the CPU"),
@@ -335,3 +336,53 @@ def test_bad_masks_are_rejected(model):
         generate(np.full((8, 8), 3, np.uint8), model)
     with pytest.raises(ValueError, match="RGB"):
         generate(np.zeros((8, 8, 3), np.uint8), model)
+
+
+def _constant_output(model, value: float) -> None:
+    """Make the network predict ``value`` everywhere (its last convolution's weights 0, its bias ``value``)."""
+    with torch.no_grad():
+        model.net.conv_out.weight.zero_()
+        model.net.conv_out.bias.fill_(value)
+
+
+def test_an_overflowing_network_raises_naming_the_step_instead_of_returning_nan(tmp_path):
+    model = _tiny_model(tmp_path)
+
+    def overflow_after_first_step(event):
+        if event.step == 0:
+            _constant_output(model, math.inf)
+
+    with pytest.raises(NonFiniteImageError, match=r"NaN or infinite .* at step 2: the network's predictions overflow"):
+        generate(_mask(), model, sampler="euler", steps=4, callback=overflow_after_first_step)
+
+
+def test_a_normalisation_that_overflows_float32_is_named(tmp_path):
+    model = _tiny_model(tmp_path, std=1e12)
+    _constant_output(model, 1e28)  # finite in normalised units, about 1e40 in physical units
+    with pytest.raises(NonFiniteImageError, match=r"image 0 .*the checkpoint's normalisation .* float32's range"):
+        generate(_mask(), model, steps=1)  # one step: the network never sees the huge prediction as its input
+
+
+def test_non_finite_image_error_is_a_value_error():
+    assert issubclass(NonFiniteImageError, ValueError)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_takes_at_most_the_training_timesteps(model, sampler):
+    with pytest.raises(ValueError, match=r"steps must be a whole number from 1 to 1000 \(the model's training"):
+        generate(_mask(), model, sampler=sampler, steps=1001)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"guidance": 1e300}, "guidance must be a finite number >= 0 and at most 100"),
+        ({"guidance": -1.0}, "guidance must be a finite number >= 0"),
+        ({"seed": -1}, "seed -1 of image 0 is out of range"),
+        ({"seed": 2**63 - 1}, f"seed {2**63} of image 1 is out of range"),
+        ({"seed": [0, 2**70]}, "of image 1 is out of range"),
+    ],
+)
+def test_absurd_guidance_and_seeds_are_refused(model, kwargs, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        generate(_mask(2), model, steps=1, **kwargs)

@@ -1,6 +1,8 @@
 """TIFF pairs and HDF5 patches on disk: finding pairs, reading, atomic writing, pixel sizes."""
 
+import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -113,10 +115,71 @@ def test_read_image_stacks_and_singleton_axes(tmp_path):
     stack = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
     np.testing.assert_array_equal(read_image(_touch_tiff(tmp_path / "z.tif", stack)), stack)
     assert read_image(_touch_tiff(tmp_path / "one.tif", stack[:1])).shape == (4, 5)
-    rgb = np.zeros((4, 5, 3), np.uint8)
-    assert read_image(_touch_tiff(tmp_path / "rgb.tif", rgb, "rgb")).shape == (3, 4, 5)  # channels first
     with pytest.raises(DataError, match=r"hyper\.tif: expected a 2-D image"):
         read_image(_touch_tiff(tmp_path / "hyper.tif", np.zeros((2, 3, 4, 5), np.float32)))
+
+
+@pytest.mark.parametrize(
+    ("array", "photometric", "kind"),
+    [
+        (np.zeros((4, 5, 3), np.uint8), "rgb", "an RGB image (3 samples per pixel)"),
+        (np.zeros((4, 5, 4), np.uint8), "rgb", "an RGBA image (4 samples per pixel)"),
+        (np.zeros((2, 4, 5, 3), np.uint8), "rgb", "an RGB image"),
+        (np.zeros((4, 5, 2), np.float32), "minisblack", "a multi-channel image (2 samples per pixel)"),
+    ],
+)
+def test_colour_files_are_refused_as_images_and_as_masks(tmp_path, array, photometric, kind):
+    path = tmp_path / "colour.tif"
+    tifffile.imwrite(path, array, photometric=photometric, planarconfig="contig")
+    for reader in (read_image, read_mask):
+        with pytest.raises(DataError, match=rf"colour\.tif: is {re.escape(kind)}.*save it as a single-channel"):
+            reader(path)
+
+
+def test_a_file_of_several_series_is_refused_naming_their_number(tmp_path):
+    path = tmp_path / "series.tif"
+    with tifffile.TiffWriter(path) as tiff:
+        tiff.write(np.ones((4, 5), np.uint8))
+        tiff.write(np.zeros((8, 8), np.uint8))
+        tiff.write(np.zeros((2, 2), np.uint8))
+    for reader in (read_image, read_mask):
+        with pytest.raises(DataError, match=r"series\.tif: holds 3 image series"):
+            reader(path)
+
+
+def _claiming(path: Path, height: int, width: int, dtype=np.uint8) -> Path:
+    """A TIFF file of a few hundred bytes whose header claims ``height`` x ``width`` pixels."""
+    tifffile.imwrite(path, np.zeros((16, 16), dtype), metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        offsets = [tif.pages[0].tags[code].valueoffset for code in (256, 257)]  # ImageWidth, ImageLength
+    data = bytearray(path.read_bytes())
+    for offset, value in zip(offsets, (width, height), strict=True):
+        data[offset : offset + 4] = value.to_bytes(4, "little")
+    path.write_bytes(data)
+    return path
+
+
+def test_a_header_claiming_gigabytes_is_refused_before_reading_pixels(tmp_path, monkeypatch):
+    path = _claiming(tmp_path / "huge.tif", 100_000, 100_000)
+    assert path.stat().st_size < 1000
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("pixels were read")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", no_pixels)
+    for reader in (read_image, read_mask):
+        with pytest.raises(DataError, match=r"huge\.tif: claims 100000 x 100000 uint8 pixels \(9\.3 GiB\), more than"):
+            reader(path)
+
+
+def test_folders_and_special_files_are_named_as_such(tmp_path):
+    for reader in (read_image, read_mask):
+        with pytest.raises(DataError, match=r"is a folder; expected a TIFF file"):
+            reader(tmp_path)
+    if sys.platform != "win32":
+        os.mkfifo(tmp_path / "pipe.tif")
+        with pytest.raises(DataError, match=r"pipe\.tif: is not a regular file"):
+            read_mask(tmp_path / "pipe.tif")
 
 
 def test_corrupt_or_missing_files_raise_data_error_naming_them(tmp_path):
@@ -145,6 +208,7 @@ def test_read_mask_dtypes(tmp_path):
     [
         (np.array([[0.0, 0.5]], np.float32), "minisblack", "not labels"),
         (np.array([[0.0, np.nan]], np.float32), "minisblack", "not labels"),
+        (np.array([[0.0, 1e300]], np.float64), "minisblack", "not labels"),
         (np.array([[0, -1]], np.int16), "minisblack", "negative label"),
         (np.zeros((4, 5, 3), np.uint8), "rgb", "RGB"),
         (np.zeros((2, 4, 5), np.uint8), "minisblack", "expected a 2-D label image"),

@@ -16,6 +16,7 @@ from napari_iscat_diffusion.diffusion.samplers import (
     SAMPLERS,
     SamplerInfo,
     SamplingCancelled,
+    check_steps,
     get_sampler,
     randn_per_image,
     sample_ddim,
@@ -416,3 +417,13 @@ def test_sampling_sigmas_options_and_errors():
         sampling_sigmas("ddpm", 8, SIGMA_MIN, SIGMA_MAX, schedule=SCHEDULE, grid="exponential")
     with pytest.raises(ValueError, match="expected one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler, heun"):
         sampling_sigmas("lms", 8, SIGMA_MIN, SIGMA_MAX)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1001, 10**9, True, 2.5])
+def test_check_steps_allows_1_to_the_training_timesteps(steps):
+    with pytest.raises(ValueError, match=r"steps must be a whole number from 1 to 1000 \(the model's training"):
+        check_steps(steps, 1000)
+
+
+def test_check_steps_returns_a_step_count_in_range():
+    assert check_steps(1, 1000) == 1 and check_steps(1000, 1000) == 1000

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .io.atomic import atomic_open, atomic_write_text
+from .io.output_paths import check_new_file
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help answers at once
     from .synthetic import SamplerSettings
@@ -28,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # tifffile logs what it finds odd in a damaged file to stderr; the command's own one-line error says what is wrong.
+    tifffile_log = logging.getLogger("tifffile")
+    if not tifffile_log.handlers:
+        tifffile_log.addHandler(logging.NullHandler())
     try:
         return args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
@@ -55,7 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--mask", type=Path, required=True, help="label mask TIFF: 0 background, 1..K classes")
     generate.add_argument("--out", type=Path, required=True, help="output TIFF (never overwritten)")
-    generate.add_argument("--n", type=int, default=1, help="samples per mask [1]")
+    generate.add_argument("--n", type=_count_argument, default=1, help="samples per mask [1]")
     generate.add_argument(
         "--particle-contrast",
         type=Path,
@@ -112,34 +118,40 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_generate(args: argparse.Namespace) -> int:
     from .diffusion.checkpoint import load_checkpoint
     from .diffusion.generate import GenerationProgress
-    from .io.tiff_pairs import read_image, read_mask, write_tiff
+    from .io.tiff_pairs import MAX_TIFF_BYTES, read_image, read_mask, write_tiff
     from .synthetic import synthesize
 
-    if args.out.exists():
-        raise FileExistsError(f"{args.out} already exists; choose another --out")
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
+    check_new_file(args.out, "--out")
     masks = read_mask(args.mask, allow_stack=True)
     contrasts = None if args.particle_contrast is None else read_image(args.particle_contrast)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
+    size = args.n * masks.size * model.config.image_channels * 4  # float32 pixels
+    if size > MAX_TIFF_BYTES:
+        raise ValueError(
+            f"--n {args.n} images per mask of {args.mask} make {size / 2**30:.1f} GiB, more than one TIFF file holds "
+            f"({MAX_TIFF_BYTES >> 30} GiB); use fewer, or the export command, which writes one file per image"
+        )
     settings = _sampler_settings(args, args.device)
 
     def report(progress: GenerationProgress) -> None:
         _show_progress("generate", progress.completed, progress.total)
 
-    result = synthesize(
-        masks,
-        model,
-        settings,
-        samples=args.n,
-        callback=report,
-        name=str(args.mask),
-        particle_contrast=contrasts,
-        contrast_name=str(args.particle_contrast),
-    )
-    print(file=sys.stderr)
+    try:
+        result = synthesize(
+            masks,
+            model,
+            settings,
+            samples=args.n,
+            callback=report,
+            name=str(args.mask),
+            particle_contrast=contrasts,
+            contrast_name=str(args.particle_contrast),
+        )
+    finally:
+        print(file=sys.stderr)  # ends the progress line, also before an error message
     # Samples, then planes (then channels of multi-channel models) follow each other along one axis.
     images = result.images.reshape(-1, *masks.shape[-2:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
     print(f"wrote {len(images)} image(s) of {masks.shape[-2]}x{masks.shape[-1]} px to {args.out} ({model.summary()})")
     return 0
@@ -183,9 +195,13 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
     parser.add_argument(
         "--sampler", default=None, help="ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler or heun [the model's default]"
     )
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps [the model's default for the sampler]")
+    parser.add_argument(
+        "--steps", type=_count_argument, default=None, help="sampler steps [the model's default for the sampler]"
+    )
     if guidance:
-        parser.add_argument("--guidance", type=float, default=None, help="guidance scale [the model's default]")
+        parser.add_argument(
+            "--guidance", type=_guidance_argument, default=None, help="guidance scale [the model's default]"
+        )
         parser.add_argument(
             "--class-guidance",
             type=_class_guidance_argument,
@@ -203,10 +219,52 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
             help="guide only at noise levels LOW < sigma <= HIGH (normalised units), the other steps run one "
             "network pass instead of two; 'all' for every step [the model's default]",
         )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
+    parser.add_argument(
+        "--seed", type=_seed_argument, default=0, help="seed of the first image; image i uses seed + i [0]"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [auto]")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 [auto]")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass [4]")
+    parser.add_argument("--batch-size", type=_count_argument, default=4, help="images per forward pass [4]")
+
+
+def _count_argument(text: str) -> int:
+    """A whole number of at least 1 (steps, images, batch size), with the parser's own message otherwise."""
+    count = _whole_number(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
+
+
+def _seed_argument(text: str) -> int:
+    """A seed from 0 to ``LARGEST_SEED``, with the parser's own message otherwise."""
+    from .diffusion.generate import LARGEST_SEED
+
+    seed = _whole_number(text)
+    if not 0 <= seed <= LARGEST_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {seed}")
+    return seed
+
+
+def _whole_number(text: str) -> int:
+    """``text`` as an int; ArgumentTypeError quoting it otherwise."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _guidance_argument(text: str) -> float:
+    """--guidance as a number from 0 to ``guidance.MAX_GUIDANCE``, with the parser's own message otherwise."""
+    from .diffusion.guidance import check_guidance_scale
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return check_guidance_scale(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _class_guidance_argument(text: str) -> dict[int, float]:
@@ -263,7 +321,6 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import os
 
     from .diffusion.checkpoint import load_checkpoint
     from .export import (
@@ -522,7 +579,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_model, metric_curves, run_metadata, write_curves
     from .evaluation.evaluate import DEFAULT_N
 
-    _refuse_existing(args.out)
+    check_new_file(args.out, "--out")
     args.n = DEFAULT_N if args.n is None else args.n
     if args.n < 4 or args.curves_n < 4:
         raise ValueError(f"--n and --curves-n must be at least 4, got {args.n} and {args.curves_n}")
@@ -586,7 +643,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .evaluation import run_metadata
     from .evaluation.calibration import DEFAULT_N, DEFAULT_SCALES, calibrate_class_guidance
 
-    _refuse_existing(args.out, args.save)
+    _check_report_and_save(args)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     result = calibrate_class_guidance(
         model,
@@ -649,7 +706,7 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
     from .evaluation.contrast_calibration import DEFAULT_N, DEFAULT_ROUNDS, calibrate_contrast_channel
     from .evaluation.evaluate import simulated_set, simulation_parameters_for
 
-    _refuse_existing(args.out, args.save)
+    _check_report_and_save(args)
     path = _checkpoint_path(args.checkpoint)
     model = load_checkpoint(path)
     if model.config.particle_contrast is None:
@@ -701,24 +758,11 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_existing(*paths: Path | None) -> None:
-    """Check, before the work, that each output file of ``paths`` (None: not asked for) can be made.
-
-    Raises FileExistsError for a path that exists already, and for one whose nearest existing folder above is
-    a file or cannot be written in (its missing folders are made when the file is written).
-    """
-    for path in paths:
-        if path is None:
-            continue
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; choose another file")
-        parent = path.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise FileExistsError(f"{parent} is a file, not a folder; choose another path than {path}")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise FileExistsError(f"{parent} is not writable; choose another path than {path}")
+def _check_report_and_save(args: argparse.Namespace) -> None:
+    """Check, before the work, that the report (``--out``) and the calibrated model (``--save``) can be written."""
+    check_new_file(args.out, "--out")
+    if args.save is not None:
+        check_new_file(args.save, "--save")
 
 
 def _write_report(path: Path, report: dict) -> None:

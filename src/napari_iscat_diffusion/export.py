@@ -34,7 +34,9 @@ from typing import overload
 import numpy as np
 
 from .diffusion import GenerationProgress, LoadedModel, SamplingCancelled, generate, validate_mask
+from .diffusion.generate import LARGEST_SEED
 from .io.atomic import atomic_open
+from .io.output_paths import check_output_folder
 from .io.tiff_pairs import TIFF_SUFFIXES, read_image, read_mask, read_tiff_info, write_tiff
 from .iscat.masks import random_mask
 from .png import grid, to_uint8, write_png
@@ -80,7 +82,6 @@ _IDENTITY_FIELDS = ("name", "pair", "seed", "mask_sha256", *_SETTINGS_FIELDS)
 _TIFF_TEMPORARY = r"\..+\.tif\.[0-9a-f-]+\.tmp"
 _MANIFEST_TEMPORARY = r"\.manifest(\.rank\d+)?\.csv\.[0-9a-f-]+\.tmp"
 # Seeds go to torch as signed 64-bit integers.
-_MAX_SEED = 2**63 - 1
 _LOCK = ".export.lock"
 _RANK_LOCK = ".export.rank{}.lock"
 # Room for "_sNNN.tif" and atomic_open's ".NAME.XXXXXXXXXXXX.tmp" within the 255 bytes most file systems allow.
@@ -609,16 +610,10 @@ def _write_pair(folder: Path, item: MaskItem, image: np.ndarray | None, row: dic
 
 
 def check_output_paths(folder: Path, preview: Path | None = None) -> None:
-    """ExportError, before any work, for an output folder that is not a folder or cannot be made or written in, or
-    a preview path where no PNG can go (not a .png name, a folder, a link, or in a folder that does not exist)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ExportError(f"{folder} is a file, not a folder; choose an output folder")
-    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
-    if not existing.is_dir():
-        raise ExportError(f"{existing} is a file, not a folder; choose another output folder than {folder}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ExportError(f"{existing} is not writable; choose another output folder than {folder}")
+    """Before any work: OutputPathError for an output folder that is not a folder or cannot be made or written
+    in, ExportError for a preview path where no PNG can go (not a .png name, a folder, a link, or in a folder that
+    does not exist)."""
+    check_output_folder(folder)
     if preview is None:
         return
     preview = Path(preview)
@@ -686,8 +681,8 @@ def export_pairs(
         raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of world_size {world_size}")
     if settings.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {settings.batch_size}")
-    if not 0 <= settings.seed <= _MAX_SEED - len(masks) * samples_per_mask:
-        raise ValueError(f"seed must be in 0..{_MAX_SEED - len(masks) * samples_per_mask} (pair i uses seed + i)")
+    if not 0 <= settings.seed <= LARGEST_SEED - len(masks) * samples_per_mask:
+        raise ValueError(f"seed must be in 0..{LARGEST_SEED - len(masks) * samples_per_mask} (pair i uses seed + i)")
     masks, folder = _as_mask_sequence(masks), Path(folder)
     _prepare_folder(folder, masks)
     with _export_lock(folder, rank, world_size):

@@ -8,7 +8,7 @@ benchmarks call. Conventions: ``docs/diffusion-core.md``.
 from .checkpoint import CheckpointError, LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
 from .conditioning import encode_condition, null_condition, validate_mask
 from .device import available_devices, resolve_device
-from .generate import GenerationProgress, generate
+from .generate import GenerationProgress, NonFiniteImageError, generate
 from .samplers import SAMPLERS, SamplingCancelled, get_sampler, sampling_sigmas
 from .schedules import DiscreteSchedule, cosine_schedule, karras_sigmas, linear_schedule, log_snr_sigmas
 from .unet import ConditionalUNet, UNetConfig
@@ -21,6 +21,7 @@ __all__ = [
     "GenerationProgress",
     "LoadedModel",
     "ModelConfig",
+    "NonFiniteImageError",
     "SamplingCancelled",
     "UNetConfig",
     "available_devices",

@@ -14,12 +14,25 @@ from .checkpoint import LoadedModel, ModelConfig
 from .conditioning import CLASS_ZONE_REACH_PX, class_zone, encode_condition, null_condition, validate_mask
 from .denoiser import ConditionalDenoiser, NoiseLevelSwitch
 from .device import resolve_device
-from .guidance import check_class_guidance, check_guidance_interval, guidance_scale_map, guided_denoiser
+from .guidance import (
+    check_class_guidance,
+    check_guidance_interval,
+    check_guidance_scale,
+    guidance_scale_map,
+    guided_denoiser,
+)
 from .particle_contrast import ContrastPrior, blob_peaks, check_given_contrasts, paint_blobs, particle_blobs
-from .samplers import SamplingCancelled, get_sampler
+from .samplers import SamplingCancelled, check_steps, get_sampler
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+# A torch.Generator takes seeds up to 2**64 - 1 but draws the same numbers for seed s and s + 2**63, so larger
+# seeds would repeat smaller ones' images; a negative one would alias a large one.
+LARGEST_SEED = 2**63 - 1
+
+
+class NonFiniteImageError(ValueError):
+    """Generation gave NaN or infinite pixels; the message names the likely cause. No such image is returned."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,8 @@ def generate(
     Raises:
         ValueError: for a bad mask, sampler, step count, guidance, seed list, device, precision, batch size or
             particle contrast.
+        NonFiniteImageError: (a ValueError) when an image came out with NaN or infinite pixels, for example from a
+            network that overflows in fp16 or a damaged checkpoint.
         SamplingCancelled: when the callback or ``should_stop`` asked to stop.
     """
     config = model.config
@@ -127,11 +142,11 @@ def generate(
     num_images = labels.shape[0]
     sampler, steps = model.sampler_and_steps(sampler, steps)
     info = get_sampler(sampler)
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    guidance = config.default_guidance if guidance is None else float(guidance)
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number, got {guidance}")
+    check_steps(steps, model.schedule.num_timesteps)
+    if guidance is None:
+        guidance = check_guidance_scale(config.default_guidance, name="the checkpoint's default guidance")
+    else:
+        guidance = check_guidance_scale(guidance)
     class_scales = check_class_guidance(
         config.default_class_guidance if class_guidance is None else class_guidance, config.num_classes
     )
@@ -149,6 +164,7 @@ def generate(
     prior = config.particle_contrast
     given_peaks = None if particle_contrast is None else _given_peaks(particle_contrast, labels, config)
     torch_device = resolve_device(device)
+    precision = _resolve_precision(torch_device, precision)
     autocast = _autocast(torch_device, precision)
 
     sigmas = model.sampling_sigmas(sampler, steps)
@@ -186,6 +202,7 @@ def generate(
         with torch.inference_mode(), autocast:
             for indices in _batches(num_images, batch_size):
                 finished = 0
+                first_non_finite = torch.tensor(-1, device=torch_device)
                 generators = [torch.Generator().manual_seed(seeds[i]) for i in indices]
                 noise = torch.stack([torch.randn(channels, height, width, generator=g) for g in generators])
                 x = noise.to(torch_device) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
@@ -211,17 +228,27 @@ def generate(
                         zone = torch.from_numpy(zone[:, None]).to(torch_device, torch.float32)
                     denoise = NoiseLevelSwitch(denoise, high, expert["sigma_switch"], zone)
 
-                def on_step(step: int, _x: torch.Tensor, denoised: torch.Tensor, indices: range = indices) -> bool:
-                    nonlocal completed, finished
+                def on_step(step: int, x_step: torch.Tensor, denoised: torch.Tensor, indices: range = indices) -> bool:
+                    nonlocal completed, finished, first_non_finite
                     completed += 1
                     finished = step + 1
+                    first_non_finite = _track_non_finite(first_non_finite, x_step, step)
                     if callback is None:
                         return False
                     report = GenerationProgress(completed, total, step, indices, denoised, mean, std)
                     return bool(callback(report))
 
                 sample = info.function(denoise, x, sigmas, generators=generators, callback=on_step, **options)
-                outputs.append(_to_physical(sample, mean, std))
+                batch_images = _to_physical(sample, mean, std)
+                bad = np.flatnonzero(~np.isfinite(batch_images).reshape(len(batch_images), -1).all(axis=1))
+                if len(bad):
+                    cause = _non_finite_cause(int(first_non_finite), precision, given_peaks is not None, config)
+                    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+                    raise NonFiniteImageError(
+                        f"generation gave NaN or infinite pixels in image {indices[bad[0]]}{more} (sampler {sampler}, "
+                        f"{steps} steps, guidance {guidance:g}, precision {precision}): {cause}"
+                    )
+                outputs.append(batch_images)
     finally:
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
@@ -275,24 +302,60 @@ def _stoppable(
     return denoise
 
 
+def _track_non_finite(first: torch.Tensor, x: torch.Tensor, step: int) -> torch.Tensor:
+    """``first``, the first step (-1: none yet) after which the images ``x`` held NaN or infinity, brought up to date
+    after ``step``; on the device, so that no step waits for it."""
+    return torch.where((first < 0) & ~torch.isfinite(x).all(), step, first)
+
+
+def _non_finite_cause(step: int, precision: str, contrasts_given: bool, config: ModelConfig) -> str:
+    """The likely cause of non-finite images whose sampler first went non-finite after ``step`` (-1: never, so the
+    normalisation to physical units overflowed)."""
+    if step < 0:
+        norm = config.normalization
+        return (
+            f"the checkpoint's normalisation (mean {norm['mean']}, std {norm['std']}) takes the images beyond "
+            "float32's range; the checkpoint is damaged or its normalisation is wrong"
+        )
+    where = f"the sampler's images became NaN or infinite at step {step + 1}"
+    if precision == "fp16":
+        return f"{where}: the network overflows fp16's range; use precision fp32 or bf16"
+    if contrasts_given:
+        return f"{where}: the given particle contrasts may be far too large for this model"
+    return f"{where}: the network's predictions overflowed; the checkpoint may be damaged or its training diverged"
+
+
 def _to_physical(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
     return (images.float() * std + mean).cpu().numpy().astype(np.float32, copy=False)
 
 
 def _seeds_per_image(seed: int | Sequence[int], num_images: int) -> list[int]:
     if isinstance(seed, (int, np.integer)):
-        return [int(seed) + i for i in range(num_images)]
-    seeds = [int(s) for s in seed]
+        seeds = [int(seed) + i for i in range(num_images)]
+    else:
+        seeds = [int(s) for s in seed]
     if len(seeds) != num_images:
         raise ValueError(f"got {len(seeds)} seeds for {num_images} masks; give one seed per mask or a single int")
+    wrong = next((i for i, s in enumerate(seeds) if not 0 <= s <= LARGEST_SEED), None)
+    if wrong is not None:
+        raise ValueError(
+            f"seed {seeds[wrong]} of image {wrong} is out of range; seeds are whole numbers from 0 to 2**63 - 1"
+        )
     return seeds
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def _resolve_precision(device: torch.device, precision: str) -> str:
+    """The precision that "auto" stands for on ``device`` (bf16 on CUDA where supported, else fp32), or the one
+    given; ValueError for an unknown name."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of a resolved precision (``_resolve_precision``) on ``device``."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type == "cpu":

@@ -380,6 +380,20 @@ def get_sampler(name: str) -> SamplerInfo:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}") from None
 
 
+def check_steps(steps: int, num_timesteps: int) -> int:
+    """``steps`` if it is a step count from 1 to ``num_timesteps``, the model's training timesteps, for any sampler.
+
+    The discrete samplers cannot take more (they step on the training timesteps) and the continuous grids gain
+    nothing finer than the timesteps the network was trained on, while fitting or stepping through millions of
+    levels would only hang. Raises ValueError saying the allowed range.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(
+            f"steps must be a whole number from 1 to {num_timesteps} (the model's training timesteps), got {steps!r}"
+        )
+    return steps
+
+
 def sampling_sigmas(
     sampler_name: str,
     num_steps: int,

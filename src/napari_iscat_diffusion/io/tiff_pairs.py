@@ -21,6 +21,9 @@ import tifffile
 from .atomic import atomic_open
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+# The most pixel data one TIFF may hold: the 4 GiB of a classic TIFF, which is what ``write_tiff`` writes. A header
+# that claims more (a file of a few bytes can claim 100000 x 100000 pixels) is refused before memory is spent.
+MAX_TIFF_BYTES = 4 << 30
 MASK_SUFFIXES = ("_mask", "_gt")
 SPLITS = ("train", "val")
 
@@ -47,6 +50,10 @@ _RESUNIT_NM = {
     tifffile.RESUNIT.MILLIMETER: 1e6,
     tifffile.RESUNIT.MICROMETER: 1e3,
 }
+
+
+# Floats hold every whole number up to 2**53 exactly; larger values are not labels that a float mask can carry.
+_MAX_FLOAT_LABEL = 2.0**53
 
 
 class DataError(ValueError):
@@ -144,28 +151,64 @@ def find_pairs(root: Path) -> PairListing:
 
 
 def read_tiff(path: Path) -> np.ndarray:
-    """Read the first series of a TIFF file as stored (dtype unchanged).
+    """Read the one image or stack of a single-channel TIFF file as stored (dtype unchanged).
 
-    Colour samples (RGB) are moved to the first axis and leading axes of length 1 are dropped, so the last
-    two axes are always (H, W). Raises :class:`DataError` for a missing or unreadable file.
+    Leading axes of length 1 are dropped, so the last two axes are always (H, W). Raises :class:`DataError` for a
+    missing file, a folder or other non-regular file, an unreadable file, and for a file that is not one
+    single-channel image or stack (see ``_check_layout``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
+    _check_regular_file(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
-    except MemoryError:
+            _check_layout(tif, path)
+            data = tif.series[0].asarray()
+    except (DataError, MemoryError):
         raise
     except Exception as exc:  # tifffile raises many exception types on damaged files
         raise DataError(path, f"not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
-    if "S" in axes:
-        data = np.moveaxis(data, axes.index("S"), 0)
     if data.ndim < 2:
         raise DataError(path, f"expected an image, got an array of shape {data.shape}")
     return data.reshape([n for n in data.shape[:-2] if n != 1] + list(data.shape[-2:]))
+
+
+def _check_regular_file(path: Path) -> None:
+    """DataError unless ``path`` is a regular file (a FIFO would block the reader, a device never end)."""
+    if path.is_dir():
+        raise DataError(path, "is a folder; expected a TIFF file")
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if not path.is_file():
+        raise DataError(path, "is not a regular file; expected a TIFF file")
+
+
+def _check_layout(tif: tifffile.TiffFile, path: Path) -> None:
+    """DataError unless the TIFF holds exactly one series of one sample per pixel and at most ``MAX_TIFF_BYTES``.
+
+    Checked from the header, before any pixel is read: several series (pages of different sizes or types) would
+    be read as their first only, and colour samples as separate images or labels.
+    """
+    if len(tif.series) != 1:
+        raise DataError(
+            path,
+            f"holds {len(tif.series)} image series (pages of different sizes or types); save one image or one "
+            "stack of equal pages per file",
+        )
+    series = tif.series[0]
+    if "S" in series.axes:
+        samples = series.shape[series.axes.index("S")]
+        kind = {3: "an RGB", 4: "an RGBA"}.get(samples, "a multi-channel")
+        raise DataError(
+            path,
+            f"is {kind} image ({samples} samples per pixel); save it as a single-channel (grayscale or label) image",
+        )
+    size = math.prod(series.shape) * series.dtype.itemsize
+    if size > MAX_TIFF_BYTES:
+        raise DataError(
+            path,
+            f"claims {' x '.join(map(str, series.shape))} {series.dtype} pixels ({size / 2**30:.1f} GiB), more than "
+            f"the {MAX_TIFF_BYTES >> 30} GiB one TIFF file holds",
+        )
 
 
 def as_image(array: np.ndarray, source: Path | str) -> np.ndarray:
@@ -185,7 +228,7 @@ def as_labels(array: np.ndarray, source: Path | str, *, allow_stack: bool = Fals
     """Check a label mask and return it as an integer array (0 background, 1..K classes): (H, W), or
     (N, H, W) when ``allow_stack`` is true.
 
-    Booleans become uint8; floats are accepted when every value is a non-negative integer and become the
+    Booleans become uint8; floats are accepted when every value is a whole number from 0 to 2**53 and become the
     smallest unsigned integer dtype that holds them. ``source`` names the mask in errors.
     """
     array = np.asarray(array)
@@ -204,7 +247,11 @@ def as_labels(array: np.ndarray, source: Path | str, *, allow_stack: bool = Fals
         return array
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(source, f"unsupported mask dtype {array.dtype}; expected integer labels")
-    if not np.all(np.isfinite(array)) or np.any(array != np.round(array)) or (array.size and array.min() < 0):
+    if (
+        not np.all(np.isfinite(array))
+        or np.any(array != np.round(array))
+        or (array.size and (array.min() < 0 or array.max() > _MAX_FLOAT_LABEL))
+    ):
         raise DataError(
             source, f"{array.dtype} mask with values that are not labels; expected integers 0 (background), 1..K"
         )
@@ -212,13 +259,14 @@ def as_labels(array: np.ndarray, source: Path | str, *, allow_stack: bool = Fals
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read a TIFF image as float32 (H, W), or (Z, H, W) for stacks and channels. Raises :class:`DataError`."""
+    """Read a single-channel TIFF image as float32 (H, W), or (Z, H, W) for a stack. Raises :class:`DataError`, also
+    for an RGB file (``read_tiff``)."""
     return as_image(read_tiff(path), path)
 
 
 def read_mask(path: Path, *, allow_stack: bool = False) -> np.ndarray:
     """Read a TIFF label mask as an integer array (H, W), or (N, H, W) with ``allow_stack`` (see
-    :func:`as_labels`). Raises :class:`DataError`."""
+    :func:`as_labels`). Raises :class:`DataError`, also for an RGB or multi-series file (``read_tiff``)."""
     return as_labels(read_tiff(path), path, allow_stack=allow_stack)
 
 
