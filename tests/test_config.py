@@ -52,7 +52,7 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("data.source=zarr", r"data\.source: must be one of \['simulator', 'tiff', 'hdf5'\]"),
         ("train=5", r"train: expected a mapping"),
         ("train.steps", r"expected key=value"),
-        ("train.batch_size=0", r"train\.batch_size: must be >= 1, got 0"),
+        ("train.batch_size=0", r"train\.batch_size: must be from 1 to 65536, got 0"),
         ("checkpoint.keep_last=0", r"checkpoint\.keep_last: must be >= 1"),
         ("train.cond_drop_prob=1.5", r"train\.cond_drop_prob: must be a probability"),
         ("train.particle_loss_weight=-1", r"train\.particle_loss_weight: must be >= 0"),
@@ -93,6 +93,9 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         ("seed=-1", r"seed: must be >= 0"),
         ("model.image_channels=100000000000000000000", r"model\.image_channels: must be an integer of at most 19"),
         ("run_dir=''", r"run_dir: must not be empty"),
+        ("train.batch_size=1000000000", r"train\.batch_size: must be from 1 to 65536"),
+        ("data.num_workers=100000", r"data\.num_workers: must be from 0 to 256"),
+        ("log.sample_steps=5000", r"log\.sample_steps: must be from 1 to 1000 \(model\.schedule's timesteps\)"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override: str | tuple[str, ...], message: str) -> None:
@@ -103,9 +106,11 @@ def test_bad_keys_and_values_name_the_key(override: str | tuple[str, ...], messa
 def test_output_paths_of_the_wrong_kind_are_refused_at_load(tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("")
-    with pytest.raises(ConfigError, match=r"^run_dir: .*file is a file; expected a folder$"):
+    with pytest.raises(ConfigError, match=r"^run_dir: .*file is a file, not a folder; choose another folder$"):
         load_config(None, [f"run_dir={a_file}"])
-    with pytest.raises(ConfigError, match=r"^run_dir: .*file/run lies inside .*file, which is a file$"):
+    with pytest.raises(
+        ConfigError, match=r"^run_dir: .*file/run: .*file is a file, not a folder; choose another path$"
+    ):
         load_config(None, [f"run_dir={a_file / 'run'}"])
     with pytest.raises(ConfigError, match=r"^export\.path: .* is a folder; expected a file$"):
         load_config(None, [f"run_dir={tmp_path / 'run'}", f"export.path={tmp_path}"])

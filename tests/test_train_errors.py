@@ -88,9 +88,10 @@ def _with_pixel(value: float) -> np.ndarray:
     [
         (_with_pixel(np.nan), "p1.tif: 1 NaN and 0 Inf pixels"),
         (_with_pixel(3e38), "p1.tif: a pixel of magnitude 3e+38, above 1e+18"),
-        (np.full((40, 40, 3), 120, np.uint8), "p1.tif: has 3 plane(s) (Z frames or colour samples) but"),
+        (np.full((40, 40, 3), 120, np.uint8), "p1.tif: is an RGB image (3 samples per pixel)"),
+        (np.stack([_with_pixel(0.0)] * 3), "p1.tif: has 3 plane(s) (Z frames or colour samples) but"),
     ],
-    ids=["nan", "huge", "rgb"],
+    ids=["nan", "huge", "rgb", "planes"],
 )
 def test_bad_pixels_stop_the_run_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture, bad_image: np.ndarray, message: str

@@ -88,6 +88,7 @@ def contrast_tiff_pairs(root: Path, count: int, bad: int, bad_image: np.ndarray 
             image = bad_image
         elif index == bad:
             image[20, 20] = 1e6
-        tifffile.imwrite(root / f"p{index}.tif", image, photometric="rgb" if image.ndim == 3 else None)
+        colour = image.ndim == 3 and image.shape[-1] in (3, 4)  # (H, W, 3): RGB; (3, H, W): three planes
+        tifffile.imwrite(root / f"p{index}.tif", image, photometric="rgb" if colour else "minisblack")
         tifffile.imwrite(root / f"p{index}_mask.tif", mask)
     return root

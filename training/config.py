@@ -23,6 +23,7 @@ from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.samplers import get_sampler
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 from napari_iscat_diffusion.diffusion.unet import UNetConfig
+from napari_iscat_diffusion.io.output_paths import OutputPathError, check_output_folder
 
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -344,7 +345,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.frames_per_channel", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.simulator_val_items", lambda v: 1 <= v <= 10**9, "1..1e9"),
     ("data.normalization_images", lambda v: v >= 1, ">= 1"),
-    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    # Bounds far above any real run, so that a typo (1e9) is refused rather than exhausting memory or processes.
+    ("data.num_workers", lambda v: 0 <= v <= 256, "from 0 to 256"),
     # AdamW moves every weight by about lr per step: above 1 no network trains, the loss only turns NaN.
     ("optim.lr", lambda v: 0 < v <= 1, "a positive number up to 1"),
     ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
@@ -355,8 +357,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("optim.plateau_factor", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.steps", lambda v: v >= 1, ">= 1"),
-    ("train.batch_size", lambda v: v >= 1, ">= 1"),
-    ("train.grad_accum", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: 1 <= v <= 2**16, "from 1 to 65536"),
+    ("train.grad_accum", lambda v: 1 <= v <= 2**16, "from 1 to 65536"),
     ("train.cond_drop_prob", lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
     ("train.min_snr_gamma", lambda v: v is None or v > 0, "a positive number or null"),
     ("train.min_snr_floor", lambda v: 0 <= v < math.inf, ">= 0 (0 = min-SNR as published)"),
@@ -426,6 +428,12 @@ def _check_values(config: TrainConfig) -> None:
             schedule_from_config(config.model.schedule).timesteps_between(low, high)
         except ValueError as err:
             raise ConfigError(f"train.sigma_range: {err}") from err
+    timesteps = schedule_from_config(config.model.schedule).num_timesteps
+    if config.log.sample_steps > timesteps:
+        raise ConfigError(
+            f"log.sample_steps: must be from 1 to {timesteps} (model.schedule's timesteps), "
+            f"got {config.log.sample_steps}"
+        )
     _check_model_config_values(config)
     if config.optim.lr * config.optim.weight_decay >= 1:
         raise ConfigError(
@@ -438,18 +446,17 @@ def _check_values(config: TrainConfig) -> None:
 
 
 def _check_output_path(key: str, value: str, *, folder: bool) -> None:
-    """ConfigError when ``value`` cannot become a folder (``folder``) or a file: empty, of the other kind, or
-    below a file. Found now, not after hours of training."""
+    """ConfigError when ``value`` cannot become a folder (``folder``) or a file: empty, a folder where a file goes,
+    below a file, or in a folder that takes no new file. Found now, not after hours of training."""
     if not value:
         raise ConfigError(f"{key}: must not be empty")
     path = Path(value)
-    if path.exists() and path.is_dir() != folder:
-        raise ConfigError(
-            f"{key}: {value} is a {'file' if folder else 'folder'}; expected a {'folder' if folder else 'file'}"
-        )
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"{key}: {value} lies inside {parent}, which is a file")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{key}: {value} is a folder; expected a file")
+    try:
+        check_output_folder(path if folder else path.parent, f"{key}:")
+    except OutputPathError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _set_dotted(data: dict, parts: list[str], value: Any, key: str) -> None:

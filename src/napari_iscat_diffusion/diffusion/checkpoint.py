@@ -39,7 +39,7 @@ from .grid_fit import FITTED_SAMPLERS, fitted_sigmas
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval, check_guidance_scale
 from .parameterization import PARAMETERIZATIONS
 from .particle_contrast import ContrastPrior
-from .samplers import DEFAULT_SAMPLER, SAMPLERS, get_sampler, sampling_sigmas
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, check_steps, get_sampler, sampling_sigmas
 from .schedules import DiscreteSchedule, schedule_from_config
 from .unet import ConditionalUNet, UNetConfig
 
@@ -77,7 +77,6 @@ _MAX_HEADER_BYTES = 8 << 20
 _MAX_JSON_DEPTH = 32  # our metadata nests 5 deep; deeper JSON would overflow the stack in copies of it
 _MAX_TIMESTEPS = 100_000  # guards against a crafted file allocating a huge schedule
 _MAX_TRAINING_SIDE = 1 << 16  # px
-_MAX_DEFAULT_STEPS = 10_000  # sampler steps; 10-50 are used, DDPM at most the schedule's 1000
 # Physical units of iSCAT data are contrasts (~1e-3) or camera counts (~1e4); these bounds leave 15 orders of
 # magnitude around them while keeping normalised * std + mean, and two normalisations' ratios, finite in float32.
 _MAX_NORMALIZATION = 1e15
@@ -256,7 +255,7 @@ class ModelConfig:
         self.default_guidance_interval = self._checked_guidance_interval()
         self.sampling_sigma_max = self._checked_sampling_sigma_max(schedule.sigma_min)
         self.sampling_density_range = self._checked_density_range()
-        self.default_steps = self._checked_default_steps()
+        self.default_steps = self._checked_default_steps(schedule.num_timesteps)
         if self.default_sampler is not None and (
             not isinstance(self.default_sampler, str) or self.default_sampler not in SAMPLERS
         ):
@@ -344,7 +343,7 @@ class ModelConfig:
             )
         return (float(densities[0]), float(densities[1]))
 
-    def _checked_default_steps(self) -> dict[str, int]:
+    def _checked_default_steps(self, num_timesteps: int) -> dict[str, int]:
         steps = self.default_steps
         if not isinstance(steps, dict):
             raise ValueError(f"default_steps: must be a dict {{sampler name: steps}}, got {steps!r}")
@@ -354,11 +353,10 @@ class ModelConfig:
                 f"default_steps: unknown sampler(s) {reprlib.repr(unknown)}; expected names from {', '.join(SAMPLERS)}"
             )
         for name, count in steps.items():
-            if type(count) is not int or not 1 <= count <= _MAX_DEFAULT_STEPS:
-                raise ValueError(
-                    f"default_steps: {name} must be a whole number of steps from 1 to {_MAX_DEFAULT_STEPS}, "
-                    f"got {reprlib.repr(count)}"
-                )
+            try:
+                check_steps(count, num_timesteps)
+            except ValueError as err:
+                raise ValueError(f"default_steps: {name}: {err}") from None
         return {name: steps[name] for name in SAMPLERS if name in steps}
 
     def _checked_expert(self, sigma_min: float) -> dict | None:
