@@ -2,7 +2,7 @@
 test, diversity and ``evaluate_model`` (numpy, scipy, scikit-image and torch; no napari or Qt).
 See docs/evaluation.md."""
 
-from .c2st import C2STResult, classifier_two_sample_test, repeated_two_sample_test, wilson_interval
+from .c2st import C2STResult, classifier_two_sample_test, repeated_two_sample_test
 from .calibration import CALIBRATION_SEED, calibrate_class_guidance
 from .contrast_calibration import calibrate_contrast_channel
 from .detector import Detections, DetectorSettings, detect_particles, robust_std
@@ -47,6 +47,5 @@ __all__ = [
     "run_metadata",
     "sample_diversity",
     "simulated_set",
-    "wilson_interval",
     "write_curves",
 ]

@@ -18,19 +18,16 @@ that others told apart at 0.81.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from torch import nn
 
 from .detector import robust_std
-
-# Two-sided 95 % normal quantile for the Wilson interval.
-_Z95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -53,16 +50,6 @@ class C2STResult:
     def to_dict(self) -> dict[str, float | int]:
         """JSON-ready fields."""
         return asdict(self)
-
-
-def wilson_interval(successes: int, trials: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (default 95 %)."""
-    if trials < 1 or not 0 <= successes <= trials:
-        raise ValueError(f"wilson_interval: need 0 <= successes <= trials and trials >= 1, got {successes}/{trials}")
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _classifier() -> nn.Module:
@@ -140,8 +127,8 @@ def classifier_two_sample_test(
         threshold = _best_threshold(net(train_images)[:, 0].numpy(), y_train > 0.5)
         predicted = net(to_tensor(x_test))[:, 0].numpy() > threshold
     correct = int(np.sum(predicted == (y_test > 0.5)))
-    low, high = wilson_interval(correct, len(y_test))
-    return C2STResult(correct / len(y_test), low, high, len(y_test), len(y_train))
+    interval = binomtest(correct, len(y_test)).proportion_ci(confidence_level=0.95, method="wilson")
+    return C2STResult(correct / len(y_test), float(interval.low), float(interval.high), len(y_test), len(y_train))
 
 
 def repeated_two_sample_test(
