@@ -1,17 +1,14 @@
-"""Grayscale PNG output from numpy arrays: a writer and image grids (training's sample grids, the export's previews).
-
-zlib and struct are enough for 8-bit grayscale images of exact pixel values; labelled figures are drawn with
-pillow in ``evaluation/plots.py``.
-"""
+"""Grayscale PNG output from numpy arrays: a writer (pillow) and image grids (training's sample grids, the export's
+previews)."""
 
 from __future__ import annotations
 
+import io
 import os
-import struct
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from .io.atomic import atomic_write_bytes
 
@@ -21,16 +18,9 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     array = np.ascontiguousarray(image, dtype=np.uint8)
     if array.ndim != 2:
         raise ValueError(f"write_png: expected a (H, W) uint8 image, got shape {array.shape}")
-    height, width = array.shape
-    # Each scanline starts with filter type 0 (none).
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), array], axis=1).tobytes()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    atomic_write_bytes(path, data)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
