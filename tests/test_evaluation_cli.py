@@ -1,6 +1,7 @@
 """evaluate_model, metric curves and ``iscat-diffusion evaluate`` with a tiny untrained model."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -159,6 +160,13 @@ def test_evaluate_command_writes_the_report(tiny_checkpoint, tmp_path, capsys):
     assert main([*args, "--n", "2", "--out", str(tmp_path / "other.json")]) == 2
     assert main([*args, "--classifier-seeds", "0", "--out", str(tmp_path / "other.json")]) == 2
     assert "--classifier-seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_evaluate_curves_say_at_once_when_matplotlib_is_missing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec returns None
+    args = ["evaluate", "--checkpoint", str(tmp_path / "not loaded.safetensors"), "--curves"]
+    assert main([*args, "--out", str(tmp_path / "results.json")]) == 2
+    assert "pip install 'napari-iscat-diffusion[plots]'" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_calibration_measures_each_class_at_each_scale_and_picks_the_closest(tiny_checkpoint):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.util
 import logging
 import os
 import sys
@@ -585,6 +586,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n and --curves-n must be at least 4, got {args.n} and {args.curves_n}")
     if args.classifier_seeds < 1:
         raise ValueError(f"--classifier-seeds must be at least 1, got {args.classifier_seeds}")
+    if args.curves and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--curves draws its figures with matplotlib: pip install 'napari-iscat-diffusion[plots]'")
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     options = _measurement_options(args)
     report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}}
