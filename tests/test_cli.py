@@ -10,7 +10,7 @@ import torch
 from tests.tiny_models import perturbed_net, save_tiny_checkpoint
 
 from napari_iscat_diffusion import __version__
-from napari_iscat_diffusion.cli import main
+from napari_iscat_diffusion.cli import _progress_bar, main
 from napari_iscat_diffusion.diffusion import load_checkpoint, save_checkpoint
 from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
 
@@ -33,6 +33,25 @@ def test_simulate_writes_pairs_and_the_particle_table(tmp_path, capsys):
         if 0 <= y < 48 and 0 <= x < 64 and row["image"] == "sim_00001":
             assert mask[y, x] == int(row["label"])
     assert "wrote 2 image/mask pairs" in capsys.readouterr().out
+
+
+def test_progress_bars_start_anew_for_each_stage_and_end_their_line(capsys):
+    with _progress_bar("step") as show:
+        show("generate", 1, 4, "step 1/2")
+        show("generate", 4, 4, "step 2/2")
+        show("edits", 1, 2)
+        show("edits", 2, 2)
+        show("edits", 1, 2)  # the count starts over: a third bar
+    err = capsys.readouterr().err
+    assert err.endswith("\n")
+    shown = [line.split("\r")[-1] for line in err[:-1].split("\n")]  # each line's last update
+    assert len(shown) == 3
+    assert shown[0].startswith("generate: 100%") and "4/4" in shown[0] and "step 2/2" in shown[0]
+    assert shown[1].startswith("edits: 100%") and "2/2" in shown[1]
+    assert shown[2].startswith("edits:  50%") and "1/2" in shown[2]
+    with _progress_bar("pair", disable=True) as show:
+        show("export", 1, 2)
+    assert capsys.readouterr().err == ""
 
 
 def test_simulate_never_overwrites(tmp_path, capsys):

@@ -30,7 +30,7 @@ def test_export_random_masks_with_a_preview_and_resume(tmp_path, tiny_checkpoint
     assert main([*args, "--preview", str(tmp_path / "preview.png")]) == 0
     captured = capsys.readouterr()
     assert "wrote 3 pair(s), skipped 0 finished" in captured.out
-    assert "export: 3/3 pairs" in captured.err
+    assert "export: 100%" in captured.err and "| 3/3 [" in captured.err  # the progress bar, full
     assert sorted(finished_pairs(out)) == [f"random_{i:05d}_s000" for i in range(3)]
     mask = tifffile.imread(out / "masks" / "random_00000_s000.tif")
     assert mask.shape == (16, 24) and set(np.unique(mask)) <= {0, 1, 2}
@@ -84,7 +84,7 @@ def test_two_processes_under_torchrun_make_the_pairs_of_one(tmp_path, tiny_check
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wrote 6 pair(s), skipped 0 finished" in result.stdout  # summed over both ranks
-    assert "export (rank 0 of 2): 3/3 pairs" in result.stderr  # rank 0 made half of them
+    assert "export (rank 0 of 2): 100%" in result.stderr and "| 3/3 [" in result.stderr  # rank 0 made half
     one, two = _tiffs(tmp_path / "one"), _tiffs(tmp_path / "two")
     assert sorted(one) == sorted(two) and len(one) == 12
     for name, array in one.items():

@@ -134,10 +134,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         )
     settings = _sampler_settings(args, args.device)
 
-    def report(progress: GenerationProgress) -> None:
-        _show_progress("generate", progress.completed, progress.total)
+    with _progress_bar("step") as show:
 
-    try:
+        def report(progress: GenerationProgress) -> None:
+            show("generate", progress.completed, progress.total)
+
         result = synthesize(
             masks,
             model,
@@ -148,8 +149,6 @@ def _run_generate(args: argparse.Namespace) -> int:
             particle_contrast=contrasts,
             contrast_name=str(args.particle_contrast),
         )
-    finally:
-        print(file=sys.stderr)  # ends the progress line, also before an error message
     # Samples, then planes (then channels of multi-channel models) follow each other along one axis.
     images = result.images.reshape(-1, *masks.shape[-2:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -363,13 +362,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
     label = "export" if world_size == 1 else f"export (rank 0 of {world_size})"
 
-    def report(progress: ExportProgress) -> None:
-        if rank == 0:
-            step = f", step {progress.step}/{progress.steps}"
-            _show_progress(label, progress.pairs_done, progress.pairs_total, f" pairs{step}")
-
     with _process_group(world_size) as all_sum:
-        try:
+        with _progress_bar("pair", disable=rank != 0) as show:
+
+            def report(progress: ExportProgress) -> None:
+                show(label, progress.pairs_done, progress.pairs_total, f"step {progress.step}/{progress.steps}")
+
             summary = export_pairs(
                 masks,
                 model,
@@ -380,16 +378,12 @@ def _run_export(args: argparse.Namespace) -> int:
                 rank=rank,
                 world_size=world_size,
             )
-        except BaseException:
-            print(file=sys.stderr)  # end the progress line: the error gets a line of its own
-            raise
+            pairs = summary.written + summary.skipped
+            show(label, pairs, pairs)  # the last pair done: no step count
         # every rank reaches this sum only after its pairs are written: rank 0 then merges what all of them made
         written, skipped = all_sum([summary.written, summary.skipped])
     if rank != 0:
         return 0
-    pairs = summary.written + summary.skipped
-    _show_progress(label, pairs, pairs, " pairs" + " " * 16)  # spaces wipe the step count of the last line
-    print(file=sys.stderr)
     manifest = merge_manifests(args.out)
     if args.preview is not None:
         write_preview(args.out, args.preview)
@@ -430,8 +424,31 @@ def _process_group(world_size: int) -> Iterator[Callable[[list[int]], list[int]]
         dist.destroy_process_group()
 
 
-def _show_progress(label: str, done: int, total: int, unit: str = "") -> None:
-    print(f"\r{label}: {done}/{total}{unit}", end="", file=sys.stderr, flush=True)
+@contextlib.contextmanager
+def _progress_bar(unit: str, *, disable: bool = False) -> Iterator[Callable[..., None]]:
+    """Yield ``show(label, done, total, postfix="")``, which draws a tqdm bar of ``unit`` on stderr: a new bar when
+    the label or the total changes or the count starts over (each stage of an evaluation); the bar ends with the
+    block, so an error message gets a line of its own. Nothing is drawn with ``disable``."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def show(label: str, done: int, total: int, postfix: str = "") -> None:
+        nonlocal bar
+        if disable:
+            return
+        if bar is None or bar.desc != label or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix_str(postfix, refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield show
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -455,7 +472,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     particles = 0
     # Rows are written as each pair is made, so memory does not grow with --n; the table appears only when complete.
-    with atomic_open(table_path, "w", newline="") as table:
+    with atomic_open(table_path, "w", newline="") as table, _progress_bar("pair") as show:
         writer = None
         for i in range(args.n):
             name = f"{args.prefix}_{i:05d}"
@@ -470,8 +487,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
                 {"image": name, **{field: particle[field].item() for field in fields}} for particle in result.particles
             )
             particles += len(result.particles)
-            _show_progress("simulate", i + 1, args.n)
-    print(file=sys.stderr)
+            show("simulate", i + 1, args.n)
     print(f"wrote {args.n} image/mask pairs and {particles} particles to {out}")
     return 0
 
@@ -591,22 +607,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
     options = _measurement_options(args)
     report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}}
-    report["metrics"] = evaluate_model(
-        model,
-        n=args.n,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        class_guidance=args.class_guidance,
-        guidance_interval=args.guidance_interval,
-        classifier_seeds=args.classifier_seeds,
-        progress=_show_progress,
-        **options,
-    )
-    print(file=sys.stderr)
-    if args.curves:
-        curves = metric_curves(model, n=args.curves_n, progress=_show_progress, **options)
-        print(file=sys.stderr)
+    with _progress_bar("step") as show:
+        report["metrics"] = evaluate_model(
+            model,
+            n=args.n,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            class_guidance=args.class_guidance,
+            guidance_interval=args.guidance_interval,
+            classifier_seeds=args.classifier_seeds,
+            progress=show,
+            **options,
+        )
+        curves = metric_curves(model, n=args.curves_n, progress=show, **options) if args.curves else None
+    if curves is not None:
         written = write_curves({**run_metadata(), **curves}, args.out.with_name(f"{args.out.stem}_curves"))
         print(f"wrote {len(written)} curve files to {written[0].parent}")
     _write_report(args.out, report)
@@ -648,17 +663,17 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     _check_report_and_save(args)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    result = calibrate_class_guidance(
-        model,
-        scales=args.scales or DEFAULT_SCALES,
-        n=DEFAULT_N if args.n is None else args.n,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance_interval=args.guidance_interval,
-        progress=_show_progress,
-        **_measurement_options(args),
-    )
-    print(file=sys.stderr)
+    with _progress_bar("step") as show:
+        result = calibrate_class_guidance(
+            model,
+            scales=args.scales or DEFAULT_SCALES,
+            n=DEFAULT_N if args.n is None else args.n,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance_interval=args.guidance_interval,
+            progress=show,
+            **_measurement_options(args),
+        )
     report = {**run_metadata(), "checkpoint": {"summary": model.summary(), "sha256": model.sha256}, **result}
     _write_report(args.out, report)
     scales = ", ".join(f"{s:g}" for s in result["settings"]["scales"])
@@ -717,16 +732,16 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
     n = DEFAULT_N if args.n is None else args.n
     options = _measurement_options(args)
     masks = simulated_set(simulation_parameters_for(model, options.pop("size")), n, CALIBRATION_SEED).masks
-    prior, result = calibrate_contrast_channel(
-        model,
-        masks,
-        rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds,
-        sampler=args.sampler,
-        steps=args.steps,
-        progress=_show_progress,
-        **options,
-    )
-    print(file=sys.stderr)
+    with _progress_bar("step") as show:
+        prior, result = calibrate_contrast_channel(
+            model,
+            masks,
+            rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds,
+            sampler=args.sampler,
+            steps=args.steps,
+            progress=show,
+            **options,
+        )
     result["settings"]["mask_seeds"] = f"{CALIBRATION_SEED}..{CALIBRATION_SEED + n - 1}"
     report = {
         **run_metadata(),
