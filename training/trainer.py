@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from napari_iscat_diffusion import png
 from napari_iscat_diffusion.diffusion.checkpoint import LoadedModel
@@ -522,10 +523,6 @@ class Trainer:
 
     def _progress(self, total: int):
         if not (self.is_main and self.config.log.progress):
-            return None
-        try:
-            from tqdm import tqdm
-        except ImportError:
             return None
         return tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, desc="training")
 
