@@ -317,9 +317,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     data: dict = {}
     if path is not None:
+        if Path(path).exists() and not Path(path).is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"cannot read the config file {path}: not a regular file")
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
+        except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read the config file {path}: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
@@ -329,7 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {override!r}: expected key=value with a dotted key, e.g. optim.lr=1e-4")
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
+        except (RecursionError, yaml.YAMLError) as err:
             raise ConfigError(f"{key}: cannot parse the value {text!r}: {err}") from err
         _set_dotted(data, key.split("."), value, key)
     config = _build(TrainConfig, data, "")
