@@ -56,6 +56,26 @@ def test_dataset_check_exit_status(tmp_path, capsys):
     assert main(["dataset", "check", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--mask", "{long}.tif", "--out", "out.tif"],
+        ["generate", "--mask", "{mask}", "--out", "{long}.tif"],
+        ["export", "--out", "{long}", "--count", "1"],
+        ["dataset", "check", "{long}"],
+        ["info", "{long}.safetensors"],
+    ],
+)
+def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, np.zeros((16, 16), np.uint8))
+    long = "a" * 300  # above the 255 bytes of a name on common file systems: os.stat raises ENAMETOOLONG
+    assert main([part.format(long=long, mask=mask) for part in command]) == 2
+    err = capsys.readouterr().err
+    assert "File name too long" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def _tiny_checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
     return path, save_tiny_checkpoint(path)

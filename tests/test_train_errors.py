@@ -48,6 +48,13 @@ def test_missing_data_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert f"error: data.path: {missing} does not exist" in err
 
 
+@pytest.mark.parametrize("key", ["data.path", "run_dir"])
+def test_a_name_longer_than_the_file_system_allows(tmp_path: Path, capsys: pytest.CaptureFixture, key: str) -> None:
+    long = tmp_path / ("a" * 300)  # os.stat raises ENAMETOOLONG for it instead of answering "missing"
+    err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={tmp_path}", f"{key}={long}")
+    assert "File name too long" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_missing_validation_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _hdf5(tmp_path / "train.h5", planes=1, classes=2)
     missing = tmp_path / "val.h5"

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         exported = run(config)
-    except (ConfigError, DataError) as err:
+    # OSError: what the file system refuses about a path in the config (a name too long, no permission).
+    except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tifffile_log.addHandler(logging.NullHandler())
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    # OSError: what the file system refuses about a path the user gave (a name too long, no permission, a full disk).
+    except (ValueError, OSError) as err:
         print(f"iscat-diffusion {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
