@@ -76,6 +76,17 @@ def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys,
     assert "File name too long" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_escape_codes_and_newlines_in_file_names_are_printed_escaped(tmp_path, capsys):
+    name = "a\x1b[31mred\nFAKE: OK"  # a name that would colour the terminal and forge a line of the report
+    tifffile.imwrite(tmp_path / f"{name}.tif", np.full((8, 8), np.nan, np.float32))
+    tifffile.imwrite(tmp_path / f"{name}_mask.tif", np.zeros((8, 8), np.uint8))
+    assert main(["dataset", "check", str(tmp_path)]) == 1
+    assert main(["generate", "--mask", str(tmp_path / f"{name}.tiff"), "--out", str(tmp_path / "out.tif")]) == 2
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err):
+        assert "\x1b" not in text and "\nFAKE" not in text and "\\x1b[31mred\\nFAKE: OK" in text
+
+
 def _tiny_checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
     return path, save_tiny_checkpoint(path)

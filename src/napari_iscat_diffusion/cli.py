@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .io.atomic import atomic_open, atomic_write_text
 from .io.output_paths import check_new_file
+from .terminal import printable_line
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help answers at once
     from .synthetic import SamplerSettings
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     # OSError: what the file system refuses about a path the user gave (a name too long, no permission, a full disk).
     except (ValueError, OSError) as err:
-        print(f"iscat-diffusion {args.command}: error: {err}", file=sys.stderr)
+        print(f"iscat-diffusion {args.command}: error: {printable_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"iscat-diffusion {args.command}: interrupted", file=sys.stderr)
@@ -488,9 +489,10 @@ def _run_info(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from .diffusion.checkpoint import load_checkpoint, printable
+    from .diffusion.checkpoint import load_checkpoint
     from .diffusion.guidance import format_class_guidance, format_guidance_interval
     from .diffusion.samplers import SAMPLERS
+    from .terminal import printable
 
     if args.checkpoint is None:
         return _print_environment()
