@@ -247,6 +247,22 @@ def test_generate_refuses_too_much_work_in_one_line(tmp_path, capsys, options, p
     assert not (tmp_path / "out.tif").exists()
 
 
+def test_generate_refuses_too_large_an_output_from_the_mask_header_before_reading_its_pixels(
+    tmp_path, capsys, monkeypatch
+):
+    from napari_iscat_diffusion.io import tiff_pairs
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the mask's pixels were read")
+
+    monkeypatch.setattr(tiff_pairs, "read_mask", no_reading)
+    mask = tmp_path / "bomb.tif"  # 64 kB that decompress to 64 MB; --n 17 asks for 4.25 GiB of float32 images
+    tifffile.imwrite(mask, np.zeros((8192, 8192), np.uint8), compression="zlib", tile=(1024, 1024))
+    assert main(["generate", "--mask", str(mask), "--out", str(tmp_path / "out.tif"), "--n", "17"]) == 2
+    err = capsys.readouterr().err
+    assert "--n 17 images per mask of" in err and "4.2 GiB" in err and len(err.strip().splitlines()) == 1
+
+
 def test_generate_checks_out_before_loading_the_model(tmp_path, capsys, monkeypatch):
     import napari_iscat_diffusion.diffusion.checkpoint as checkpoint_module
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import csv
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -120,19 +121,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_generate(args: argparse.Namespace) -> int:
     from .diffusion.checkpoint import load_checkpoint
     from .diffusion.generate import GenerationProgress
-    from .io.tiff_pairs import MAX_TIFF_BYTES, read_image, read_mask, write_tiff
+    from .io import tiff_pairs
     from .synthetic import synthesize
 
     check_new_file(args.out, "--out")
-    masks = read_mask(args.mask, allow_stack=True)
-    contrasts = None if args.particle_contrast is None else read_image(args.particle_contrast)
+    _check_output_size(args, math.prod(tiff_pairs.tiff_shape(args.mask)), 1)  # before a small file expands
+    masks = tiff_pairs.read_mask(args.mask, allow_stack=True)
+    contrasts = None if args.particle_contrast is None else tiff_pairs.read_image(args.particle_contrast)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    size = args.n * masks.size * model.config.image_channels * 4  # float32 pixels
-    if size > MAX_TIFF_BYTES:
-        raise ValueError(
-            f"--n {args.n} images per mask of {args.mask} make {size / 2**30:.1f} GiB, more than one TIFF file holds "
-            f"({MAX_TIFF_BYTES >> 30} GiB); use fewer, or the export command, which writes one file per image"
-        )
+    _check_output_size(args, masks.size, model.config.image_channels)
     settings = _sampler_settings(args, args.device)
 
     def report(progress: GenerationProgress) -> None:
@@ -154,9 +151,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     # Samples, then planes (then channels of multi-channel models) follow each other along one axis.
     images = result.images.reshape(-1, *masks.shape[-2:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
+    tiff_pairs.write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
     print(f"wrote {len(images)} image(s) of {masks.shape[-2]}x{masks.shape[-1]} px to {args.out} ({model.summary()})")
     return 0
+
+
+def _check_output_size(args: argparse.Namespace, mask_pixels: int, channels: int) -> None:
+    """ValueError when ``generate``'s images of a mask of ``mask_pixels`` pixels would not fit one TIFF file."""
+    from .io.tiff_pairs import MAX_TIFF_BYTES
+
+    size = args.n * mask_pixels * channels * 4  # float32 pixels
+    if size > MAX_TIFF_BYTES:
+        raise ValueError(
+            f"--n {args.n} images per mask of {args.mask} make {size / 2**30:.1f} GiB, more than one TIFF file holds "
+            f"({MAX_TIFF_BYTES >> 30} GiB); use fewer, or the export command, which writes one file per image"
+        )
 
 
 def _sampler_settings(args: argparse.Namespace, device: str) -> SamplerSettings:
