@@ -154,6 +154,24 @@ def test_binary_fifo_and_deeply_nested_configs_are_refused_naming_the_file(tmp_p
         load_config(None, ["train.steps=" + "[" * 50_000])
 
 
+def test_yaml_syntax_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1\n")
+    assert train.main(["--config", str(broken)]) == 2
+    assert train.main([f"run_dir={tmp_path / 'run'}", "data.simulator={image_size:"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "broken.yaml" in lines[0] and "data.simulator: cannot parse" in lines[1]
+
+
+def test_an_interrupted_run_ends_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    assert train.main([f"run_dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err == "interrupted; run the same command again to resume from the last checkpoint\n"
+
+
 def test_main_rejects_a_bad_key_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
     assert train.main([f"run_dir={run_dir}", "train.stepz=3"]) == 2

@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # training states are written atomically: the last one is whole
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
     if exported is not None:
         log.info("model written to %s", exported)
     return 0
