@@ -434,6 +434,21 @@ def test_random_particles_fill_the_shown_plane_of_a_stack_beside_a_longer_or_dee
     np.testing.assert_array_equal(layer.data, before)
 
 
+def test_checking_a_large_mask_layer_copies_none_of_it(viewer_and_widget):
+    import tracemalloc
+
+    viewer, widget = viewer_and_widget
+    mask = np.zeros((2000, 2000), np.uint8)  # 4 MB; an int64 copy of it would be 32 MB
+    _pick(widget, viewer.add_labels(mask, name="large"))
+    tracemalloc.start()
+    try:
+        assert widget._mask_data() is not None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mask.nbytes
+
+
 def test_particle_contrasts_come_from_a_chosen_image_layer_for_a_model_with_the_channel(
     viewer_and_widget, qtbot, notifications, tmp_path
 ):

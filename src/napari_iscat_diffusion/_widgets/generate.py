@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..diffusion import GenerationProgress, LoadedModel, validate_mask
+from ..diffusion import GenerationProgress, LoadedModel, check_mask
 from ..diffusion.particle_contrast import check_given_contrasts
 from ..iscat.masks import random_mask
 from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance, synthesize
@@ -186,7 +186,7 @@ class GenerateWidget(QWidget):
         else:
             data = np.asarray(layer.data)
             try:
-                validate_mask(data, model.config.num_classes, name=f"'{layer.name}'")
+                check_mask(data, model.config.num_classes, name=f"'{layer.name}'")
             except ValueError as error:
                 show_error(str(error))
                 return None
