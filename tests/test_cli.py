@@ -75,6 +75,37 @@ def test_dataset_check_exit_status(tmp_path, capsys):
     assert main(["dataset", "check", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--mask", "{long}.tif", "--out", "out.tif"],
+        ["generate", "--mask", "{mask}", "--out", "{long}.tif"],
+        ["export", "--out", "{long}", "--count", "1"],
+        ["dataset", "check", "{long}"],
+        ["info", "{long}.safetensors"],
+    ],
+)
+def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, np.zeros((16, 16), np.uint8))
+    long = "a" * 300  # above the 255 bytes of a name on common file systems: os.stat raises ENAMETOOLONG
+    assert main([part.format(long=long, mask=mask) for part in command]) == 2
+    err = capsys.readouterr().err
+    assert "File name too long" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_escape_codes_and_newlines_in_file_names_are_printed_escaped(tmp_path, capsys):
+    name = "a\x1b[31mred\nFAKE: OK"  # a name that would colour the terminal and forge a line of the report
+    tifffile.imwrite(tmp_path / f"{name}.tif", np.full((8, 8), np.nan, np.float32))
+    tifffile.imwrite(tmp_path / f"{name}_mask.tif", np.zeros((8, 8), np.uint8))
+    assert main(["dataset", "check", str(tmp_path)]) == 1
+    assert main(["generate", "--mask", str(tmp_path / f"{name}.tiff"), "--out", str(tmp_path / "out.tif")]) == 2
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err):
+        assert "\x1b" not in text and "\nFAKE" not in text and "\\x1b[31mred\\nFAKE: OK" in text
+
+
 def _tiny_checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
     return path, save_tiny_checkpoint(path)
@@ -233,6 +264,22 @@ def test_generate_refuses_too_much_work_in_one_line(tmp_path, capsys, options, p
     err = capsys.readouterr().err
     assert phrase in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_generate_refuses_too_large_an_output_from_the_mask_header_before_reading_its_pixels(
+    tmp_path, capsys, monkeypatch
+):
+    from napari_iscat_diffusion.io import tiff_pairs
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the mask's pixels were read")
+
+    monkeypatch.setattr(tiff_pairs, "read_mask", no_reading)
+    mask = tmp_path / "bomb.tif"  # 64 kB that decompress to 64 MB; --n 17 asks for 4.25 GiB of float32 images
+    tifffile.imwrite(mask, np.zeros((8192, 8192), np.uint8), compression="zlib", tile=(1024, 1024))
+    assert main(["generate", "--mask", str(mask), "--out", str(tmp_path / "out.tif"), "--n", "17"]) == 2
+    err = capsys.readouterr().err
+    assert "--n 17 images per mask of" in err and "4.2 GiB" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_checks_out_before_loading_the_model(tmp_path, capsys, monkeypatch):

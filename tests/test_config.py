@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,38 @@ def test_unreadable_or_malformed_files_name_the_file(tmp_path: Path) -> None:
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match=r"list\.yaml: the config must be a mapping"):
         load_config(listed)
+
+
+def test_binary_fifo_and_deeply_nested_configs_are_refused_naming_the_file(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 50_000 + "]" * 50_000)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    for path in (binary, deep, fifo):
+        with pytest.raises(ConfigError, match=rf"cannot read the config file .*{path.name}"):
+            load_config(path)
+    with pytest.raises(ConfigError, match=r"train\.steps: cannot parse the value"):
+        load_config(None, ["train.steps=" + "[" * 50_000])
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1\n")
+    assert train.main(["--config", str(broken)]) == 2
+    assert train.main([f"run_dir={tmp_path / 'run'}", "data.simulator={image_size:"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "broken.yaml" in lines[0] and "data.simulator: cannot parse" in lines[1]
+
+
+def test_an_interrupted_run_ends_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    assert train.main([f"run_dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err == "interrupted; run the same command again to resume from the last checkpoint\n"
 
 
 def test_main_rejects_a_bad_key_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

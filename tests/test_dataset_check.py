@@ -260,6 +260,45 @@ def test_hdf5_layout_errors(tmp_path, datasets, message):
     assert len(report.errors) == 1 and report.errors[0].startswith("bad.h5: ") and message in report.errors[0]
 
 
+def _hostile_hdf5(path: Path, kind: str) -> Path:
+    """An HDF5 file of a few kB whose datasets are of the wrong kind, link elsewhere or claim huge sizes."""
+    with h5py.File(path, "w") as f:
+        f["mask_patches"] = np.zeros((2, 1, 4, 4), np.uint8)
+        if kind == "text":
+            f["image_patches"] = np.full((2, 1, 4, 4), b"a", "S1")
+        elif kind == "complex":
+            f["image_patches"] = np.zeros((2, 1, 4, 4), np.complex64)
+        elif kind == "group":
+            f.create_group("image_patches")
+        elif kind == "external link":
+            f["image_patches"] = h5py.ExternalLink(str(path.with_name("nowhere.h5")), "/data")
+        elif kind == "huge patches":  # chunks never written take no space: 2 x 14 GB in a 2 kB file
+            del f["mask_patches"]
+            f.create_dataset("image_patches", shape=(2, 1, 60000, 60000), dtype="f4", chunks=(1, 1, 1024, 1024))
+            f.create_dataset("mask_patches", shape=(2, 1, 60000, 60000), dtype="u1", chunks=(1, 1, 1024, 1024))
+        else:  # more classes than a label image holds
+            del f["mask_patches"]
+            f["image_patches"] = np.zeros((2, 1, 4, 4), np.float32)
+            f.create_dataset("mask_patches", shape=(2, 70000, 4, 4), dtype="u1", chunks=(1, 1, 4, 4))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("text", "image_patches holds |S1 values; expected numbers"),
+        ("complex", "image_patches holds complex64 values; expected numbers"),
+        ("group", "image_patches is not a dataset"),
+        ("external link", "cannot open image_patches"),
+        ("huge patches", "one patch of image_patches and mask_patches is 16.8 GiB, more than the 4 GiB"),
+        ("many classes", "mask_patches has 70000 classes, more than 255"),
+    ],
+)
+def test_hostile_hdf5_files_are_refused_before_their_patches_are_read(tmp_path, kind, message):
+    report = check_dataset(_hostile_hdf5(tmp_path / "bad.h5", kind))
+    assert len(report.errors) == 1 and report.errors[0].startswith("bad.h5: ") and message in report.errors[0]
+
+
 def test_corrupt_hdf5(tmp_path):
     path = tmp_path / "broken.h5"
     path.write_bytes(b"not hdf5" * 100)

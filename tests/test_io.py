@@ -351,3 +351,13 @@ def test_atomic_write_replaces_the_file_or_leaves_it_untouched(tmp_path):
     assert target.read_text() == "new"
     with pytest.raises(ValueError, match="mode"):
         atomic_open(target, "a").__enter__()
+
+
+def test_atomic_write_to_a_name_as_long_as_the_file_system_allows(tmp_path):
+    from napari_iscat_diffusion.io.atomic import atomic_write_text, remove_stale_temporaries
+
+    target = tmp_path / ("é" * 125 + ".tif")  # 254 bytes: the temporary file's longer name must still fit
+    atomic_write_text(target, "written")
+    assert target.read_text() == "written"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert remove_stale_temporaries(target) == []

@@ -226,6 +226,13 @@ def test_random_mask_follows_class_proportions():
     np.testing.assert_allclose(fractions, [0.5, 0.25, 0.0, 0.25], atol=0.03)
 
 
+def test_random_mask_takes_proportions_whose_sum_overflows():
+    result = random_mask(
+        (64, 64), 20, min_distance=3.0, class_proportions=[1e308, 1e308], radius=1.0, rng=np.random.default_rng(9)
+    )
+    assert set(result.labels) == {1, 2}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -98,6 +98,18 @@ def test_reader_leaves_other_files_to_other_readers_and_names_problems(tmp_path)
         get_reader(str(tmp_path))(str(tmp_path))
 
 
+@pytest.mark.parametrize("open_folder", [False, True])
+def test_reader_refuses_a_mask_of_another_size_than_its_image(tmp_path, open_folder):
+    for name, size in (("a", (12, 16)), ("b", (12, 15))):
+        image, _ = _pair()
+        _, mask = _pair(size)
+        tifffile.imwrite(tmp_path / f"{name}.tif", image)
+        tifffile.imwrite(tmp_path / f"{name}_mask.tif", mask)
+    path = str(tmp_path if open_folder else tmp_path / "b.tif")
+    with pytest.raises(DataError, match=r"b_mask\.tif: mask is 12x15 pixels but its image b\.tif is 12x16"):
+        get_reader(path)(path)
+
+
 def test_sample_data_is_a_simulated_image_with_its_mask():
     (image, image_meta, image_kind), (mask, mask_meta, mask_kind) = simulated_pair()
     assert (image_kind, mask_kind) == ("image", "labels")

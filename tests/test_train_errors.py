@@ -3,6 +3,7 @@ missing data paths and data whose classes (K) or image channels (C) do not fit t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -46,6 +47,20 @@ def test_missing_data_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     missing = tmp_path / "nowhere"
     err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={missing}")
     assert f"error: data.path: {missing} does not exist" in err
+
+
+@pytest.mark.parametrize("key", ["data.path", "run_dir"])
+def test_a_name_longer_than_the_file_system_allows(tmp_path: Path, capsys: pytest.CaptureFixture, key: str) -> None:
+    long = tmp_path / ("a" * 300)  # os.stat raises ENAMETOOLONG for it instead of answering "missing"
+    err = _fails_before_training(tmp_path, capsys, "data.source=tiff", f"data.path={tmp_path}", f"{key}={long}")
+    assert "File name too long" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_hdf5_fifo_is_refused_instead_of_waiting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fifo = tmp_path / "data.h5"
+    os.mkfifo(fifo)  # HDF5 would wait for a writer forever
+    err = _fails_before_training(tmp_path, capsys, "data.source=hdf5", f"data.path={fifo}")
+    assert f"error: {fifo}: is not a regular file" in err
 
 
 def test_missing_validation_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -406,6 +406,49 @@ def test_bad_class_proportions_give_a_notification(viewer_and_widget, notificati
     assert not widget.mask_layer.layer().data.any()
 
 
+def test_random_particles_of_classes_above_255_widen_a_uint8_mask_instead_of_wrapping(viewer_and_widget):
+    _, widget = viewer_and_widget
+    widget.new_mask.click()  # a uint8 layer: label 300 would be stored as 44
+    widget.particle_count.setValue(5)
+    widget.proportions.setText("0 " * 299 + "1")
+    widget.random_particles.click()
+    layer = widget.mask_layer.layer()
+    assert set(np.unique(layer.data)) == {0, 300}
+
+
+def test_random_particles_fill_the_shown_plane_of_a_stack_beside_a_longer_or_deeper_layer(
+    viewer_and_widget, notifications
+):
+    viewer, widget = viewer_and_widget
+    viewer.add_image(np.zeros((3, 10, 16, 16), np.float32), name="movie")  # napari aligns layers on their last axes
+    layer = viewer.add_labels(np.zeros((2, 16, 16), np.uint8), name="stack")
+    _pick(widget, layer)
+    viewer.dims.current_step = (2, 1, 0, 0)
+    widget.random_particles.click()
+    assert not layer.data[0].any() and layer.data[1].any()
+    viewer.dims.current_step = (0, 5, 0, 0)  # beyond the stack's 2 planes
+    before = layer.data.copy()
+    widget.random_particles.click()
+    [note] = notifications()
+    assert "'stack' has no plane at the position shown" in note.message
+    np.testing.assert_array_equal(layer.data, before)
+
+
+def test_checking_a_large_mask_layer_copies_none_of_it(viewer_and_widget):
+    import tracemalloc
+
+    viewer, widget = viewer_and_widget
+    mask = np.zeros((2000, 2000), np.uint8)  # 4 MB; an int64 copy of it would be 32 MB
+    _pick(widget, viewer.add_labels(mask, name="large"))
+    tracemalloc.start()
+    try:
+        assert widget._mask_data() is not None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mask.nbytes
+
+
 def test_particle_contrasts_come_from_a_chosen_image_layer_for_a_model_with_the_channel(
     viewer_and_widget, qtbot, notifications, tmp_path
 ):

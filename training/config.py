@@ -308,6 +308,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _one_line(error: Exception) -> str:
+    # YAML's messages point at the fault over several lines; an error is reported in one.
+    return " ".join(str(error).split())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (None: all defaults) and apply ``key=value`` overrides; returns a checked TrainConfig.
 
@@ -317,10 +322,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     data: dict = {}
     if path is not None:
+        if Path(path).exists() and not Path(path).is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"cannot read the config file {path}: not a regular file")
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read the config file {path}: {err}") from err
+        except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read the config file {path}: {_one_line(err)}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
     for override in overrides:
@@ -329,8 +336,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {override!r}: expected key=value with a dotted key, e.g. optim.lr=1e-4")
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse the value {text!r}: {err}") from err
+        except (RecursionError, yaml.YAMLError) as err:
+            raise ConfigError(f"{key}: cannot parse the value {text!r}: {_one_line(err)}") from err
         _set_dotted(data, key.split("."), value, key)
     config = _build(TrainConfig, data, "")
     config.unet_config()  # architecture errors (say norm_groups vs base_channels) surface here, not mid-run

@@ -186,6 +186,8 @@ class Hdf5Source:
         self.frames_per_channel = frames_per_channel
         if self.path.is_dir():
             raise DataError(self.path, f"is a folder; expected an HDF5 file with {IMAGE_PATCHES} and {MASK_PATCHES}")
+        if self.path.exists() and not self.path.is_file():  # HDF5 would wait for a FIFO's writer forever
+            raise DataError(self.path, "is not a regular file; expected an HDF5 file")
         try:
             with import_h5py().File(self.path, "r") as file:
                 layout = patch_layout(file, self.path)

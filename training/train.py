@@ -109,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         exported = run(config)
-    except (ConfigError, DataError) as err:
+    # OSError: what the file system refuses about a path in the config (a name too long, no permission).
+    except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # training states are written atomically: the last one is whole
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
     if exported is not None:
         log.info("model written to %s", exported)
     return 0

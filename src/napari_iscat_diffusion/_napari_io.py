@@ -49,29 +49,40 @@ def _scale(image: Path) -> dict:
     return {} if pixel_size is None else {"scale": (pixel_size / 1000,) * 2, "units": "um"}
 
 
+def _read_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask; DataError when the mask is not the size of the image's planes."""
+    image, mask = read_image(image_path), read_mask(mask_path)
+    if mask.shape != image.shape[-2:]:
+        raise DataError(
+            mask_path,
+            f"mask is {mask.shape[0]}x{mask.shape[1]} pixels but its image {image_path.name} is "
+            f"{image.shape[-2]}x{image.shape[-1]}; they must be the same size",
+        )
+    return image, mask
+
+
 def read_pairs(path: str) -> list[tuple]:
     """Layers for one image and its mask, or for a folder: all images as one stack and all masks as another."""
     path = Path(path)
     if path.is_file():
-        mask = _mask_for(path)
+        image, mask = _read_pair(path, _mask_for(path))
         meta = _scale(path)
         return [
-            (read_image(path), {"name": path.stem, **meta}, "image"),
-            (read_mask(mask), {"name": f"{path.stem} mask", **meta}, "labels"),
+            (image, {"name": path.stem, **meta}, "image"),
+            (mask, {"name": f"{path.stem} mask", **meta}, "labels"),
         ]
     pairs = find_pairs(path).pairs
     missing = [p.image.name for p in pairs if p.mask is None]
     if missing:
         raise DataError(path, f"{len(missing)} image(s) without a mask, for example {missing[0]}; open them one by one")
-    images = [read_image(p.image) for p in pairs]
+    images, masks = zip(*(_read_pair(p.image, p.mask) for p in pairs), strict=True)
     shapes = {image.shape for image in images}
     if len(shapes) > 1:
         raise DataError(path, f"images of different sizes {sorted(shapes)}; open them one by one")
     meta = _scale(pairs[0].image)
-    masks = np.stack([read_mask(p.mask) for p in pairs])
     return [
         (np.stack(images), {"name": path.name, **meta}, "image"),
-        (masks, {"name": f"{path.name} masks", **meta}, "labels"),
+        (np.stack(masks), {"name": f"{path.name} masks", **meta}, "labels"),
     ]
 
 

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import importlib.util
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .io.atomic import atomic_open, atomic_write_text
 from .io.output_paths import check_new_file
+from .terminal import printable_line
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help answers at once
     from .synthetic import SamplerSettings
@@ -37,8 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tifffile_log.addHandler(logging.NullHandler())
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"iscat-diffusion {args.command}: error: {err}", file=sys.stderr)
+    # OSError: what the file system refuses about a path the user gave (a name too long, no permission, a full disk).
+    except (ValueError, OSError) as err:
+        print(f"iscat-diffusion {args.command}: error: {printable_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"iscat-diffusion {args.command}: interrupted", file=sys.stderr)
@@ -119,19 +122,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_generate(args: argparse.Namespace) -> int:
     from .diffusion.checkpoint import load_checkpoint
     from .diffusion.generate import GenerationProgress
-    from .io.tiff_pairs import MAX_TIFF_BYTES, read_image, read_mask, write_tiff
+    from .io import tiff_pairs
     from .synthetic import synthesize
 
     check_new_file(args.out, "--out")
-    masks = read_mask(args.mask, allow_stack=True)
-    contrasts = None if args.particle_contrast is None else read_image(args.particle_contrast)
+    _check_output_size(args, math.prod(tiff_pairs.tiff_shape(args.mask)), 1)  # before a small file expands
+    masks = tiff_pairs.read_mask(args.mask, allow_stack=True)
+    contrasts = None if args.particle_contrast is None else tiff_pairs.read_image(args.particle_contrast)
     model = load_checkpoint(_checkpoint_path(args.checkpoint))
-    size = args.n * masks.size * model.config.image_channels * 4  # float32 pixels
-    if size > MAX_TIFF_BYTES:
-        raise ValueError(
-            f"--n {args.n} images per mask of {args.mask} make {size / 2**30:.1f} GiB, more than one TIFF file holds "
-            f"({MAX_TIFF_BYTES >> 30} GiB); use fewer, or the export command, which writes one file per image"
-        )
+    _check_output_size(args, masks.size, model.config.image_channels)
     settings = _sampler_settings(args, args.device)
 
     with _progress_bar("step") as show:
@@ -152,9 +151,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     # Samples, then planes (then channels of multi-channel models) follow each other along one axis.
     images = result.images.reshape(-1, *masks.shape[-2:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
+    tiff_pairs.write_tiff(args.out, images[0] if len(images) == 1 else images, pixel_size_nm=model.config.pixel_size_nm)
     print(f"wrote {len(images)} image(s) of {masks.shape[-2]}x{masks.shape[-1]} px to {args.out} ({model.summary()})")
     return 0
+
+
+def _check_output_size(args: argparse.Namespace, mask_pixels: int, channels: int) -> None:
+    """ValueError when ``generate``'s images of a mask of ``mask_pixels`` pixels would not fit one TIFF file."""
+    from .io.tiff_pairs import MAX_TIFF_BYTES
+
+    size = args.n * mask_pixels * channels * 4  # float32 pixels
+    if size > MAX_TIFF_BYTES:
+        raise ValueError(
+            f"--n {args.n} images per mask of {args.mask} make {size / 2**30:.1f} GiB, more than one TIFF file holds "
+            f"({MAX_TIFF_BYTES >> 30} GiB); use fewer, or the export command, which writes one file per image"
+        )
 
 
 def _sampler_settings(args: argparse.Namespace, device: str) -> SamplerSettings:
@@ -504,9 +515,10 @@ def _run_info(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from .diffusion.checkpoint import load_checkpoint, printable
+    from .diffusion.checkpoint import load_checkpoint
     from .diffusion.guidance import format_class_guidance, format_guidance_interval
     from .diffusion.samplers import SAMPLERS
+    from .terminal import printable
 
     if args.checkpoint is None:
         return _print_environment()

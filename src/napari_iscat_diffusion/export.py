@@ -33,7 +33,7 @@ from typing import overload
 
 import numpy as np
 
-from .diffusion import GenerationProgress, LoadedModel, SamplingCancelled, generate, validate_mask
+from .diffusion import GenerationProgress, LoadedModel, SamplingCancelled, check_mask, generate
 from .diffusion.generate import LARGEST_SEED
 from .io.atomic import atomic_open
 from .io.output_paths import check_output_folder
@@ -801,7 +801,7 @@ def _checked_mask(item: MaskItem, num_classes: int) -> MaskItem:
     """``item`` when its mask is a 2-D label image of the model's classes; ValueError naming its source otherwise."""
     if np.ndim(item.mask) != 2:
         raise ValueError(f"{item.source}: expected a 2-D mask (H, W), got shape {np.shape(item.mask)}")
-    validate_mask(item.mask, num_classes, name=item.source)
+    check_mask(item.mask, num_classes, name=item.source)
     return item
 
 

@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..diffusion import GenerationProgress, LoadedModel, validate_mask
+from ..diffusion import GenerationProgress, LoadedModel, check_mask
 from ..diffusion.particle_contrast import check_given_contrasts
 from ..iscat.masks import random_mask
 from ..synthetic import SamplerSettings, Synthesis, contrast_limits, provenance, synthesize
@@ -130,6 +130,10 @@ class GenerateWidget(QWidget):
         if not isinstance(layer, napari.layers.Labels):
             show_warning("Choose a Labels layer first, or click 'New mask' to add one.")
             return
+        plane = self._shown_plane(layer)
+        if plane is None:
+            show_warning(f"'{layer.name}' has no plane at the position shown; move the slider onto one of its planes.")
+            return
         try:
             proportions = parse_proportions(self.proportions.text())
             radius = 3.0
@@ -146,9 +150,18 @@ class GenerateWidget(QWidget):
         except ValueError as error:
             show_error(f"Random particles: {error}")
             return
-        data = np.array(layer.data)
-        data[(*self.viewer.dims.current_step[: data.ndim - 2], ...)] = drawn
+        # Widened when the drawn labels do not fit (label 300 in a uint8 layer would be stored as 44).
+        data = np.array(layer.data, dtype=np.promote_types(layer.data.dtype, drawn.dtype))
+        data[(*plane, ...)] = drawn
         layer.data = data
+
+    def _shown_plane(self, layer: napari.layers.Labels) -> tuple[int, ...] | None:
+        """The index of the plane of ``layer`` that the viewer shows, or None when it shows none of its planes."""
+        # Layers are aligned on their last axes, and the viewer may have more axes, or longer ones, than the layer.
+        leading = np.round(layer.world_to_data(self.viewer.dims.point)[:-2]).astype(int)
+        if np.any(leading < 0) or np.any(leading >= layer.data.shape[:-2]):
+            return None
+        return tuple(int(index) for index in leading)
 
     def _mask_data(self) -> tuple[napari.layers.Labels, np.ndarray] | None:
         """The chosen mask layer and its data, or None after telling the user what is wrong."""
@@ -173,7 +186,7 @@ class GenerateWidget(QWidget):
         else:
             data = np.asarray(layer.data)
             try:
-                validate_mask(data, model.config.num_classes, name=f"'{layer.name}'")
+                check_mask(data, model.config.num_classes, name=f"'{layer.name}'")
             except ValueError as error:
                 show_error(str(error))
                 return None

@@ -6,7 +6,7 @@ benchmarks call. Conventions: ``docs/diffusion-core.md``.
 """
 
 from .checkpoint import CheckpointError, LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
-from .conditioning import encode_condition, null_condition, validate_mask
+from .conditioning import check_mask, encode_condition, null_condition, validate_mask
 from .device import available_devices, resolve_device
 from .generate import GenerationProgress, NonFiniteImageError, generate
 from .samplers import SAMPLERS, SamplingCancelled, get_sampler, sampling_sigmas
@@ -25,6 +25,7 @@ __all__ = [
     "SamplingCancelled",
     "UNetConfig",
     "available_devices",
+    "check_mask",
     "cosine_schedule",
     "encode_condition",
     "generate",

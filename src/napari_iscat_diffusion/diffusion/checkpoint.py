@@ -33,6 +33,7 @@ import torch
 
 from .. import __version__
 from ..io.atomic import atomic_write_bytes, remove_stale_temporaries
+from ..terminal import printable
 from .denoiser import ConditionalDenoiser, DiscreteTimeDenoiser, in_other_units, std_ratio
 from .device import resolve_device
 from .grid_fit import FITTED_SAMPLERS, fitted_sigmas
@@ -720,13 +721,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         storage_dtype=storage_dtype,
         expert_net=expert_net,
     )
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """``text`` safe to print on a terminal: every non-printable character (escape codes, newlines) written as a
-    Python escape such as ``\\x1b``, and cut to ``limit`` characters ("..." marks a cut)."""
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
-    return escaped if len(escaped) <= limit else escaped[: max(limit - 3, 0)] + "..."
 
 
 def _error(path: Path, problem: str, advice: str) -> CheckpointError:

@@ -29,6 +29,13 @@ def validate_mask(mask: np.ndarray, num_classes: int, *, name: str = "mask") -> 
     integer-valued floats are accepted). ``name`` is used in error messages (a file or layer name).
     Raises ValueError saying what is wrong and what is expected.
     """
+    labels = check_mask(mask, num_classes, name=name).astype(np.int64)
+    return labels[None] if labels.ndim == 2 else labels
+
+
+def check_mask(mask: np.ndarray, num_classes: int, *, name: str = "mask") -> np.ndarray:
+    """Check a label mask as :func:`validate_mask` does and return it as an array, without copying it (a widget or
+    export checks a mask long before the work, and an int64 copy costs 8 bytes a pixel)."""
     expected = f"expected a label image of shape (H, W) or (N, H, W) with integer labels 0..{num_classes}"
     array = np.asarray(mask)
     if array.dtype.kind not in "biuf":
@@ -52,8 +59,7 @@ def validate_mask(mask: np.ndarray, num_classes: int, *, name: str = "mask") -> 
             f"{name}: contains label {high:g} but the model knows {num_classes} particle classes "
             f"(labels 1..{num_classes}, 0 = background); relabel the mask or choose a model with more classes"
         )
-    labels = array.astype(np.int64)
-    return labels[None] if labels.ndim == 2 else labels
+    return array
 
 
 def _first_fraction(array: np.ndarray) -> float:

@@ -24,6 +24,14 @@ from typing import IO, Any
 # Which host wrote a temporary file: on a folder shared between machines, only this host's processes can be
 # checked for being alive.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# The bytes of the target's name kept in a temporary file's name: with ".", ".HOST-PID-RANDOM.tmp" (at most 35 bytes)
+# it stays within the 255 bytes a name may have, so that any name that can be written has a temporary file.
+_NAME_BYTES = 220
+
+
+def _temporary_stem(path: Path) -> str:
+    """The part of ``path``'s name that its temporary files carry (all of it, unless the name is very long)."""
+    return os.fsdecode(os.fsencode(path.name)[:_NAME_BYTES])
 
 
 @contextlib.contextmanager
@@ -41,7 +49,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    temporary = path.with_name(f".{_temporary_stem(path)}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
         # "x": never reuse a file; open() honours the umask (tempfile would always give 0o600).
         with open(temporary, mode.replace("w", "x"), **kwargs) as file:
@@ -82,7 +90,7 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
         return []
     path = Path(path)
-    folder, target = (path, ".+") if path.is_dir() else (path.parent, re.escape(path.name))
+    folder, target = (path, ".+") if path.is_dir() else (path.parent, re.escape(_temporary_stem(path)))
     pattern = re.compile(rf"\.{target}\.{_HOST}-(\d+)-[0-9a-f]{{12}}\.tmp")
     try:
         names = os.listdir(folder)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..terminal import printable_line
 from .hdf5_patches import HDF5_SUFFIXES, IMAGE_PATCHES, MASK_PATCHES, import_h5py, labels_from_class_masks, patch_layout
 from .pixel_values import ValueBounds, robust_centre_scale, value_problem
 from .tiff_pairs import DataError, as_image, as_labels, find_pairs, read_pixel_size_nm, read_tiff
@@ -144,7 +145,7 @@ class DatasetReport:
                 lines.append(f"{len(items)} {title}{'s' if len(items) > 1 else ''}:")
                 lines += [f"  {prefix}: {item}" for item in items]
         lines.append("OK" if self.ok else f"FAILED: {len(self.errors)} error{'s' if len(self.errors) > 1 else ''}")
-        return "\n".join(lines)
+        return "\n".join(printable_line(line) for line in lines)  # file names may hold escape codes or newlines
 
 
 def _pixel_size_text(size: float | None) -> str:

@@ -11,11 +11,13 @@ from types import ModuleType
 
 import numpy as np
 
-from .tiff_pairs import DataError
+from .tiff_pairs import MAX_TIFF_BYTES, DataError
 
 IMAGE_PATCHES = "image_patches"
 MASK_PATCHES = "mask_patches"
 HDF5_SUFFIXES = (".h5", ".hdf5")
+# Class masks become a uint8 label image, as in a mask TIFF; models know at most as many classes.
+MAX_CLASSES = 255
 
 
 def import_h5py() -> ModuleType:
@@ -50,7 +52,7 @@ def patch_layout(h5file, path: Path | str) -> PatchLayout:
             f"no dataset {' or '.join(missing)} (found: {found}); expected {IMAGE_PATCHES} "
             f"(N, Z, H, W) and {MASK_PATCHES} (N, C, H, W)",
         )
-    images, masks = h5file[IMAGE_PATCHES], h5file[MASK_PATCHES]
+    images, masks = _dataset(h5file, IMAGE_PATCHES, path), _dataset(h5file, MASK_PATCHES, path)
     if images.ndim != 4:
         raise DataError(path, f"{IMAGE_PATCHES} has shape {images.shape}; expected (N, Z, H, W)")
     if masks.ndim != 4:
@@ -60,7 +62,32 @@ def patch_layout(h5file, path: Path | str) -> PatchLayout:
     if images.shape[0] != masks.shape[0] or images.shape[2:] != masks.shape[2:]:
         raise DataError(path, f"{IMAGE_PATCHES} {images.shape} and {MASK_PATCHES} {masks.shape} differ in N, H or W")
     count, planes, height, width = images.shape
-    return PatchLayout(count, planes, masks.shape[1], height, width)
+    classes = masks.shape[1]
+    if classes > MAX_CLASSES:
+        raise DataError(path, f"{MASK_PATCHES} has {classes} classes, more than {MAX_CLASSES}")
+    # Chunks that were never written take no space: a file of a few kB can claim patches of many GB.
+    patch_bytes = (planes * images.dtype.itemsize + classes * masks.dtype.itemsize) * height * width
+    if patch_bytes > MAX_TIFF_BYTES:
+        raise DataError(
+            path,
+            f"one patch of {IMAGE_PATCHES} and {MASK_PATCHES} is {patch_bytes / 2**30:.1f} GiB, more than the "
+            f"{MAX_TIFF_BYTES >> 30} GiB of one TIFF image",
+        )
+    return PatchLayout(count, planes, classes, height, width)
+
+
+def _dataset(h5file, name: str, path: Path | str):
+    """The dataset ``name`` of an open h5py file if it holds booleans, integers or floats; DataError else."""
+    try:
+        dataset = h5file[name]
+    except (KeyError, OSError) as exc:  # a link to a missing file or object
+        raise DataError(path, f"cannot open {name} ({' '.join(str(exc).split())})") from exc
+    dtype = getattr(dataset, "dtype", None)  # a group has none
+    if dtype is None:
+        raise DataError(path, f"{name} is not a dataset; expected an array of numbers")
+    if dtype.kind not in "biuf":
+        raise DataError(path, f"{name} holds {dtype} values; expected numbers")
+    return dataset
 
 
 def labels_from_class_masks(masks: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ ResolutionUnit NONE and ``unit=um`` in the ImageJ description.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,18 +160,37 @@ def read_tiff(path: Path) -> np.ndarray:
     single-channel image or stack (see ``_check_layout``).
     """
     path = Path(path)
+    with _checked_tiff(path) as tif:
+        data = tif.series[0].asarray()
+    if data.ndim < 2:
+        raise DataError(path, f"expected an image, got an array of shape {data.shape}")
+    return data.reshape(_without_leading_ones(data.shape))
+
+
+def tiff_shape(path: Path) -> tuple[int, ...]:
+    """The shape of the array that :func:`read_tiff` returns, from the file's header alone (no pixel is read), so
+    that a size can be refused before a small compressed file expands to gigabytes. Raises as ``read_tiff`` does."""
+    with _checked_tiff(Path(path)) as tif:
+        return _without_leading_ones(tif.series[0].shape)
+
+
+def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*(n for n in shape[:-2] if n != 1), *shape[-2:])
+
+
+@contextlib.contextmanager
+def _checked_tiff(path: Path) -> Iterator[tifffile.TiffFile]:
+    """The open TIFF ``path`` once it is known to be a regular file of one single-channel image or stack
+    (``_check_layout``); DataError for anything else, also for what goes wrong reading it in the ``with`` block."""
     _check_regular_file(path)
     try:
         with tifffile.TiffFile(path) as tif:
             _check_layout(tif, path)
-            data = tif.series[0].asarray()
+            yield tif
     except (DataError, MemoryError):
         raise
     except Exception as exc:  # tifffile raises many exception types on damaged files
         raise DataError(path, f"not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
-    if data.ndim < 2:
-        raise DataError(path, f"expected an image, got an array of shape {data.shape}")
-    return data.reshape([n for n in data.shape[:-2] if n != 1] + list(data.shape[-2:]))
 
 
 def _check_regular_file(path: Path) -> None:

@@ -195,10 +195,11 @@ def random_mask(
     proportions = np.asarray(class_proportions, dtype=np.float64)
     if proportions.ndim != 1 or len(proportions) == 0:
         raise ValueError("class_proportions must be a non-empty sequence of numbers")
-    if not np.all(np.isfinite(proportions)) or np.any(proportions < 0) or proportions.sum() <= 0:
+    if not np.all(np.isfinite(proportions)) or np.any(proportions < 0) or not proportions.any():
         raise ValueError(f"class_proportions must be finite, >= 0 and not all 0, got {list(class_proportions)!r}")
     _label_dtype(len(proportions))
     _check_radius(radius)
     positions = random_positions(shape, count, min_distance, rng)
-    labels = rng.choice(len(proportions), size=len(positions), p=proportions / proportions.sum()).astype(np.int64) + 1
+    weights = proportions / proportions.max()  # the sum of proportions near the float maximum would be infinite
+    labels = rng.choice(len(weights), size=len(positions), p=weights / weights.sum()).astype(np.int64) + 1
     return RandomMask(draw_blobs(shape, positions, labels, radius), positions, labels)

@@ -476,9 +476,11 @@ def parameters_from_cli(args: argparse.Namespace) -> SimulationParameters:
     """Build :class:`SimulationParameters` from parsed arguments (``--config`` first, then the flags)."""
     values: dict[str, Any] = {}
     if args.config is not None:
+        if Path(args.config).exists() and not Path(args.config).is_file():  # a FIFO or a device would block
+            raise ValueError(f"--config {args.config}: not a regular file; expected a JSON file")
         try:
             values = json.loads(Path(args.config).read_text())
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:  # ValueError covers bad JSON and text that is not UTF-8
             raise ValueError(f"--config {args.config}: not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object of simulation parameters")
