@@ -81,7 +81,6 @@ _IDENTITY_FIELDS = ("name", "pair", "seed", "mask_sha256", *_SETTINGS_FIELDS)
 # the files an export writes.
 _TIFF_TEMPORARY = r"\..+\.tif\.[0-9a-f-]+\.tmp"
 _MANIFEST_TEMPORARY = r"\.manifest(\.rank\d+)?\.csv\.[0-9a-f-]+\.tmp"
-# Seeds go to torch as signed 64-bit integers.
 _LOCK = ".export.lock"
 _RANK_LOCK = ".export.rank{}.lock"
 # Room for "_sNNN.tif" and atomic_open's ".NAME.XXXXXXXXXXXX.tmp" within the 255 bytes most file systems allow.
