@@ -40,7 +40,7 @@ import torch
 from napari_iscat_diffusion.cli import main as cli_main
 from napari_iscat_diffusion.diffusion import LoadedModel, load_checkpoint
 from napari_iscat_diffusion.diffusion.checkpoint import file_sha256
-from napari_iscat_diffusion.diffusion.denoiser import in_other_units
+from napari_iscat_diffusion.diffusion.denoiser import ConditionalDenoiser
 from napari_iscat_diffusion.diffusion.guidance import (
     EVERY_NOISE_LEVEL,
     check_guidance_interval,
@@ -58,6 +58,25 @@ def labels_of(cond: torch.Tensor) -> torch.Tensor:
     classes = cond.shape[1] - 1
     weights = torch.arange(1, classes + 1, dtype=cond.dtype, device=cond.device).view(1, classes, 1, 1)
     return (cond[:, :classes] * weights).sum(1).round().long()
+
+
+def in_other_units(cond_denoise: ConditionalDenoiser, own: dict, target: dict) -> ConditionalDenoiser:
+    """A conditional denoiser trained in the normalised units ``own`` (``{"mean": [C], "std": [C]}``), called in
+    the units ``target``: inputs, noise levels and predictions are converted, so that two networks trained on
+    the same data with slightly different normalisation statistics can share one sampler. Every channel's std
+    must differ by the same factor (sigma is one number per image); ValueError otherwise."""
+    ratios = [t / o for o, t in zip(own["std"], target["std"], strict=True)]
+    if max(ratios) > min(ratios) * (1 + 1e-6):
+        raise ValueError(f"the two normalisations scale the channels differently (std ratios {ratios})")
+    ratio = ratios[0]
+    shift = ((torch.tensor(target["mean"]) - torch.tensor(own["mean"])) / torch.tensor(own["std"])).view(1, -1, 1, 1)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        offset = shift.to(device=x.device, dtype=x.dtype)
+        x0_own = cond_denoise(x * ratio + offset, sigma * ratio, cond)
+        return (x0_own - offset) / ratio
+
+    return denoise
 
 
 def autoguided_denoiser_factory(
