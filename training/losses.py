@@ -93,7 +93,7 @@ def _min_snr_weight(
 ) -> torch.Tensor:
     # min(SNR, gamma) is the weight of the x0 loss; eps and v losses are that x0 loss scaled by SNR and SNR + 1.
     # Without a floor the x0 loss at high noise weighs SNR = 1 / sigma^2, which leaves the levels at which the
-    # particles' contrasts are decided (sigma 30-80 for iSCAT beads) almost untrained (docs/model-history.md).
+    # particles' contrasts are decided (sigma 30-80 for 300-600 nm particles in normalised units) almost untrained.
     snr = alpha_bar / (1 - alpha_bar)
     clipped = snr.clamp(min=floor, max=gamma)
     if parameterization == "eps":

@@ -200,7 +200,7 @@ def log_snr_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.
     type of Lu et al. 2022), which keeps a multistep solver's extrapolation accurate. A Karras grid crowds
     its steps at both ends instead; when the schedule's sigma_max lies far above the data's scale (2e4 for
     the cosine schedule, against a data std of about 4), it leaves too few steps where the image forms:
-    DPM-Solver++ at 20 steps then gives images about 10 % too noisy (see docs/model-history.md, The sigma grid).
+    DPM-Solver++ at 20 steps then gives images about 10 % too noisy.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
