@@ -9,20 +9,20 @@ combined, per pixel, with the checkpoint's classifier-free guidance:
 with ``w_cfg`` the usual (per-class) guidance map and ``w_ag`` a per-class autoguidance map
 (``guidance.guidance_scale_map`` with 1 in the background). Both act only inside the guidance interval,
 autoguidance only above ``--autoguidance-low``. The guide runs in the main model's normalised units (the two
-were trained with slightly different normalisation statistics). The library does not offer this yet
-(docs/model-history.md, *Autoguidance*); this script wraps ``iscat-diffusion evaluate`` and ``calibrate``, and
-``benchmarks/diagnose_c2st.py`` (``diagnose``), by replacing the guided denoiser that ``generate`` builds, so the
-numbers in the model history can be reproduced:
+were trained with slightly different normalisation statistics). The library does not offer this: it was not
+adopted for the bundled model (docs/model-history.md, *Autoguidance*). This script wraps ``iscat-diffusion
+evaluate`` and ``calibrate``, and ``benchmarks/diagnose_c2st.py`` (``diagnose``), by replacing the guided denoiser
+that ``generate`` builds, so that those numbers can be reproduced:
 
-    python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --calibrate -- \\
+    python benchmarks/autoguidance_experiment.py --guide runs/guide.safetensors --calibrate -- \\
         calibrate --scales 5 6 7 --out OUT.json        # the calibration's uniform scale becomes w_ag
-    python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --autoguidance 2=6,3=5 -- \\
+    python benchmarks/autoguidance_experiment.py --guide runs/guide.safetensors --autoguidance 2=6,3=5 -- \\
         evaluate --class-guidance 1=1,2=1,3=1 --out OUT.json
-    python benchmarks/autoguidance_experiment.py --guide runs/stage2.safetensors --autoguidance 2=6,3=5 -- \\
+    python benchmarks/autoguidance_experiment.py --guide runs/guide.safetensors --autoguidance 2=6,3=5 -- \\
         diagnose --class-guidance 1=1,2=1,3=1 --out OUT.json
 
-``runs/stage2.safetensors`` is the stage-2 file: ``git show 9734c85:src/napari_iscat_diffusion/models/
-iscat-sim-3class.safetensors > runs/stage2.safetensors``.
+The guide those numbers used is the bundled file of commit 9734c85: ``git show 9734c85:src/napari_iscat_diffusion/
+models/iscat-sim-3class.safetensors > runs/guide.safetensors``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 from napari_iscat_diffusion.cli import main as cli_main
 from napari_iscat_diffusion.diffusion import LoadedModel, load_checkpoint
 from napari_iscat_diffusion.diffusion.checkpoint import file_sha256
-from napari_iscat_diffusion.diffusion.denoiser import in_other_units
+from napari_iscat_diffusion.diffusion.denoiser import ConditionalDenoiser
 from napari_iscat_diffusion.diffusion.guidance import (
     EVERY_NOISE_LEVEL,
     check_guidance_interval,
@@ -60,6 +60,25 @@ def labels_of(cond: torch.Tensor) -> torch.Tensor:
     return (cond[:, :classes] * weights).sum(1).round().long()
 
 
+def in_other_units(cond_denoise: ConditionalDenoiser, own: dict, target: dict) -> ConditionalDenoiser:
+    """A conditional denoiser trained in the normalised units ``own`` (``{"mean": [C], "std": [C]}``), called in
+    the units ``target``: inputs, noise levels and predictions are converted, so that two networks trained on
+    the same data with slightly different normalisation statistics can share one sampler. Every channel's std
+    must differ by the same factor (sigma is one number per image); ValueError otherwise."""
+    ratios = [t / o for o, t in zip(own["std"], target["std"], strict=True)]
+    if max(ratios) > min(ratios) * (1 + 1e-6):
+        raise ValueError(f"the two normalisations scale the channels differently (std ratios {ratios})")
+    ratio = ratios[0]
+    shift = ((torch.tensor(target["mean"]) - torch.tensor(own["mean"])) / torch.tensor(own["std"])).view(1, -1, 1, 1)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        offset = shift.to(device=x.device, dtype=x.dtype)
+        x0_own = cond_denoise(x * ratio + offset, sigma * ratio, cond)
+        return (x0_own - offset) / ratio
+
+    return denoise
+
+
 def autoguided_denoiser_factory(
     guide: LoadedModel,
     class_autoguidance: dict[int, float],
@@ -71,7 +90,7 @@ def autoguided_denoiser_factory(
 
     At noise levels at or below ``background_cfg_below`` the autoguided classes also get the model's background
     guidance scale (classifier-free) and the other classes the checkpoint's own scales: without guidance there,
-    the shot noise and speckle around the beads came out too smooth.
+    the shot noise and speckle around the autoguided particles come out too smooth.
     """
     state: dict = {}
 

@@ -2,16 +2,16 @@
 
 Each held-out image (the evaluation's, seeds from 3e9) is noised to a level sigma (in the normalised units of
 the first checkpoint: the background's noise is about 1, a bead's peak 10-60) with the same noise for every
-checkpoint, and each checkpoint's denoiser (with its mask, no guidance; the main network of a file that also
-holds a high-noise expert) predicts the clean image. Checkpoints whose normalisations differ (a fine-tune
-recomputes it from its data) see the same physical noise, sigma in their own units scaled accordingly. Prints,
-per checkpoint and sigma, the mean squared error of that prediction (the first checkpoint's normalised units
-squared) over the pixels within 4 px of a particle of each class, over the rest (background), and over each
-class's surroundings (4-16 px from its particles and more than 4 px from any: where a bead's rings lie; these
-pixels are also background), and the ratio of each checkpoint's error to the first one's. At a given sigma the
-best possible error is the data's own uncertainty, so the ratios compare checkpoints; the training loss weighs
-these errors by the min-SNR weight (``train.min_snr_gamma``, ``train.min_snr_floor``). Writes
-``benchmarks/results/denoising_error_by_sigma.json`` with the machine's description.
+checkpoint, and each checkpoint's denoiser (with its mask, no guidance) predicts the clean image. Checkpoints
+whose normalisations differ (a fine-tune recomputes it from its data) see the same physical noise, sigma in their
+own units scaled accordingly. Prints, per checkpoint and sigma, the mean squared error of that prediction (the
+first checkpoint's normalised units squared) over the pixels within 4 px of a particle of each class, over the
+rest (background), and over each class's surroundings (4-16 px from its particles and more than 4 px from any:
+where a bead's rings lie; these pixels are also background), and the ratio of each checkpoint's error to the
+first one's. At a given sigma the best possible error is the data's own uncertainty, so the ratios compare
+checkpoints; the training loss weighs these errors by the min-SNR weight (``train.min_snr_gamma``,
+``train.min_snr_floor``). Writes ``benchmarks/results/denoising_error_by_sigma.json`` with the machine's
+description.
 
     python benchmarks/denoising_error_by_sigma.py                       # bundled model only
     python benchmarks/denoising_error_by_sigma.py --checkpoints runs/a.safetensors runs/b.safetensors

@@ -20,6 +20,7 @@ from napari_iscat_diffusion.diffusion.checkpoint import (
     ModelConfig,
     file_sha256,
     load_checkpoint,
+    read_model_config,
     save_checkpoint,
 )
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
@@ -310,6 +311,23 @@ def test_invalid_config_in_file(saved, change, phrase):
     with pytest.raises(CheckpointError, match="model config is invalid") as info:
         load_checkpoint(path)
     assert phrase in str(info.value) and path.name in str(info.value)
+
+
+def test_an_empty_high_noise_expert_field_of_earlier_versions_is_dropped(saved):
+    path, _ = saved
+    rewrite_document(path, lambda document: document["config"].update(high_noise_expert=None))
+    assert load_checkpoint(path).config == make_config()
+
+
+def test_a_file_that_holds_a_high_noise_expert_is_refused_in_one_line(saved):
+    path, _ = saved
+    expert = {"sigma_switch": 10.0, "normalization": {"mean": [0.5], "std": [2.0]}}
+    rewrite_document(path, lambda document: document["config"].update(high_noise_expert=expert))
+    with pytest.raises(CheckpointError, match="holds a high-noise expert network, which this version no longer uses"):
+        read_model_config(path)
+    with pytest.raises(CheckpointError, match=f"{re.escape(path.name)}.*expert") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
 
 
 def test_weights_that_do_not_fit(saved):

@@ -10,11 +10,15 @@ import torch
 from tests.tiny_models import save_tiny_checkpoint
 from tests.tiny_training import tiny_config, tiny_overrides
 from training import train
-from training.config import ConfigError
-from training.finetune import load_initial_weights
+from training.config import ConfigError, load_config
+from training.finetune import initial_contrast_prior, initial_normalization, load_initial_weights
 
 from napari_iscat_diffusion.diffusion import load_checkpoint
+from napari_iscat_diffusion.diffusion.checkpoint import file_sha256
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet
+from napari_iscat_diffusion.models import bundled_checkpoints
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -79,27 +83,15 @@ def test_a_missing_checkpoint_stops_the_run_before_training(tmp_path: Path, caps
     assert not (run_dir / "model.safetensors").exists()
 
 
-def test_a_file_with_a_high_noise_expert_starts_the_run_from_its_main_network(
-    trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    import dataclasses
-
-    from napari_iscat_diffusion.diffusion import save_checkpoint
-
-    source = load_checkpoint(trained)
-    expert = ConditionalUNet(source.config.unet)
-    config = dataclasses.replace(
-        source.config, high_noise_expert={"sigma_switch": 10.0, "normalization": source.config.normalization}
-    )
-    combined = tmp_path / "combined.safetensors"
-    save_checkpoint(combined, source.net, config, expert_net=expert)
-    run_config = tiny_config(tmp_path / "run", f"model.init_from={combined}")
-    model = ConditionalUNet(run_config.unet_config())
-    with caplog.at_level("WARNING", logger="training"):
-        load_initial_weights(model, run_config)
-    assert "also holds a network for the noise levels above sigma 10" in caplog.text
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, source.net.state_dict()[name]), name
+def test_the_bundled_model_starts_a_fine_tune_of_its_own_config(tmp_path: Path) -> None:
+    bundled = bundled_checkpoints()["iscat-sim-3class"]
+    overrides = [f"run_dir={tmp_path / 'run'}", f"model.init_from={bundled}", "model.contrast_channel=true"]
+    config = load_config(CONFIGS_DIR / "default_model.yaml", [*overrides, "data.normalization=init_from"])
+    model = ConditionalUNet(config.unet_config())
+    assert load_initial_weights(model, config) == file_sha256(bundled)
+    stored = load_checkpoint(bundled)
+    assert initial_normalization(config, 1) == stored.config.normalization
+    assert initial_contrast_prior(config) == stored.config.particle_contrast
 
 
 def test_a_fine_tune_can_keep_the_checkpoints_normalisation(trained: Path, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from tests.tiny_models import save_tiny_checkpoint, tiny_unet_config, uniform_co
 from tests.tiny_training import tiny_config, tiny_overrides
 from training import train
 from training.data import build_data
-from training.experts import combine_experts
 from training.finetune import load_initial_weights
 from training.normalization import compute_normalization
 from training.particle_contrast import contrast_channel, measure_prior
@@ -184,9 +183,6 @@ def test_a_model_config_has_a_prior_exactly_when_its_network_has_the_channel() -
         unet=tiny_unet_config(contrast_channel=True), normalization=norm, particle_contrast=prior, **common
     )
     assert ModelConfig.from_dict(config.to_dict()) == config
-    expert = {"sigma_switch": 10.0, "normalization": norm, "training": {}}
-    with pytest.raises(ValueError, match="cannot hold a high-noise expert"):
-        dataclasses.replace(config, high_noise_expert=expert)
 
 
 @pytest.fixture(scope="module")
@@ -285,11 +281,6 @@ def test_bad_given_contrasts_are_refused(contrast_model: Path, tmp_path: Path) -
         generate(_mask(), load_checkpoint(plain), steps=2, particle_contrast=np.zeros((32, 32)))
     with pytest.raises(ValueError, match="'layer c': contains infinite"):
         check_given_contrasts(np.full((32, 32), -np.inf), (1, 32, 32), model.config.particle_contrast, "'layer c'")
-
-
-def test_networks_with_a_contrast_channel_are_not_combined_with_an_expert(contrast_model: Path) -> None:
-    with pytest.raises(ValueError, match="contrast channel"):
-        combine_experts(contrast_model, contrast_model, 10.0, contrast_model.with_name("combined.safetensors"))
 
 
 @pytest.fixture(scope="module")

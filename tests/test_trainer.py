@@ -17,7 +17,7 @@ from training import train
 from training import trainer as trainer_module
 from training.config import ConfigError
 from training.spectral_density import spectral_density_range
-from training.state import list_states, load_state, state_path
+from training.state import list_states, load_state, save_state, state_path
 from training.trainer import NonFiniteLossError, lr_factor
 
 from napari_iscat_diffusion.diffusion import generate, load_checkpoint
@@ -205,36 +205,16 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert lr_factor(10, 4, 20, "constant", 0.1) == 1.0
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # no optimiser steps here
-def test_plateau_schedule_cuts_the_rate_after_validations_without_improvement(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = tiny_config(
-        tmp_path,
-        "optim.schedule=plateau",
-        "optim.plateau_patience=2",
-        "optim.min_lr_ratio=0.2",
-        "optim.warmup_steps=0",
-        "log.val_every=1",
-    )
-    trainer = tiny_trainer(config)
-    losses = iter([1.0, 1.5, 1.2, 0.9, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
-    monkeypatch.setattr(trainer, "validate", lambda: next(losses))
-    rates = []
-    for _ in range(10):
-        trainer._run_validation()
-        rates.append(trainer.optimizer.param_groups[0]["lr"] / config.optim.lr)
-        trainer.scheduler.step()  # a training step in between keeps the cut
-        assert trainer.optimizer.param_groups[0]["lr"] / config.optim.lr == pytest.approx(rates[-1])
-    # Two stalled validations halve the rate; an improvement resets the count; the floor is min_lr_ratio.
-    assert rates == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2, 0.2, 0.2])
-
-    trainer.save()
-    resumed = tiny_trainer(config)
-    resumed.resume("auto")
-    assert resumed.lr_scale == pytest.approx(0.2) and resumed.evals_since_best == 6
-    resumed.scheduler.step()
-    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * config.optim.lr)
+def test_a_state_cut_by_the_retired_plateau_schedule_is_refused_and_others_resume(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=2")
+    tiny_trainer(config).fit()
+    path = list_states(tmp_path / "checkpoints")[0][1]
+    tensors, info = load_state(path)
+    save_state(path, tensors, {**info, "lr_scale": 1.0})  # as every run but a plateau one wrote it
+    assert tiny_trainer(config).resume("auto") == path
+    save_state(path, tensors, {**info, "lr_scale": 0.5})
+    with pytest.raises(ConfigError, match="plateau learning-rate schedule, which this version no longer has"):
+        tiny_trainer(config).resume("auto")
 
 
 def test_early_stopping_ends_the_run_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,16 +252,7 @@ def test_the_loss_weights_reach_the_training_and_validation_losses(
     real = trainer_module.diffusion_loss
 
     def recording(*args, **kwargs):
-        weights = tuple(
-            kwargs[k]
-            for k in (
-                "particle_weight",
-                "particle_radius_px",
-                "surroundings_weight",
-                "surroundings_radius_px",
-                "min_snr_floor",
-            )
-        )
+        weights = tuple(kwargs[k] for k in ("particle_weight", "particle_radius_px", "min_snr_floor"))
         seen.append((weights, kwargs.get("timesteps") is None))
         return real(*args, **kwargs)
 
@@ -291,36 +262,10 @@ def test_the_loss_weights_reach_the_training_and_validation_losses(
         "train.steps=1",
         "train.particle_loss_weight=9",
         "train.particle_loss_radius_px=3",
-        "train.surroundings_loss_weight=2",
-        "train.surroundings_loss_radius_px=12",
         "train.min_snr_floor=0.02",
     )
     trainer = tiny_trainer(config)
     trainer.fit()
     trainer.validate()
-    assert {weights for weights, _ in seen} == {(9.0, 3, 2.0, 12, 0.02)}
+    assert {weights for weights, _ in seen} == {(9.0, 3, 0.02)}
     assert {training for _, training in seen} == {True, False}  # both a training and a validation call
-
-
-def test_a_sigma_range_limits_the_training_and_validation_timesteps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen = []
-    real = trainer_module.diffusion_loss
-
-    def recording(net, *args, **kwargs):
-        def watched(x_t, t, cond):
-            seen.append(t.clone())
-            return net(x_t, t, cond)
-
-        return real(watched, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "diffusion_loss", recording)
-    trainer = tiny_trainer(tiny_config(tmp_path, "train.steps=4", "log.val_every=0", "train.sigma_range=[10, 300]"))
-    trainer.fit()
-    trainer.validate()
-    sigmas = trainer.schedule.sigmas[torch.cat(seen).long()]
-    assert len(seen) > 4 and bool(((sigmas >= 10) & (sigmas <= 300)).all())
-    first, last = trainer.timestep_range
-    assert trainer.schedule.sigmas[first - 1] < 10 <= trainer.schedule.sigmas[first]
-    assert trainer.schedule.sigmas[last] <= 300 < trainer.schedule.sigmas[last + 1]

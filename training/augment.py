@@ -26,8 +26,8 @@ class AugmentConfig:
         vflip: probability of an up-down flip.
         rot90: probability of a rotation by 90, 180 or 270 degrees (180 only for non-square images,
             whose shape must not change). Off by default: a camera's fixed-pattern noise runs along its
-            columns, and a model trained on rotated images draws that pattern in no direction at all
-            (docs/model-history.md, *Column noise*). Turn it on for images without such a pattern.
+            columns, and a model trained on rotated images draws that pattern in no direction at all.
+            Turn it on for images without such a pattern.
         rotate: probability of a small rotation by an angle uniform in [-max_degrees, max_degrees].
             Off by default: bilinear interpolation smooths the pixel noise, and a generative model
             would learn that smoothing as part of the iSCAT noise texture.

@@ -86,18 +86,14 @@ ModelSection.__doc__ = (
 @dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule: linear warm-up over ``warmup_steps``, then cosine decay to
-    ``lr * min_lr_ratio`` at the last step, constant, or "plateau": constant, multiplied by
-    ``plateau_factor`` after every ``plateau_patience`` validations without a better validation loss, down
-    to ``lr * min_lr_ratio`` (ReduceLROnPlateau). ``grad_clip``: max global gradient norm, 0 = off."""
+    ``lr * min_lr_ratio`` at the last step, or constant. ``grad_clip``: max global gradient norm, 0 = off."""
 
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 200
-    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.05
-    plateau_patience: int = 5
-    plateau_factor: float = 0.5
     grad_clip: float = 1.0
 
 
@@ -107,13 +103,8 @@ class TrainSection:
     ``batch_size * grad_accum * world_size`` images. ``precision``: "auto" is bf16 autocast on CUDA, fp32 on CPU.
     ``particle_loss_weight``: pixels within ``particle_loss_radius_px`` (px) of a mask particle count
     ``1 + particle_loss_weight`` times in the loss (training and validation); 0 weighs every pixel the same.
-    ``surroundings_loss_weight``, ``surroundings_loss_radius_px``: the same for a wider zone (a bead's rings);
-    a pixel in both zones counts 1 + the larger weight.
     ``min_snr_gamma``, ``min_snr_floor``: the clean-image error weighs ``max(min(SNR, gamma), floor)`` (min-SNR
     weighting, Hang et al. 2023, with a floor for the high noise levels; gamma null: the plain target MSE).
-    ``sigma_range``: ``[low, high]`` (normalised units) trains and validates on the timesteps whose noise
-    level lies in that range only, e.g. a network for the high noise levels at which particles' contrasts are
-    decided; null: every timestep.
     ``time_limit_minutes``: end the run (checkpoint, export) at the first step after this much training time
     (minutes of wall clock since ``fit`` began; null: no limit), e.g. inside a cluster job's time limit."""
 
@@ -125,9 +116,6 @@ class TrainSection:
     min_snr_floor: float = 0.0
     particle_loss_weight: float = 0.0
     particle_loss_radius_px: int = 4
-    surroundings_loss_weight: float = 0.0
-    surroundings_loss_radius_px: int = 16
-    sigma_range: tuple[float, float] | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite: int = 10
@@ -360,8 +348,6 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("optim.weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
-    ("optim.plateau_patience", lambda v: v >= 1, ">= 1 (validations)"),
-    ("optim.plateau_factor", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.steps", lambda v: v >= 1, ">= 1"),
     ("train.batch_size", lambda v: 1 <= v <= 2**16, "from 1 to 65536"),
@@ -371,8 +357,6 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.min_snr_floor", lambda v: 0 <= v < math.inf, ">= 0 (0 = min-SNR as published)"),
     ("train.particle_loss_weight", lambda v: 0 <= v < math.inf, ">= 0 (0 = every pixel weighs the same)"),
     ("train.particle_loss_radius_px", lambda v: v >= 0, ">= 0 pixels"),
-    ("train.surroundings_loss_weight", lambda v: 0 <= v < math.inf, ">= 0 (0 = no surroundings zone)"),
-    ("train.surroundings_loss_radius_px", lambda v: v >= 0, ">= 0 pixels"),
     ("train.max_nonfinite", lambda v: v >= 1, ">= 1"),
     ("train.early_stopping_patience", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("train.time_limit_minutes", lambda v: v is None or 0 < v < math.inf, "a positive number of minutes or null"),
@@ -412,12 +396,9 @@ def _check_values(config: TrainConfig) -> None:
         raise ConfigError(
             "data.normalization: init_from takes the normalisation of model.init_from; set model.init_from"
         )
-    if not config.log.val_every:
-        # Both act on validation results: without validations they would silently never act.
-        if config.optim.schedule == "plateau":
-            raise ConfigError("optim.schedule: plateau acts on validation losses; set log.val_every > 0")
-        if config.train.early_stopping_patience is not None:
-            raise ConfigError("train.early_stopping_patience: acts on validation losses; set log.val_every > 0")
+    if not config.log.val_every and config.train.early_stopping_patience is not None:
+        # It acts on validation results: without validations it would silently never act.
+        raise ConfigError("train.early_stopping_patience: acts on validation losses; set log.val_every > 0")
     for key, check, value in (
         ("log.sampler", get_sampler, config.log.sampler),
         ("model.schedule", schedule_from_config, config.model.schedule),
@@ -427,14 +408,6 @@ def _check_values(config: TrainConfig) -> None:
         except ValueError as err:
             raise ConfigError(f"{key}: {err}") from err
     # After the schedule check, so that a bad schedule is reported as such.
-    if train.sigma_range is not None:
-        low, high = train.sigma_range
-        if not 0 < low < high:
-            raise ConfigError(f"train.sigma_range: must be [low, high] with 0 < low < high, got {[low, high]}")
-        try:
-            schedule_from_config(config.model.schedule).timesteps_between(low, high)
-        except ValueError as err:
-            raise ConfigError(f"train.sigma_range: {err}") from err
     timesteps = schedule_from_config(config.model.schedule).num_timesteps
     if config.log.sample_steps > timesteps:
         raise ConfigError(

@@ -1,13 +1,12 @@
 """Start a run from the weights of a trained model (fine-tuning), e.g. the bundled default model.
 
 ``model.init_from`` names a plugin checkpoint (``.safetensors``, as exported by a run); its weights are
-copied into the freshly built network before training (of a file with a high-noise expert, the main
-network's). The checkpoint must match the config's architecture, parameterisation and noise schedule, so
-that the weights mean the same thing; anything else raises ConfigError naming the file and the fields that
-differ. One difference is allowed: a network with ``model.contrast_channel`` may start from one without; the
-new input channel's weights start at zero, so the network starts out drawing what the checkpoint draws and
-learns to use each particle's contrast. A resumable training state in the run directory takes precedence,
-because it continues this same run.
+copied into the freshly built network before training. The checkpoint must match the config's architecture,
+parameterisation and noise schedule, so that the weights mean the same thing; anything else raises ConfigError
+naming the file and the fields that differ. One difference is allowed: a network with ``model.contrast_channel``
+may start from one without; the new input channel's weights start at zero, so the network starts out drawing what
+the checkpoint draws and learns to use each particle's contrast. A resumable training state in the run directory
+takes precedence, because it continues this same run.
 """
 
 from __future__ import annotations
@@ -49,13 +48,6 @@ def load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> str:
             f"model.init_from: the checkpoint {path} does not fit the configured model: "
             + "; ".join(differences)
             + ". Set the model section to the checkpoint's values (iscat-diffusion info CHECKPOINT prints them)."
-        )
-    if loaded.expert_net is not None:
-        log.warning(
-            "%s also holds a network for the noise levels above sigma %g; this run starts from its main network "
-            "only and trains it on every level it is configured for (python -m training.experts combines two runs)",
-            path,
-            loaded.config.high_noise_expert["sigma_switch"],
         )
     state = loaded.net.state_dict()
     if config.unet_config().contrast_channel and not loaded.config.unet.contrast_channel:

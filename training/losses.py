@@ -22,11 +22,8 @@ def diffusion_loss(
     min_snr_floor: float = 0.0,
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
-    timestep_range: tuple[int, int] | None = None,
     particle_weight: float = 0.0,
     particle_radius_px: int = 4,
-    surroundings_weight: float = 0.0,
-    surroundings_radius_px: int = 16,
 ) -> torch.Tensor:
     """Mean denoising loss of ``net`` on a batch of clean images.
 
@@ -46,16 +43,10 @@ def diffusion_loss(
             count as much as that level instead of 1 / sigma^2. 0 is Hang et al.'s min-SNR.
         generator: random generator for timesteps, noise and condition dropout (on x0's device).
         timesteps: int64 timesteps (N,) to use instead of random ones (a fixed grid for validation).
-        timestep_range: (first, last) timestep, inclusive, to draw random timesteps from instead of all of
-            the schedule's (a network trained for a range of noise levels only); ignored with ``timesteps``.
         particle_weight: extra weight of the pixels within ``particle_radius_px`` (px, square neighbourhood)
             of a labelled pixel of the condition the network sees: those pixels count ``1 + particle_weight``
             times, and each image's loss is the weighted mean. 0 gives every pixel the same weight.
         particle_radius_px: how far around the mask the extra weight reaches (px).
-        surroundings_weight: extra weight of the pixels within ``surroundings_radius_px`` (px, square) of a
-            labelled pixel, e.g. where a bead's rings lie; a pixel in both neighbourhoods counts 1 + the larger
-            of the two weights. 0: no such zone.
-        surroundings_radius_px: how far around the mask that second weight reaches (px).
 
     Returns:
         a scalar float32 loss. Noise, targets and the loss are computed in float32 whatever the
@@ -65,8 +56,7 @@ def diffusion_loss(
     device = x0.device
     x0 = x0.float()
     if timesteps is None:
-        first, last = (0, schedule.num_timesteps - 1) if timestep_range is None else timestep_range
-        t = torch.randint(first, last + 1, (n,), device=device, generator=generator)
+        t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=generator)
     else:
         t = timesteps.to(device=device, dtype=torch.long)
     alpha_bar = schedule.alphas_cumprod.to(device)[t].float().view(-1, 1, 1, 1)
@@ -78,13 +68,11 @@ def diffusion_loss(
     prediction = net(x_t, t.float(), cond).float()
     target = target_from_x0_eps(x0, eps, alpha, sigma, parameterization)
     squared = (prediction - target).pow(2)
-    if particle_weight > 0 or surroundings_weight > 0:
+    if particle_weight > 0:
         # Particles cover a few per cent of an iSCAT image, so a plain mean spends the network's capacity on
         # background speckle and noise. The weight depends only on the condition the network is given, so the
         # best prediction at every pixel is still the conditional mean: the weighting moves effort, not the target.
-        # Only zones with a weight are pooled: the wide zone's pooling would otherwise run on every training step.
-        zones = ((particle_weight, particle_radius_px), (surroundings_weight, surroundings_radius_px))
-        weight = 1 + torch.stack([w * particle_neighbourhood(cond, r) for w, r in zones if w > 0]).amax(dim=0)
+        weight = 1 + particle_weight * particle_neighbourhood(cond, particle_radius_px)
         per_image = (weight * squared).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * squared.shape[1])
     else:
         per_image = squared.mean(dim=(1, 2, 3))
@@ -105,7 +93,7 @@ def _min_snr_weight(
 ) -> torch.Tensor:
     # min(SNR, gamma) is the weight of the x0 loss; eps and v losses are that x0 loss scaled by SNR and SNR + 1.
     # Without a floor the x0 loss at high noise weighs SNR = 1 / sigma^2, which leaves the levels at which the
-    # particles' contrasts are decided (sigma 30-80 for iSCAT beads) almost untrained (docs/model-history.md).
+    # particles' contrasts are decided (sigma 30-80 for 300-600 nm particles in normalised units) almost untrained.
     snr = alpha_bar / (1 - alpha_bar)
     clipped = snr.clamp(min=floor, max=gamma)
     if parameterization == "eps":

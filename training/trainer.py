@@ -73,11 +73,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
-    """Learning-rate multiplier for 0-based optimiser step ``step``: linear warm-up, then cosine or constant
-    ("plateau" is constant here; the trainer scales it down when the validation loss stalls)."""
+    """Learning-rate multiplier for 0-based optimiser step ``step``: linear warm-up, then cosine or constant."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule in ("constant", "plateau"):
+    if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -150,20 +149,13 @@ class Trainer:
             self.model = DistributedDataParallel(model, device_ids=device_ids)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.schedule = schedule_from_config(config.model.schedule)
-        sigma_range = config.train.sigma_range
-        all_timesteps = (0, self.schedule.num_timesteps - 1)
-        self.timestep_range = all_timesteps if sigma_range is None else self.schedule.timesteps_between(*sigma_range)
         optim = config.optim
-        self.lr_scale = 1.0  # the plateau schedule's reductions so far
         self.optimizer = torch.optim.AdamW(
             self.net.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: (
-                self.lr_scale
-                * lr_factor(step, optim.warmup_steps, config.train.steps, optim.schedule, optim.min_lr_ratio)
-            ),
+            lambda step: lr_factor(step, optim.warmup_steps, config.train.steps, optim.schedule, optim.min_lr_ratio),
         )
         self.ema = Ema(self.net, config.ema.half_life_images, config.ema.rampup_ratio)
         # One seed per rank: the global generator (dropout) and the one for timesteps, noise and
@@ -284,7 +276,7 @@ class Trainer:
                 if finite:
                     window_loss += loss
                     window_steps += 1
-                lr = self.optimizer.param_groups[0]["lr"]  # the next step's rate (the plateau schedule may cut it)
+                lr = self.optimizer.param_groups[0]["lr"]  # the next step's rate
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -346,9 +338,6 @@ class Trainer:
             min_snr_floor=train.min_snr_floor,
             particle_weight=train.particle_loss_weight,
             particle_radius_px=train.particle_loss_radius_px,
-            surroundings_weight=train.surroundings_loss_weight,
-            surroundings_radius_px=train.surroundings_loss_radius_px,
-            timestep_range=self.timestep_range,
             **sampling,
         )
 
@@ -410,10 +399,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """EMA model's mean loss over this run's validation data, on ``log.val_timesteps`` evenly spaced
-        timesteps (of ``train.sigma_range`` where given) with noise seeded per (rank, batch, timestep), so that
-        values compare across steps."""
+        timesteps with noise seeded per (rank, batch, timestep), so that values compare across steps."""
         config = self.config
-        grid = torch.linspace(*self.timestep_range, config.log.val_timesteps).round().long()
+        grid = torch.linspace(0, self.schedule.num_timesteps - 1, config.log.val_timesteps).round().long()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         error = None
         for b, batch in enumerate(_data_batches(self.val_loader)):
@@ -446,29 +434,11 @@ class Trainer:
             self.best_val_loss, self.best_step, self.evals_since_best = value, self.step, 0
         else:
             self.evals_since_best += 1
-            self._reduce_lr_on_plateau()
         if self.is_main:
             self._record({"step": self.step, "val_loss": value})
             if self._writer is not None:
                 self._writer.add_scalar("val/loss", value, self.step)
         return improved
-
-    def _reduce_lr_on_plateau(self) -> None:
-        """Under the plateau schedule, scale the learning rate down after every ``plateau_patience``
-        validations without improvement (from the next step on). Every rank decides alike: the
-        validation loss is all-reduced."""
-        optim = self.config.optim
-        if optim.schedule != "plateau" or self.evals_since_best % optim.plateau_patience:
-            return
-        scale = max(optim.min_lr_ratio, self.lr_scale * optim.plateau_factor)
-        if scale == self.lr_scale:
-            return
-        # The scheduler has already set the next step's rate: scale it too, so the change is not a step late.
-        for group in self.optimizer.param_groups:
-            group["lr"] *= scale / self.lr_scale
-        self.lr_scale = scale
-        if self.is_main:
-            log.info("step %d: validation loss stalled, learning rate x%.3g from the next step", self.step, scale)
 
     def _sample_batch(self) -> dict | DataError | None:
         """The first ``log.num_samples`` validation labels and images (physical units), fixed for the run; the
@@ -621,7 +591,6 @@ class Trainer:
             "best_step": self.best_step,
             "evals_since_best": self.evals_since_best,
             "last_val_loss": self.last_val_loss,
-            "lr_scale": self.lr_scale,
             "optimizer": optim_info,
             "scheduler": self.scheduler.state_dict(),
             "config": self.config.to_dict(),
@@ -669,6 +638,11 @@ class Trainer:
                 raise ConfigError(f"checkpoint.resume: {err}") from err
         if spec != "auto":
             self._refuse_newer_states(spec, info["step"])
+        if info.get("lr_scale", 1.0) != 1.0:
+            raise ConfigError(
+                f"checkpoint.resume: {path} was trained under the plateau learning-rate schedule, which this version "
+                "no longer has; start a new run from its exported model instead (model.init_from)"
+            )
         saved_unet = info["config"]["model"]
         current = self.config.to_dict()["model"]
         if {k: v for k, v in saved_unet.items() if k != "dropout"} != {
@@ -685,7 +659,6 @@ class Trainer:
         best = info["best_val_loss"]
         self.best_val_loss = math.inf if best is None else best
         self.best_step, self.last_val_loss = info["best_step"], info["last_val_loss"]
-        self.lr_scale = info.get("lr_scale", 1.0)  # states written before the plateau schedule existed lack it
         rng = unprefixed(f"rng.{self.rank}.", tensors)
         if info["world_size"] != self.world_size or not rng:
             log.warning(

@@ -701,7 +701,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.save is not None:
         interval = model.config.default_guidance_interval if args.guidance_interval is None else args.guidance_interval
         config = dataclasses.replace(model.config, default_class_guidance=best, default_guidance_interval=interval)
-        digest = save_checkpoint(args.save, model.net, config, dtype=model.storage_dtype, expert_net=model.expert_net)
+        digest = save_checkpoint(args.save, model.net, config, dtype=model.storage_dtype)
         print(
             f"wrote {args.save} (sha256 {digest[:12]}) with per-class guidance {format_class_guidance(best)}, "
             f"guided at noise levels {format_guidance_interval(config.default_guidance_interval)}"
@@ -781,7 +781,7 @@ def _run_calibrate_contrast(args: argparse.Namespace) -> int:
         print(f"no class could be mapped; {args.save} not written")
     elif args.save is not None:
         config = dataclasses.replace(model.config, particle_contrast=prior)
-        digest = save_checkpoint(args.save, model.net, config, dtype=model.storage_dtype, expert_net=model.expert_net)
+        digest = save_checkpoint(args.save, model.net, config, dtype=model.storage_dtype)
         print(
             f"wrote {args.save} (sha256 {digest[:12]}) with the contrast map for classes {', '.join(result['mapped'])}"
         )

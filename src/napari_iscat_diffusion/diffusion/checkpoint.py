@@ -34,7 +34,7 @@ import torch
 from .. import __version__
 from ..io.atomic import atomic_write_bytes, remove_stale_temporaries
 from ..terminal import printable
-from .denoiser import ConditionalDenoiser, DiscreteTimeDenoiser, in_other_units, std_ratio
+from .denoiser import DiscreteTimeDenoiser
 from .device import resolve_device
 from .grid_fit import FITTED_SAMPLERS, fitted_sigmas
 from .guidance import EVERY_NOISE_LEVEL, check_class_guidance, check_guidance_interval, check_guidance_scale
@@ -46,7 +46,6 @@ from .unet import ConditionalUNet, UNetConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = "napari_iscat_diffusion"
-EXPERT_PREFIX = "high_noise_expert."  # names of the second network's tensors (``ModelConfig.high_noise_expert``)
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 _HEADER_DTYPES = ("F32", "F16", "BF16")  # STORAGE_DTYPES as safetensors names them
 # The largest file read: the bundled model is 2.4 MB, and 4 GiB hold a billion float32 weights, far beyond any model
@@ -67,10 +66,8 @@ _OPTIONAL_FIELDS = (
     "sde_sigma_min",
     "class_names",
     "training",
-    "high_noise_expert",
     "particle_contrast",
 )
-_EXPERT_KEYS = {"sigma_switch", "normalization", "training", "classes", "reach_px"}
 # A checkpoint's header (tensor index and our metadata) is 28 kB for the bundled model and under 2 MB at the
 # UNET_LIMITS with 255 classes; parsing 8 MiB of the worst JSON costs about 200 MB and 2 s, where safetensors' own
 # limit of 100 MB could cost gigabytes.
@@ -178,14 +175,6 @@ class ModelConfig:
             SDE) follow the ODE instead of adding fresh noise; None: they add it on every step.
         class_names: one name per particle class (K names), optional.
         training: free-form JSON summary of the training run (steps, data, metrics).
-        high_noise_expert: None, or ``{"sigma_switch": s, "normalization": {...}, "training": {...}}`` for a file
-            that holds a second network of the same architecture, schedule and parameterisation (tensors named
-            ``EXPERT_PREFIX`` + name), trained on the high noise levels only: it denoises at sigma > s (this
-            config's normalised units), the main network at and below (``denoiser.NoiseLevelSwitch``). Its
-            ``normalization`` is its own training data's (converted by ``denoiser.in_other_units``);
-            ``training`` is its free-form training summary. Optional ``"classes": [labels]`` limits the expert
-            to the zones around those particle classes (``conditioning.class_zone``, ``"reach_px"`` wide, default
-            ``CLASS_ZONE_REACH_PX``); the main network draws everything else at every noise level.
         particle_contrast: the per-class distributions of particles' peak contrasts that generation draws each
             particle's from (``particle_contrast.ContrastPrior``); set exactly when ``unet.contrast_channel`` is.
 
@@ -209,7 +198,6 @@ class ModelConfig:
     sde_sigma_min: float | None = None
     class_names: list[str] | None = None
     training: dict = field(default_factory=dict)
-    high_noise_expert: dict | None = None
     particle_contrast: ContrastPrior | None = None
 
     def __post_init__(self) -> None:
@@ -282,7 +270,6 @@ class ModelConfig:
                 )
             self.class_names = list(names)
         self.training = _json_copy("training", self.training)
-        self.high_noise_expert = self._checked_expert(schedule.sigma_min)
         self.particle_contrast = self._checked_particle_contrast()
 
     def _checked_particle_contrast(self) -> ContrastPrior | None:
@@ -292,9 +279,6 @@ class ModelConfig:
             return None
         if self.particle_contrast is None:
             raise ValueError("particle_contrast: a network with unet.contrast_channel needs the contrasts' prior")
-        if self.high_noise_expert is not None:
-            # The expert would read the channel in the main network's units, measured on another normalisation.
-            raise ValueError("particle_contrast: a network with a contrast channel cannot hold a high-noise expert")
         prior = ContrastPrior.from_dict(self.particle_contrast)
         prior.check_classes(self.num_classes)
         low, high = _CONTRAST_SCALE_BOUNDS
@@ -360,48 +344,6 @@ class ModelConfig:
                 raise ValueError(f"default_steps: {name}: {err}") from None
         return {name: steps[name] for name in SAMPLERS if name in steps}
 
-    def _checked_expert(self, sigma_min: float) -> dict | None:
-        expert = self.high_noise_expert
-        if expert is None:
-            return None
-        name = "high_noise_expert"
-        if not isinstance(expert, dict) or not {"sigma_switch", "normalization"} <= set(expert) <= _EXPERT_KEYS:
-            raise ValueError(
-                f"{name}: must be a dict with sigma_switch, normalization and optionally training, classes, reach_px"
-            )
-        switch = expert["sigma_switch"]
-        if not _is_real(switch) or switch <= sigma_min:
-            raise ValueError(
-                f"{name}: sigma_switch must be a finite noise level above the schedule's lowest ({sigma_min:.3g}), "
-                f"got {switch!r}"
-            )
-        normalization = _checked_normalization(f"{name}: normalization", expert["normalization"], self.image_channels)
-        try:
-            std_ratio(normalization, self.normalization)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from err
-        training = _json_copy(f"{name}: training", expert.get("training", {}))
-        checked = {"sigma_switch": float(switch), "normalization": normalization, "training": training}
-        if "classes" in expert:
-            classes = expert["classes"]
-            if (
-                not isinstance(classes, (list, tuple))
-                or not classes
-                or any(type(c) is not int or not 1 <= c <= self.num_classes for c in classes)
-                or len(set(classes)) != len(classes)
-            ):
-                raise ValueError(
-                    f"{name}: classes must be a non-empty list of distinct particle labels 1..{self.num_classes}, "
-                    f"got {classes!r}"
-                )
-            checked["classes"] = sorted(classes)
-        if "reach_px" in expert:
-            reach = expert["reach_px"]
-            if "classes" not in expert or not _is_real(reach) or reach <= 0:
-                raise ValueError(f"{name}: reach_px must be a distance > 0 (px) next to classes, got {reach!r}")
-            checked["reach_px"] = float(reach)
-        return checked
-
     @property
     def num_classes(self) -> int:
         """Number of particle classes K (labels 1..K)."""
@@ -413,8 +355,7 @@ class ModelConfig:
         return self.unet.image_channels
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict from which ``from_dict`` rebuilds an equal config (``high_noise_expert`` only
-        where set, so that a one-network file stays readable by versions that predate the field)."""
+        """A JSON-serialisable dict from which ``from_dict`` rebuilds an equal config."""
         data = {
             "unet": self.unet.to_dict(),
             "schedule": copy.deepcopy(self.schedule),
@@ -437,8 +378,6 @@ class ModelConfig:
             "class_names": None if self.class_names is None else list(self.class_names),
             "training": copy.deepcopy(self.training),
         }
-        if self.high_noise_expert is not None:
-            data["high_noise_expert"] = copy.deepcopy(self.high_noise_expert)
         if self.particle_contrast is not None:
             data["particle_contrast"] = self.particle_contrast.to_dict()
         return data
@@ -473,7 +412,6 @@ class LoadedModel:
         versions: ``{"format_version", "package", "torch", "safetensors"}`` as written in the file.
         storage_dtype: the dtype the file stores its floating-point weights in (float32 for a model that was
             never saved), so that a copy with new metadata keeps the file's size.
-        expert_net: the high-noise network where ``config.high_noise_expert`` names one, else None; like ``net``.
     """
 
     net: ConditionalUNet
@@ -482,13 +420,10 @@ class LoadedModel:
     sha256: str
     versions: dict
     storage_dtype: torch.dtype = torch.float32
-    expert_net: ConditionalUNet | None = None
 
     def to(self, device: torch.device | str) -> LoadedModel:
-        """Move the network(s) to ``device``; returns self."""
-        for net in (self.net, self.expert_net):
-            if net is not None:
-                net.to(device)
+        """Move the network to ``device``; returns self."""
+        self.net.to(device)
         return self
 
     @property
@@ -545,17 +480,8 @@ class LoadedModel:
         return sampling_sigmas(sampler, steps, schedule.sigma_min, self.sampling_sigma_max, schedule=schedule)
 
     def denoiser(self) -> DiscreteTimeDenoiser:
-        """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the (main) network."""
+        """A ``denoise(x, sigma, cond) -> x0_hat`` wrapper around the network."""
         return DiscreteTimeDenoiser(self.net, self.schedule, self.config.parameterization)
-
-    def expert_denoiser(self) -> ConditionalDenoiser | None:
-        """The high-noise expert as ``denoise(x, sigma, cond) -> x0_hat`` in the main network's units (sigma and
-        images normalised as ``config.normalization``), or None for a one-network file. ``generate`` hands over
-        to it above ``config.high_noise_expert["sigma_switch"]`` with ``denoiser.NoiseLevelSwitch``."""
-        if self.expert_net is None:
-            return None
-        expert = DiscreteTimeDenoiser(self.expert_net, self.schedule, self.config.parameterization)
-        return in_other_units(expert, self.config.high_noise_expert["normalization"], self.config.normalization)
 
     def summary(self) -> str:
         """One line of human-readable facts about the model (classes, channels, sizes, checksum)."""
@@ -569,12 +495,6 @@ class LoadedModel:
             size = f"trained on {config.training_size[0]}x{config.training_size[1]} px"
         pixel = "pixel size unknown" if config.pixel_size_nm is None else f"{config.pixel_size_nm:g} nm/px"
         schedule = f"{config.parameterization}-prediction, {config.schedule['name']} schedule"
-        if config.high_noise_expert is not None:
-            expert = config.high_noise_expert
-            schedule += f", a second network above sigma {expert['sigma_switch']:g}"
-            if "classes" in expert:
-                schedule += f" around class{'es' if len(expert['classes']) > 1 else ''} "
-                schedule += ", ".join(str(c) for c in expert["classes"])
         if config.particle_contrast is not None:
             classes += ", each particle's contrast drawn or given"
             mapped = list(config.particle_contrast.channel_map or {})
@@ -598,7 +518,6 @@ def save_checkpoint(
     config: ModelConfig,
     *,
     dtype: torch.dtype | None = None,
-    expert_net: ConditionalUNet | None = None,
 ) -> str:
     """Write ``net``'s weights and ``config`` to one ``.safetensors`` file, atomically.
 
@@ -608,8 +527,6 @@ def save_checkpoint(
         config: the model config stored in the file's metadata.
         dtype: storage dtype of the floating-point weights: None (as they are), torch.float32,
             torch.float16 (half the size, for a bundled model) or torch.bfloat16.
-        expert_net: the high-noise network, required exactly when ``config.high_noise_expert`` is set; of the
-            same architecture as ``net``.
 
     Returns:
         the hex SHA-256 of the written file.
@@ -622,18 +539,10 @@ def save_checkpoint(
         raise ValueError(f"dtype must be None or one of {STORAGE_DTYPES}, got {dtype}")
     if net.config != config.unet:
         raise ValueError(f"config.unet {config.unet} differs from the network's config {net.config}")
-    if (expert_net is None) != (config.high_noise_expert is None):
-        raise ValueError("expert_net must be given exactly when config.high_noise_expert is set")
-    if expert_net is not None and expert_net.config != config.unet:
-        raise ValueError(f"config.unet {config.unet} differs from the expert network's config {expert_net.config}")
     # Round trip through the serialised form, so that a config mutated after construction is checked again.
     config_dict = ModelConfig.from_dict(config.to_dict()).to_dict()
-    state = dict(net.state_dict())
-    if expert_net is not None:
-        # Copies: safetensors refuses tensors that share memory (the same network passed twice).
-        state.update({EXPERT_PREFIX + name: tensor.clone() for name, tensor in expert_net.state_dict().items()})
     tensors = {}
-    for name, tensor in state.items():
+    for name, tensor in net.state_dict().items():
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         tensors[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
     bad = _non_finite(tensors)
@@ -670,8 +579,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         device: where to put the network: "cpu", "cuda", "cuda:N", "mps" or "auto".
 
     Returns:
-        the network (float32, eval mode, no gradients; and the high-noise expert where the file holds one) with
-        its config, path, SHA-256 and versions.
+        the network (float32, eval mode, no gradients) with its config, path, SHA-256 and versions.
 
     Raises:
         CheckpointError: the file is missing, unreadable, not a regular file, larger than ``MAX_CHECKPOINT_BYTES``,
@@ -685,20 +593,12 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     sha256 = hashlib.sha256(data).hexdigest()
     metadata, stored = _parse_header(path, data)
     config, versions = _parse_metadata(path, metadata)
-    # Without an expert in the config, expert tensors stay with the main ones and are reported as unexpected.
-    split = config.high_noise_expert is not None
-    expected = _expected_shapes(config.unet)
-    _check_fit(path, expected, {n: e for n, e in stored.items() if not (split and n.startswith(EXPERT_PREFIX))})
-    if split:
-        expert_stored = {n[len(EXPERT_PREFIX) :]: e for n, e in stored.items() if n.startswith(EXPERT_PREFIX)}
-        _check_fit(path, expected, expert_stored, prefix=EXPERT_PREFIX)
+    _check_fit(path, _expected_shapes(config.unet), stored)
     try:
         tensors = safetensors.torch.load(data)
     except (safetensors.SafetensorError, KeyError) as err:
         raise _error(path, f"it is a corrupt safetensors file ({err})", _RESAVE) from err
-    expert_tensors = {n[len(EXPERT_PREFIX) :]: t for n, t in tensors.items() if split and n.startswith(EXPERT_PREFIX)}
-    tensors = {n: t for n, t in tensors.items() if not (split and n.startswith(EXPERT_PREFIX))}
-    bad = _non_finite(tensors | expert_tensors)
+    bad = _non_finite(tensors)
     if bad:
         raise _error(
             path,
@@ -707,11 +607,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         )
     storage_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     net = ConditionalUNet(config.unet)
-    expert_net = ConditionalUNet(config.unet) if split else None
-    for network, weights in ((net, tensors), (expert_net, expert_tensors)):
-        if network is not None:
-            network.load_state_dict(weights)  # copies into the float32 parameters, so fp16 weights become float32
-            network.requires_grad_(False).eval().to(torch_device)
+    net.load_state_dict(tensors)  # copies into the float32 parameters, so fp16 weights become float32
+    net.requires_grad_(False).eval().to(torch_device)
     return LoadedModel(
         net=net,
         config=config,
@@ -719,7 +616,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         sha256=sha256,
         versions=versions,
         storage_dtype=storage_dtype,
-        expert_net=expert_net,
     )
 
 
@@ -907,10 +803,24 @@ def _parse_metadata(path: Path, metadata: dict) -> tuple[ModelConfig, dict]:
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         raise _error(path, f"its recorded versions are malformed: {versions!r}", _RESAVE)
     try:
-        config = ModelConfig.from_dict(document["config"])
+        config = ModelConfig.from_dict(_without_retired_fields(path, document["config"]))
     except ValueError as err:
         raise _error(path, f"its model config is invalid ({err})", _RESAVE) from err
     return config, {**versions, "format_version": version}  # the checked version, whatever else the file says
+
+
+def _without_retired_fields(path: Path, data: object) -> object:
+    """A stored model config without the fields that earlier versions wrote with a value that means nothing now
+    (``"high_noise_expert": null``); CheckpointError for a file that needs such a field."""
+    if not isinstance(data, dict) or "high_noise_expert" not in data:
+        return data
+    if data["high_noise_expert"] is not None:
+        raise _error(
+            path,
+            "it holds a high-noise expert network, which this version no longer uses",
+            "Load the checkpoint of its main network, the run the expert was combined with.",
+        )
+    return {key: value for key, value in data.items() if key != "high_noise_expert"}
 
 
 def _expected_shapes(unet: UNetConfig) -> dict[str, tuple[int, ...]]:
@@ -924,11 +834,9 @@ def _check_fit(
     path: Path,
     expected: dict[str, tuple[int, ...]],
     stored: dict[str, tuple[str, tuple[int, ...]]],
-    prefix: str = "",
 ) -> None:
     """Raise CheckpointError unless the stored tensors ``{name: (safetensors dtype, shape)}`` match the network's
-    state dict ``{name: shape}`` in names and shapes and are stored in one of ``STORAGE_DTYPES``; ``prefix`` is the
-    one the file puts before these names (for the message)."""
+    state dict ``{name: shape}`` in names and shapes and are stored in one of ``STORAGE_DTYPES``."""
     missing = sorted(expected.keys() - stored.keys())
     unexpected = sorted(stored.keys() - expected.keys())
     mismatched = [
@@ -937,7 +845,7 @@ def _check_fit(
         if name in stored and (stored[name][1] != want or stored[name][0] not in _HEADER_DTYPES)
     ]
     problems = [
-        f"{len(names)} {kind}: {_listing([prefix + name for name in names])}"
+        f"{len(names)} {kind}: {_listing(names)}"
         for kind, names in (
             ("missing", missing),
             ("unexpected", unexpected),

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-# Pixels within this distance (px) of a class's mask pixels lie fully in its zone (class guidance, a high-noise
-# expert for some classes); the weight then falls linearly to zero over the same distance again, so that what
-# changes at a zone's edge changes smoothly and leaves no seam. 4 px is one Airy radius at the simulator's optics
-# (60 nm/px, 520 nm, NA 1.4): with the blob itself that covers a particle's core and first ring, where its peak
-# contrast lies.
+# Pixels within this distance (px) of a class's mask pixels lie fully in its zone (per-class guidance); the weight
+# then falls linearly to zero over the same distance again, so that what changes at a zone's edge changes smoothly
+# and leaves no seam. 4 px is one Airy radius at the simulator's optics (60 nm/px, 520 nm, NA 1.4): with the blob
+# itself that covers a particle's core and first ring, where its peak contrast lies.
 CLASS_ZONE_REACH_PX = 4.0
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel, ModelConfig
-from .conditioning import CLASS_ZONE_REACH_PX, class_zone, encode_condition, null_condition, validate_mask
-from .denoiser import ConditionalDenoiser, NoiseLevelSwitch
+from .conditioning import encode_condition, null_condition, validate_mask
+from .denoiser import ConditionalDenoiser
 from .device import resolve_device
 from .guidance import (
     check_class_guidance,
@@ -168,30 +168,22 @@ def generate(
     autocast = _autocast(torch_device, precision)
 
     sigmas = model.sampling_sigmas(sampler, steps)
-    # Where guidance switches on or off, or the high-noise expert hands over, the prediction jumps; a multistep
-    # sampler must not extrapolate across.
+    # Where guidance switches on or off, the prediction jumps; a multistep sampler must not extrapolate across.
     guides = guidance != 1.0 or any(scale != 1.0 for scale in class_scales.values())
     breaks = [level for level in interval if 0 < level < math.inf] if guides else []
-    expert = config.high_noise_expert
-    if expert is not None:
-        breaks.append(expert["sigma_switch"])
     options = model.sampler_options(sampler)
     if info.multistep and breaks:
-        options["breaks"] = sorted(breaks)
+        options["breaks"] = breaks
     model.to(torch_device)
     finished = 0  # sampler steps finished in the current batch
     height, width = labels.shape[1:]
 
-    def prepared(cond_denoise: ConditionalDenoiser) -> ConditionalDenoiser:
-        if should_stop is not None:
-            cond_denoise = _stoppable(cond_denoise, should_stop, lambda: finished - 1)
-        if needs_tiling(height, width, tile_size):
-            align = 2 ** (len(config.unet.channel_mults) - 1)
-            cond_denoise = tiled_denoiser(cond_denoise, tile_size, tile_overlap, align)
-        return cond_denoise
-
-    cond_denoise = prepared(model.denoiser())
-    expert_denoise = None if expert is None else prepared(model.expert_denoiser())
+    cond_denoise: ConditionalDenoiser = model.denoiser()
+    if should_stop is not None:
+        cond_denoise = _stoppable(cond_denoise, should_stop, lambda: finished - 1)
+    if needs_tiling(height, width, tile_size):
+        align = 2 ** (len(config.unet.channel_mults) - 1)
+        cond_denoise = tiled_denoiser(cond_denoise, tile_size, tile_overlap, align)
     mean = torch.tensor(config.normalization["mean"], dtype=torch.float32, device=torch_device).view(1, -1, 1, 1)
     std = torch.tensor(config.normalization["std"], dtype=torch.float32, device=torch_device).view(1, -1, 1, 1)
     channels = config.image_channels
@@ -218,15 +210,6 @@ def generate(
                 scale_map = guidance_scale_map(batch_labels, guidance, class_scales)
                 scale = guidance if scale_map is None else torch.from_numpy(scale_map).to(torch_device)
                 denoise = guided_denoiser(cond_denoise, cond, null, scale, interval)
-                if expert_denoise is not None:
-                    # Guided like the main network, so that both see the same guidance wherever they are blended.
-                    high = guided_denoiser(expert_denoise, cond, null, scale, interval)
-                    zone = None
-                    if "classes" in expert:
-                        reach = expert.get("reach_px", CLASS_ZONE_REACH_PX)
-                        zone = class_zone(batch_labels, expert["classes"], reach)
-                        zone = torch.from_numpy(zone[:, None]).to(torch_device, torch.float32)
-                    denoise = NoiseLevelSwitch(denoise, high, expert["sigma_switch"], zone)
 
                 def on_step(step: int, x_step: torch.Tensor, denoised: torch.Tensor, indices: range = indices) -> bool:
                     nonlocal completed, finished, first_non_finite

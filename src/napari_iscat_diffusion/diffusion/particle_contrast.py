@@ -2,7 +2,7 @@
 
 A label mask says where particles are and of which class, not how bright each is; in iSCAT that is set by
 each particle's height above the coverslip, its size and the phase of the reference, and a network that must
-invent it draws the contrasts of a class too narrow (docs/model-history.md). A model with
+invent it draws the contrasts of a class too narrow. A model with
 ``UNetConfig.contrast_channel`` sees one more condition channel: each particle's signed peak contrast
 (normalised units, divided by ``ContrastPrior.scale``) painted over its blob, 0 elsewhere. Training measures it
 on each training image (``training.particle_contrast``); generation draws it per particle from the class's

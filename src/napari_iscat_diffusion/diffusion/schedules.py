@@ -101,18 +101,6 @@ class DiscreteSchedule:
         frac = t64 - low
         return ((1 - frac) * log_sigmas[low] + frac * log_sigmas[low + 1]).exp().to(t.dtype)
 
-    def timesteps_between(self, sigma_low: float, sigma_high: float) -> tuple[int, int]:
-        """First and last integer timestep whose sigma (normalised units) lies in [sigma_low, sigma_high].
-
-        Raises ValueError if no timestep of the schedule lies in that range."""
-        inside = ((self.sigmas >= sigma_low) & (self.sigmas <= sigma_high)).nonzero().flatten()
-        if inside.numel() == 0:
-            raise ValueError(
-                f"no timestep has a sigma between {sigma_low:g} and {sigma_high:g}: the schedule spans "
-                f"{self.sigma_min:.3g} to {self.sigma_max:.3g}"
-            )
-        return int(inside[0]), int(inside[-1])
-
     def to_config(self) -> dict:
         """JSON-serialisable description from which ``schedule_from_config`` rebuilds this schedule."""
         return {"name": self.name, "num_timesteps": self.num_timesteps, **self.params}
@@ -212,7 +200,7 @@ def log_snr_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.
     type of Lu et al. 2022), which keeps a multistep solver's extrapolation accurate. A Karras grid crowds
     its steps at both ends instead; when the schedule's sigma_max lies far above the data's scale (2e4 for
     the cosine schedule, against a data std of about 4), it leaves too few steps where the image forms:
-    DPM-Solver++ at 20 steps then gives images about 10 % too noisy (see docs/model-history.md, The sigma grid).
+    DPM-Solver++ at 20 steps then gives images about 10 % too noisy.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")

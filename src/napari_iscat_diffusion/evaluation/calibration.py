@@ -30,8 +30,8 @@ from .statistics import median_ratio
 CALIBRATION_SEED = 2_000_000_000
 
 # 144 images: with 48, the distance's scatter between two simulator sets (reference_floor) reached 0.33 of the
-# reference spread for the bundled model's 600 nm class, and two of its best scales moved by 0.5 against 144 images
-# (docs/model-history.md). Half steps from 0.5 to 3 bracket that model's best scales (1-2) on both sides.
+# reference spread for the bundled model's 600 nm class, and two of its best scales moved by 0.5 against 144 images.
+# Half steps from 0.5 to 3 bracket that model's best scales (1-2) on both sides.
 DEFAULT_N = 144
 DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 

@@ -1,15 +1,15 @@
 """``calibrate_contrast_channel``: the channel values that make a contrast model draw its classes' distributions.
 
 A network with a contrast channel (``UNetConfig.contrast_channel``) follows the channel only part of the way: told
-a bead's peak, it draws it closer to its class's typical peak (slope 0.74-0.82 for the beads of the stage-13
-fine-tune, docs/model-history.md), so that peaks drawn from the prior come out in too narrow a distribution. The
+a particle's peak, it draws it closer to its class's typical peak (a slope of about 0.8 for the bundled model's
+300 and 600 nm particles), so that peaks drawn from the prior come out in too narrow a distribution. The
 calibration generates images for a set of masks with peaks drawn from the prior, measures each particle's peak as
 training does (``peaks.measure_peaks``), and moves the channel magnitude that stands for each quantile of a class's
 wanted peak magnitudes by the generated quantile's shortfall over the response's slope. A few rounds of this
 quantile mapping bring the generated distribution to the prior's; the result is the prior's ``channel_map``.
 
 Magnitudes, not signed peaks, are mapped: an iSCAT particle's centre is dark or bright with its height and the
-reference phase, and the network gets the sign right for most beads; the sign passes through unchanged.
+reference phase, and the network gets the sign right for most particles; the sign passes through unchanged.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ MIN_SLOPE = 0.5
 # A channel magnitude never goes below this fraction of the wanted one: where the network draws a class's faintest
 # particles too bright at any channel value (a floor in its response), the map would otherwise run to 0.
 FLOOR = 0.1
-# 192 masks of the simulator's hold about 240 600-nm beads. The stage-13 file's in-sample distances for the beads
-# went from 0.21 / 0.27 of the spread to 0.12 / 0.18 in three rounds and 0.09 / 0.15 in five; held out (864 masks)
-# 0.114 / 0.073 after three rounds, 0.087 / 0.040 after five (docs/model-history.md).
+# 192 masks of the simulator's hold about 240 particles of 600 nm, enough for the quantiles from 5 to 95 %. For the
+# bundled model's 300 / 600 nm particles five rounds bring the held-out contrast distances (864 masks) to 0.087 /
+# 0.040 of the spread, three rounds to 0.114 / 0.073.
 DEFAULT_N = 192
 DEFAULT_ROUNDS = 5
 # The prior's distributions are piecewise linear in the level; magnitudes' quantiles are read off this many

@@ -44,8 +44,8 @@ from .statistics import (
 
 HELD_OUT_SEED = 3_000_000_000
 # Held-out masks by default: with 64 two simulator sets differ by 7-8 % of the contrast spread and the C2ST
-# interval is +-0.12 wide; with 288 its classifier trains on 144 images per set and finds what 48 missed
-# (docs/model-history.md, With 288 masks).
+# interval is +-0.12 wide; with 288 its classifier trains on 144 images per set, enough to find differences that
+# 48 images miss.
 DEFAULT_N = 288
 # Seeds of the second, independent simulator set that measures each physics metric's sampling floor.
 FLOOR_SEED = 4_000_000_000
