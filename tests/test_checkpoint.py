@@ -17,12 +17,12 @@ from napari_iscat_diffusion.diffusion.checkpoint import (
     FORMAT_VERSION,
     METADATA_KEY,
     CheckpointError,
-    ModelConfig,
     file_sha256,
     load_checkpoint,
     read_model_config,
     save_checkpoint,
 )
+from napari_iscat_diffusion.diffusion.model_config import ModelConfig
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet, UNetConfig
 

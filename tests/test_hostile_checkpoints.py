@@ -21,12 +21,12 @@ from napari_iscat_diffusion.diffusion import checkpoint
 from napari_iscat_diffusion.diffusion.checkpoint import (
     METADATA_KEY,
     CheckpointError,
-    LoadedModel,
-    ModelConfig,
     load_checkpoint,
     read_model_config,
 )
 from napari_iscat_diffusion.diffusion.generate import generate
+from napari_iscat_diffusion.diffusion.loaded_model import LoadedModel
+from napari_iscat_diffusion.diffusion.model_config import ModelConfig
 from napari_iscat_diffusion.diffusion.schedules import cosine_schedule
 from napari_iscat_diffusion.diffusion.unet import MAX_CHANNEL_MULT, MAX_LEVELS, UNET_LIMITS
 

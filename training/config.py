@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from napari_iscat_diffusion.diffusion.checkpoint import ModelConfig
 from napari_iscat_diffusion.diffusion.guidance import MAX_GUIDANCE
+from napari_iscat_diffusion.diffusion.model_config import ModelConfig
 from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.samplers import get_sampler
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config

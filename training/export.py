@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from napari_iscat_diffusion.diffusion.checkpoint import ModelConfig, save_checkpoint
+from napari_iscat_diffusion.diffusion.checkpoint import save_checkpoint
+from napari_iscat_diffusion.diffusion.model_config import ModelConfig
 from napari_iscat_diffusion.diffusion.unet import ConditionalUNet
 
 

@@ -16,7 +16,8 @@ import logging
 
 import torch
 
-from napari_iscat_diffusion.diffusion.checkpoint import CheckpointError, ModelConfig, load_checkpoint, read_model_config
+from napari_iscat_diffusion.diffusion.checkpoint import CheckpointError, load_checkpoint, read_model_config
+from napari_iscat_diffusion.diffusion.model_config import ModelConfig
 from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 

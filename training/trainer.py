@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from napari_iscat_diffusion import png
-from napari_iscat_diffusion.diffusion.checkpoint import LoadedModel
 from napari_iscat_diffusion.diffusion.conditioning import encode_condition, null_condition
 from napari_iscat_diffusion.diffusion.generate import generate
+from napari_iscat_diffusion.diffusion.loaded_model import LoadedModel
 from napari_iscat_diffusion.diffusion.particle_contrast import ContrastPrior
 from napari_iscat_diffusion.diffusion.schedules import schedule_from_config
 from napari_iscat_diffusion.evaluation.plots import Panel, curves_figure, save_figure

@@ -1,14 +1,16 @@
 """The diffusion core: pure torch, no napari or Qt.
 
 Schedules, parameterisations, samplers, classifier-free guidance, the conditional U-Net,
-checkpoints and ``generate()``, the one entry point that the plugin, the command line and the
+model configs, checkpoints and ``generate()``, the one entry point that the plugin, the command line and the
 benchmarks call. Conventions: ``docs/diffusion-core.md``.
 """
 
-from .checkpoint import CheckpointError, LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .conditioning import check_mask, encode_condition, null_condition, validate_mask
 from .device import available_devices, resolve_device
 from .generate import GenerationProgress, NonFiniteImageError, generate
+from .loaded_model import LoadedModel
+from .model_config import ModelConfig
 from .samplers import SAMPLERS, SamplingCancelled, get_sampler, sampling_sigmas
 from .schedules import DiscreteSchedule, cosine_schedule, karras_sigmas, linear_schedule, log_snr_sigmas
 from .unet import ConditionalUNet, UNetConfig

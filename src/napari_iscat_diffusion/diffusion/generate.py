@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import LoadedModel, ModelConfig
 from .conditioning import encode_condition, null_condition, validate_mask
 from .denoiser import ConditionalDenoiser
 from .device import resolve_device
@@ -21,6 +20,8 @@ from .guidance import (
     guidance_scale_map,
     guided_denoiser,
 )
+from .loaded_model import LoadedModel
+from .model_config import ModelConfig
 from .particle_contrast import ContrastPrior, blob_peaks, check_given_contrasts, paint_blobs, particle_blobs
 from .samplers import SamplingCancelled, check_steps, get_sampler
 from .tiling import auto_tile_size, check_tiling, needs_tiling, tiled_denoiser
