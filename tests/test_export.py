@@ -15,19 +15,22 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_iscat_diffusion import export
 from napari_iscat_diffusion.diffusion import generate, load_checkpoint
 from napari_iscat_diffusion.export import (
     MANIFEST,
+    MANIFEST_FIELDS,
     ExportError,
     export_pairs,
     finished_pairs,
     masks_from_arrays,
     masks_from_folder,
     merge_manifests,
+    pairs,
     random_masks,
     write_preview,
 )
+from napari_iscat_diffusion.export.files import export_lock
+from napari_iscat_diffusion.export.masks import safe_name
 from napari_iscat_diffusion.io.output_paths import OutputPathError
 from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
 from napari_iscat_diffusion.iscat.masks import random_mask
@@ -109,7 +112,7 @@ def test_a_pair_written_but_not_recorded_is_kept_and_recorded(tmp_path, model, m
     export_pairs(masks[:2], model, tmp_path, SETTINGS)
     rows = _rows(tmp_path)
     with open(tmp_path / MANIFEST, "w", newline="") as file:  # as if killed before the second row was appended
-        writer = csv.DictWriter(file, fieldnames=export.MANIFEST_FIELDS)
+        writer = csv.DictWriter(file, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerow(rows[0])
     image = tmp_path / rows[1]["image"]
@@ -185,7 +188,7 @@ def test_a_setting_is_recorded_and_a_manifest_from_before_its_column_resumes(
     export_pairs(masks[:1], model, tmp_path / "b", SETTINGS)
     rows = _rows(tmp_path / "b")
     assert rows[0][field] == default
-    old_fields = [f for f in export.MANIFEST_FIELDS if f != field]
+    old_fields = [f for f in MANIFEST_FIELDS if f != field]
     with open(tmp_path / "b" / MANIFEST, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=old_fields, extrasaction="ignore")
         writer.writeheader()
@@ -261,7 +264,7 @@ def test_masks_from_arrays_and_folders(tmp_path):
 
 def _rewrite_manifest(folder, rows):
     with open(folder / MANIFEST, "w", newline="") as file:  # as if killed before the later rows were appended
-        writer = csv.DictWriter(file, fieldnames=export.MANIFEST_FIELDS)
+        writer = csv.DictWriter(file, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -290,7 +293,7 @@ def test_exported_tiffs_carry_their_provenance_for_tifffile_and_imagej(tmp_path,
         with tifffile.TiffFile(tmp_path / row[kind]) as tif:
             metadata = tif.imagej_metadata
         stored = json.loads(metadata["Info"])  # ImageJ shows it in Image > Show Info
-        assert {field: str(stored[field]) for field in export.MANIFEST_FIELDS} == row
+        assert {field: str(stored[field]) for field in MANIFEST_FIELDS} == row
         assert len(stored["mask_sha256"]) == 64
         assert metadata["unit"] == "um"
         assert read_pixel_size_nm(tmp_path / row[kind]) == pytest.approx(60.0)
@@ -349,11 +352,11 @@ def test_a_foreign_or_linked_manifest_is_refused_and_left_alone(tmp_path, model,
     assert not list((tmp_path / "a").rglob("*.tif"))
     (tmp_path / "b").mkdir()
     target = tmp_path / "elsewhere.csv"
-    target.write_text(",".join(export.MANIFEST_FIELDS) + "\n")
+    target.write_text(",".join(MANIFEST_FIELDS) + "\n")
     (tmp_path / "b" / MANIFEST).symlink_to(target)
     with pytest.raises(ExportError, match="is a symbolic link"):
         export_pairs(masks, model, tmp_path / "b", SETTINGS)
-    assert target.read_text() == ",".join(export.MANIFEST_FIELDS) + "\n"
+    assert target.read_text() == ",".join(MANIFEST_FIELDS) + "\n"
 
 
 def test_an_output_file_that_is_a_link_is_refused(tmp_path, model, masks):
@@ -417,14 +420,14 @@ def test_export_holds_one_batch_of_masks_and_images_at_a_time(tmp_path, model, m
         batches.append(len(stack))
         return np.zeros(stack.shape, np.float32)
 
-    monkeypatch.setattr(export, "generate", record)
+    monkeypatch.setattr(pairs, "generate", record)
     settings = SamplerSettings(**{**SETTINGS.__dict__, "batch_size": 2})
     summary = export_pairs(masks[:1], model, tmp_path, settings, samples_per_mask=5)
     assert summary.written == 5 and batches == [2, 2, 1]
 
 
 def test_export_memory_does_not_grow_with_the_number_of_pairs(tmp_path, model, monkeypatch):
-    monkeypatch.setattr(export, "generate", lambda stack, *args, **kwargs: np.zeros(stack.shape, np.float32))
+    monkeypatch.setattr(pairs, "generate", lambda stack, *args, **kwargs: np.zeros(stack.shape, np.float32))
 
     def peak_of_export(n):
         tracemalloc.start()
@@ -466,7 +469,7 @@ def test_names_that_collide_after_cleaning_are_refused_before_any_work(tmp_path)
     ],
 )
 def test_safe_names_avoid_windows_devices(name, expected):
-    assert export._safe_name(name) == expected
+    assert safe_name(name) == expected
 
 
 def test_a_long_mask_name_is_shortened_so_that_its_files_can_be_written(tmp_path, model):
@@ -514,7 +517,7 @@ def _export_counting_fsyncs(monkeypatch, folder, model, masks, settings, die_at=
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child")
 def test_an_export_killed_after_any_write_resumes_to_the_same_folder(tmp_path, model, masks, monkeypatch):
-    monkeypatch.setattr(export, "generate", _fake_generate)
+    monkeypatch.setattr(pairs, "generate", _fake_generate)
     settings = SamplerSettings(**{**SETTINGS.__dict__, "batch_size": 3})
     syncs = _export_counting_fsyncs(monkeypatch, tmp_path / "whole", model, masks, settings)
     expected = {name: tifffile.imread(tmp_path / "whole" / name) for name in _files(tmp_path / "whole")}
@@ -540,16 +543,16 @@ def test_the_ranks_of_one_job_share_a_folder_and_everyone_else_is_kept_out(tmp_p
     def refused(rank, world_size):
         with (
             pytest.raises(ExportError, match="another export is writing"),
-            export._export_lock(tmp_path, rank, world_size),
+            export_lock(tmp_path, rank, world_size),
         ):
             pass
 
-    with export._export_lock(tmp_path, 0, 2):
-        with export._export_lock(tmp_path, 1, 2):  # the other rank of the same torchrun job
+    with export_lock(tmp_path, 0, 2):
+        with export_lock(tmp_path, 1, 2):  # the other rank of the same torchrun job
             refused(0, 1)  # one process alone
             refused(1, 2)  # the same rank of a second job
         refused(0, 2)
-    with export._export_lock(tmp_path, 0, 1):
+    with export_lock(tmp_path, 0, 1):
         refused(1, 2)
 
 
