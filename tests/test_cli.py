@@ -10,7 +10,8 @@ import torch
 from tests.tiny_models import perturbed_net, save_tiny_checkpoint
 
 from napari_iscat_diffusion import __version__
-from napari_iscat_diffusion.cli import _progress_bar, main
+from napari_iscat_diffusion.cli import main
+from napari_iscat_diffusion.cli.arguments import progress_bar
 from napari_iscat_diffusion.diffusion import load_checkpoint, save_checkpoint
 from napari_iscat_diffusion.io.tiff_pairs import read_pixel_size_nm
 
@@ -36,7 +37,7 @@ def test_simulate_writes_pairs_and_the_particle_table(tmp_path, capsys):
 
 
 def test_progress_bars_start_anew_for_each_stage_and_end_their_line(capsys):
-    with _progress_bar("step") as show:
+    with progress_bar("step") as show:
         show("generate", 1, 4, "step 1/2")
         show("generate", 4, 4, "step 2/2")
         show("edits", 1, 2)
@@ -49,7 +50,7 @@ def test_progress_bars_start_anew_for_each_stage_and_end_their_line(capsys):
     assert shown[0].startswith("generate: 100%") and "4/4" in shown[0] and "step 2/2" in shown[0]
     assert shown[1].startswith("edits: 100%") and "2/2" in shown[1]
     assert shown[2].startswith("edits:  50%") and "1/2" in shown[2]
-    with _progress_bar("pair", disable=True) as show:
+    with progress_bar("pair", disable=True) as show:
         show("export", 1, 2)
     assert capsys.readouterr().err == ""
 

@@ -37,7 +37,7 @@ def test_interrupted_simulate_leaves_no_particle_table(tmp_path, monkeypatch):
     monkeypatch.setattr(simulate_module, "simulate", simulate_then_interrupt)
     out = tmp_path / "sim"
     with pytest.raises(KeyboardInterrupt):
-        cli._run_simulate(
+        cli.data._run_simulate(
             cli._build_parser().parse_args(["simulate", "--n", "3", "--out", str(out), "--size", "32", "32"])
         )
     assert not (out / "particles.csv").exists()

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..diffusion.particle_contrast import NUM_QUANTILE_LEVELS, ContrastPrior, paint_blobs, particle_blobs
-from .evaluate import generated_images
+from .calibration import CALIBRATION_SEED
+from .evaluate import generated_images, simulated_set, simulation_parameters_for
 from .peaks import measure_peaks
 from .statistics import distribution_distance, median_ratio
 
@@ -64,6 +65,12 @@ def next_channel_magnitudes(wanted: np.ndarray, channel: np.ndarray, generated: 
     ``FLOOR`` times the wanted ones and non-decreasing."""
     moved = np.asarray(channel) + (np.asarray(wanted) - np.asarray(generated)) / max(slope, MIN_SLOPE)
     return np.maximum.accumulate(np.maximum(moved, FLOOR * np.asarray(wanted)))
+
+
+def calibration_masks(model: Any, n: int, size: int) -> np.ndarray:
+    """``n`` simulator masks (n, size, size) of the model's training classes, from the calibration seeds
+    ``CALIBRATION_SEED`` on, which training and evaluation never use."""
+    return simulated_set(simulation_parameters_for(model, size), n, CALIBRATION_SEED).masks
 
 
 def calibrate_contrast_channel(
