@@ -28,7 +28,7 @@ from napari_iscat_diffusion.io.tiff_pairs import DataError
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import build_data
 from training.finetune import load_initial_weights
-from training.trainer import NonFiniteLossError, Trainer
+from training.trainer import DataErrorOnEveryRank, NonFiniteLossError, Trainer
 
 log = logging.getLogger("training")
 
@@ -88,7 +88,11 @@ def run(config: TrainConfig) -> Path | None:
             class_names=data.class_names,
         )
         trainer.resume(config.checkpoint.resume)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except DataErrorOnEveryRank:
+            dist.barrier()  # raised together, so the ranks can leave together (see below)
+            raise
         exported = trainer.export() if rank == 0 else None
         if world_size > 1:
             # Leave together: a rank that tears gloo down while rank 0 still exports can abort at exit.

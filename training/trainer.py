@@ -82,6 +82,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class DataErrorOnEveryRank(DataError):
+    """Bad data that every rank of a process group raises at the same point (``Trainer._stop_on_bad_data``)."""
+
+
 def _data_batches(loader: DataLoader) -> Iterator[dict | DataError]:
     """The loader's batches; bad data, whether raised or handed out as the batch (``collate_items``), is yielded
     as its DataError, and ends the iteration."""
@@ -209,7 +213,7 @@ class Trainer:
                 return
             errors: list = [None] * self.world_size
             dist.all_gather_object(errors, None if error is None else (str(error.path), error.problem))
-            raise DataError(*next(found for found in errors if found is not None))
+            raise DataErrorOnEveryRank(*next(found for found in errors if found is not None))
         if error is not None:
             raise error
 
