@@ -27,14 +27,14 @@ def _tiffs(folder):
 def test_export_random_masks_with_a_preview_and_resume(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "out"
     args = _args(out, tiny_checkpoint, "--n", "3", "--size", "16", "24", "--particles", "3", "--seed", "4")
-    assert main([*args, "--preview", str(tmp_path / "preview.png")]) == 0
+    assert main([*args, "--preview", str(out / "preview.png")]) == 0  # as the quick start: inside the new folder
     captured = capsys.readouterr()
     assert "wrote 3 pair(s), skipped 0 finished" in captured.out
     assert "export: 100%" in captured.err and "| 3/3 [" in captured.err  # the progress bar, full
     assert sorted(finished_pairs(out)) == [f"random_{i:05d}_s000" for i in range(3)]
     mask = tifffile.imread(out / "masks" / "random_00000_s000.tif")
     assert mask.shape == (16, 24) and set(np.unique(mask)) <= {0, 1, 2}
-    assert (tmp_path / "preview.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "preview.png").read_bytes().startswith(b"\x89PNG")
     before = _tiffs(out)
     assert main([*args, "--samples-per-mask", "1"]) == 0
     assert "wrote 0 pair(s), skipped 3 finished" in capsys.readouterr().out

@@ -104,8 +104,8 @@ def remove_leftover_temporaries(folder: Path) -> None:
 
 def check_output_paths(folder: Path, preview: Path | None = None) -> None:
     """Before any work: OutputPathError for an output folder that is not a folder or cannot be made or written
-    in, ExportError for a preview path where no PNG can go (not a .png name, a folder, a link, or in a folder that
-    does not exist)."""
+    in, ExportError for a preview path where no PNG can go (not a .png name, a folder, a link), OutputPathError for
+    a preview whose folder cannot be made (it may be the output folder, made by the export)."""
     check_output_folder(folder)
     if preview is None:
         return
@@ -114,5 +114,4 @@ def check_output_paths(folder: Path, preview: Path | None = None) -> None:
         raise ExportError(f"{preview}: the preview is a PNG file; give a name ending in .png")
     if preview.is_symlink() or (preview.exists() and not preview.is_file()):
         raise ExportError(f"{preview} is a folder or a link; give the preview's file name, such as preview.png")
-    if not preview.parent.is_dir():
-        raise ExportError(f"{preview}: folder {preview.parent} does not exist; create it or give another preview path")
+    check_output_folder(preview.parent, "the preview's folder")

@@ -36,5 +36,6 @@ def write_preview(folder: Path, path: Path, count: int = 4) -> Path:
         tiles.append([to_uint8(mask, 0, max(int(mask.max()), 1)), to_uint8(image, *contrast_limits(image))])
     check_output_paths(folder, path)
     with file_errors(Path(path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_png(path, grid(tiles))
     return Path(path)
