@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..io.output_paths import check_output_folder
 
-# The names atomic_open gives its temporary files (".NAME.RANDOM.tmp", the random part hex digits and dashes) for
-# the files an export writes.
+# The names atomic_open gives the temporary files of an export's files (".NAME.HOST-PID-RANDOM.tmp": hex digits,
+# decimal digits and dashes after the name).
 _TIFF_TEMPORARY = r"\..+\.tif\.[0-9a-f-]+\.tmp"
 _MANIFEST_TEMPORARY = r"\.manifest(\.rank\d+)?\.csv\.[0-9a-f-]+\.tmp"
 _LOCK = ".export.lock"
@@ -90,7 +90,7 @@ def export_lock(folder: Path, rank: int, world_size: int) -> Iterator[None]:
 
 
 def remove_leftover_temporaries(folder: Path) -> None:
-    """Remove the temporary files of ``atomic_open`` that a killed export left (``.NAME.XXXXXXXXXXXX.tmp`` beside
+    """Remove the temporary files of ``atomic_open`` that a killed export left (``.NAME.HOST-PID-RANDOM.tmp`` beside
     its pair files and manifests). Call it only with the folder's exclusive lock held: no other export writes."""
     for place, pattern in (
         (folder, _MANIFEST_TEMPORARY),

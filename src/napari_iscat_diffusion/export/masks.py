@@ -17,7 +17,7 @@ from ..io.tiff_pairs import TIFF_SUFFIXES, read_mask
 from ..iscat.masks import random_mask
 from .files import ExportError
 
-# Room for "_sNNN.tif" and atomic_open's ".NAME.XXXXXXXXXXXX.tmp" within the 255 bytes most file systems allow.
+# Room for "_sNNN.tif" and atomic_open's ".NAME.HOST-PID-RANDOM.tmp" within the 255 bytes most file systems allow.
 _MAX_NAME_BYTES = 200
 # File names that Windows reserves for devices, whatever follows the first dot.
 _WINDOWS_DEVICES = frozenset(
